@@ -1,0 +1,1 @@
+"""Benchmarks and acceptance measurements; each prints what it measured and writes JSON."""

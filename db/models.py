@@ -1,0 +1,343 @@
+"""The ledger and results store: seven tables, the same schema on PostgreSQL and SQLite.
+
+`images`
+    One row per file ever seen, keyed by `uri` (unique, always valid UTF-8: a file name whose
+    bytes are not UTF-8 is percent-encoded in the URI and its raw bytes are kept in `name_bytes`).
+    `fingerprint` identifies the file version cheaply (`"<size>-<mtime_ns>"` for a local file, the
+    ETag for an object store); `size_bytes`, `mtime_ns`, `content_sha256`, `width` and `height`
+    are filled when known. `first_seen_at` / `updated_at` are UTC timestamps.
+
+`jobs`
+    One labeling run over a `source` (a folder or `s3://bucket/prefix`) with its `options` (JSON).
+    `status` moves scanning -> queued -> running -> done (or failed / cancelled); `enqueued` is
+    the number of images the producer put in the job's ledger; `model_version` is the model the
+    job was started for; `error` says why a job failed.
+
+`chunks`
+    The messages of a job, keyed by (`job_id`, `chunk_index`): `size` URIs each. A chunk is
+    recorded (`pending`) *before* it is published, so a message lost by the broker can be found
+    and published again; `attempts` counts publications, `task_id` is the Celery task id.
+    `done` once a worker committed its outcomes.
+
+`job_items`
+    The per-image ledger, keyed by (`job_id`, `image_id`): every image a job touches has exactly
+    one row, in `chunk_index` (NULL when skipped while scanning), with `state` pending, labeled,
+    failed or skipped, a short `reason` code for failed and skipped rows ('corrupt',
+    'too_many_pixels', 'not_an_image', 'already_labeled', ...), a human `message`, and
+    `attempts` (how many times a worker reported on it). Hence the counts of a job balance:
+    enqueued = labeled + failed + skipped + pending.
+
+`results`
+    One label per (`image_id`, `model_version`): `label`, its `confidence`, every class score in
+    `scores` (JSON object {class: score}), the `fingerprint` of the image version that was
+    labeled, the `job_id` that wrote it and `created_at`. A redelivered chunk writes nothing
+    twice; an image whose fingerprint changed is labeled again in place.
+
+`model_versions`
+    The model registry, keyed by `version`: `name`, `artifact_path`, `class_names` (JSON list, in
+    output index order), `metrics` (JSON), `status` candidate, active, retired or rejected (at
+    most one active: a partial unique index enforces it), `created_at`, `promoted_at`, `notes`.
+
+`retrain_runs`
+    One row per retraining attempt: when it ran, the `challenger_version` and the
+    `champion_version` it was compared with, the `data_fingerprint` of the training data, the
+    evaluation `metrics` (JSON), the `decision` (promoted, rejected or failed) and its `reason`.
+
+Timestamps are stored as UTC and read back timezone-aware on both databases. Statuses are
+stored as plain strings with CHECK constraints, never as native enum types, so adding a value
+is a small migration on either database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Short identifiers (versions, labels, reason codes, fingerprints) share one generous length.
+NAME_LENGTH = 128
+REASON_LENGTH = 64
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid alias), never a BIGINT one.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+# JSONB on PostgreSQL is indexable and queryable with the same `->>` as SQLite's JSON text.
+JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: pass a timezone-aware one")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def utc_now() -> dt.datetime:
+    """The current time, timezone-aware UTC (the default of every timestamp column)."""
+    return dt.datetime.now(dt.UTC)
+
+
+class JobStatus(StrEnum):
+    """Where a job is: scanning -> queued -> running -> done, or failed / cancelled."""
+
+    SCANNING = "scanning"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ChunkStatus(StrEnum):
+    """A chunk is recorded (pending), then published, then done once its outcomes committed."""
+
+    PENDING = "pending"
+    PUBLISHED = "published"
+    DONE = "done"
+
+
+class ItemState(StrEnum):
+    """The one state of an image in a job's ledger."""
+
+    PENDING = "pending"
+    LABELED = "labeled"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class ModelStatus(StrEnum):
+    """A registered model: candidate until promoted (active) or rejected; retired when replaced."""
+
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    RETIRED = "retired"
+    REJECTED = "rejected"
+
+
+class RetrainDecision(StrEnum):
+    """What a retraining run concluded."""
+
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+def _enum_values(enum_class: type[StrEnum]) -> list[str]:
+    return [member.value for member in enum_class]
+
+
+def status_type(enum_class: type[StrEnum], name: str) -> Enum:
+    """A StrEnum stored as its value in a VARCHAR with a CHECK constraint named after `name`."""
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        # Room to add values later without widening the column.
+        length=16,
+        values_callable=_enum_values,
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose metadata names every constraint predictably (for migrations)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dt.datetime: UtcDateTime(),
+        dict[str, Any]: JsonDocument,
+    }
+
+
+class Image(Base):
+    """A file seen in an archive (see the module docstring)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    uri: Mapped[str] = mapped_column(Text, unique=True)
+    name_bytes: Mapped[bytes | None] = mapped_column(LargeBinary)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    fingerprint: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        default=utc_now, onupdate=utc_now, server_default=func.now()
+    )
+
+
+class Job(Base):
+    """One labeling run over a source (see the module docstring)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[JobStatus] = mapped_column(
+        status_type(JobStatus, "job_status"), default=JobStatus.SCANNING
+    )
+    model_version: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    enqueued: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Chunk(Base):
+    """One message of a job, recorded before it is published (see the module docstring)."""
+
+    __tablename__ = "chunks"
+
+    job_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ChunkStatus] = mapped_column(
+        status_type(ChunkStatus, "chunk_status"), default=ChunkStatus.PENDING
+    )
+    published_at: Mapped[dt.datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Times a worker started this chunk; more starts than finishes means a process died in it.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    task_id: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+
+
+class JobItem(Base):
+    """The ledger row of one image in one job (see the module docstring)."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (Index("ix_job_items_job_id_state", "job_id", "state"),)
+
+    job_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_index: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[ItemState] = mapped_column(
+        status_type(ItemState, "item_state"), default=ItemState.PENDING
+    )
+    reason: Mapped[str | None] = mapped_column(String(REASON_LENGTH))
+    message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        default=utc_now, onupdate=utc_now, server_default=func.now()
+    )
+
+
+class Result(Base):
+    """The label of one image by one model version (see the module docstring)."""
+
+    __tablename__ = "results"
+
+    image_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Not a foreign key: a worker may write with a model that was never registered here.
+    model_version: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True, index=True)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    confidence: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict[str, Any]]
+    fingerprint: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+
+
+class ModelVersion(Base):
+    """A registered model artifact (see the module docstring)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        # At most one active model, enforced by the database as well as by the repository.
+        Index(
+            "uq_model_versions_one_active",
+            "status",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+    )
+
+    version: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    artifact_path: Mapped[str] = mapped_column(Text)
+    class_names: Mapped[list[str]] = mapped_column(JsonDocument)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[ModelStatus] = mapped_column(
+        status_type(ModelStatus, "model_status"), default=ModelStatus.CANDIDATE
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+    promoted_at: Mapped[dt.datetime | None]
+    notes: Mapped[str | None] = mapped_column(Text)
+
+
+class RetrainRun(Base):
+    """One retraining attempt and its decision (see the module docstring)."""
+
+    __tablename__ = "retrain_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    started_at: Mapped[dt.datetime]
+    finished_at: Mapped[dt.datetime | None]
+    challenger_version: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    champion_version: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    data_fingerprint: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decision: Mapped[RetrainDecision] = mapped_column(
+        status_type(RetrainDecision, "retrain_decision")
+    )
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,3 @@
+from emolabel.cli.main import main
+
+main()

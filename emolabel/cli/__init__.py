@@ -1,0 +1,1 @@
+"""The emolabel command line."""

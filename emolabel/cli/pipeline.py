@@ -1,0 +1,454 @@
+"""Pipeline commands: `db`, `scan`, `worker`, `label`, `status`, `export`, `failures`.
+
+They share one set-up: settings -> broker reachable (the embedded Redis started when none is
+configured) -> database migrated (the embedded SQLite migrates itself; PostgreSQL must be at head,
+`emolabel db upgrade` does that) -> an active model in the registry.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
+
+from emolabel.cli.main import app, console, fail, settings_from
+from emolabel.settings import Settings
+
+db_app = typer.Typer(
+    help="Database schema: upgrade, check, current revision.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+
+
+def _sessions(settings: Settings) -> sessionmaker[Session]:
+    from db.session import check_schema, make_engine, make_sessionmaker, upgrade
+
+    url = settings.effective_database_url
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+    else:
+        try:
+            check_schema(url)
+        except Exception as error:  # SchemaMismatchError or a connection error: one line either way
+            fail(
+                f"database {_safe_url(url)} is not ready ({str(error).splitlines()[0]}); "
+                "run `emolabel db upgrade`"
+            )
+    return make_sessionmaker(make_engine(url))
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _broker(settings: Settings) -> None:
+    from emolabel.embedded import ensure_redis
+
+    ensure_redis(settings)
+
+
+def _celery(settings: Settings) -> Any:
+    from worker.celery_app import make_celery
+
+    return make_celery(settings)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema (safe to run again)."""
+    from db.session import upgrade
+
+    settings = settings_from()
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    console.print(f"database {_safe_url(settings.effective_database_url)} is at the newest schema")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Fail unless the database schema matches the code's models and migrations."""
+    from db.session import check_schema
+
+    settings = settings_from()
+    try:
+        check_schema(settings.effective_database_url)
+    except Exception as error:
+        fail(str(error).splitlines()[0])
+    console.print("schema is up to date")
+
+
+def _scan(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    source_text: str,
+    *,
+    force: bool,
+    where: list[str],
+) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from emolabel.registry import ensure_active_model
+    from producer.enqueue import ScanProgress, celery_publisher, parse_where, run_scan
+    from producer.sources import open_source
+
+    selections = [parse_where(text) for text in where]
+    with sessions.begin() as session:
+        model = ensure_active_model(
+            session=session, models_dir=settings.models_dir, name=settings.model_name
+        )
+        version = model.version
+    secret = settings.s3.secret_key.get_secret_value() if settings.s3.secret_key else None
+    source = open_source(
+        source_text,
+        max_file_bytes=settings.limits.max_file_bytes,
+        follow_symlinks=settings.scan.follow_symlinks,
+        endpoint_url=settings.s3.endpoint_url,
+        key=settings.s3.access_key,
+        secret=secret,
+        region=settings.s3.region,
+    )
+    publish = celery_publisher(_celery(settings), settings.queue)
+    columns = (
+        TextColumn("scanning"),
+        BarColumn(),
+        TextColumn(
+            "{task.fields[seen]} files, {task.fields[enqueued]} to label, "
+            "{task.fields[skipped]} skipped, {task.fields[chunks]} chunks"
+        ),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("scan", total=None, seen=0, enqueued=0, skipped=0, chunks=0)
+
+        def show(progress: ScanProgress) -> None:
+            bar.update(
+                task,
+                seen=progress.seen,
+                enqueued=progress.enqueued,
+                skipped=progress.skipped,
+                chunks=progress.chunks,
+            )
+
+        summary = run_scan(
+            source,
+            sessions=sessions,
+            publish=publish,
+            chunk_size=settings.scan.chunk_size,
+            model_version=version,
+            force=force,
+            where=selections,
+            progress=show,
+        )
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped_by_reason.items()))
+    console.print(
+        f"job {summary.job_id}: {summary.seen} files seen, {summary.enqueued_images} to label in "
+        f"{summary.chunks} chunks with model {version}"
+        + (f"; skipped {skipped}" if skipped else ""),
+        highlight=False,
+    )
+    return summary
+
+
+@app.command()
+def scan(
+    source: Annotated[str, typer.Argument(help="A folder or s3://bucket/prefix.")],
+    force: Annotated[
+        bool, typer.Option(help="Relabel images already labeled by this model.")
+    ] = False,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(help="Relabel only: older-model | confidence<0.6 | failed (repeatable)."),
+    ] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Image URIs per message.")] = None,
+) -> None:
+    """Walk a source and enqueue chunks of image URIs for the workers; prints the job id."""
+    base = settings_from()
+    settings = (
+        base
+        if chunk_size is None
+        else base.model_copy(
+            update={"scan": base.scan.model_copy(update={"chunk_size": chunk_size})}
+        )
+    )
+    _broker(settings)
+    _scan(settings, _sessions(settings), source, force=force, where=where or [])
+
+
+@app.command()
+def republish(
+    job: Annotated[int, typer.Argument(help="The job whose chunks to send again.")],
+    older_than: Annotated[
+        float | None,
+        typer.Option(help="Also resend published chunks unfinished after this many seconds."),
+    ] = None,
+) -> None:
+    """Publish a job's recorded-but-unpublished chunks (after a broker outage or a lost message)."""
+    from producer.enqueue import celery_publisher, republish_unpublished
+
+    settings = settings_from()
+    _broker(settings)
+    sessions = _sessions(settings)
+    count = republish_unpublished(
+        job,
+        sessions=sessions,
+        publish=celery_publisher(_celery(settings), settings.queue),
+        older_than=older_than,
+    )
+    console.print(f"job {job}: {count} chunks published", highlight=False)
+
+
+@app.command("worker")
+def run_worker(
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Worker processes.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Node name, e.g. gpu0@%h.")] = None,
+) -> None:
+    """Run a Celery worker in the foreground (same as `celery -A worker worker`)."""
+    settings = settings_from()
+    _broker(settings)
+    _sessions(settings)  # migrate or check before taking work
+    arguments = ["worker", f"--loglevel={loglevel}", f"--queues={settings.queue}"]
+    arguments.append(f"--concurrency={concurrency or settings.worker.concurrency}")
+    if hostname:
+        arguments.append(f"--hostname={hostname}")
+    celery_app = _celery(settings)
+    celery_app.loader.import_default_modules()
+    celery_app.worker_main(arguments)
+
+
+@contextmanager
+def _local_worker_if_needed(settings: Settings) -> Iterator[bool]:
+    from emolabel.embedded import start_local_worker, worker_running
+
+    if not settings.embedded_broker or worker_running(_celery(settings)):
+        yield False
+        return
+    console.print("starting a local worker (embedded default)", highlight=False)
+    with start_local_worker(settings):
+        yield True
+
+
+def _counts_table(job_id: int, counts: Any, rate: float, eta: float | None) -> Table:
+    table = Table(title=f"job {job_id}", show_edge=False)
+    for column in ("labeled", "failed", "skipped", "remaining", "images/s", "ETA"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(counts.labeled),
+        str(counts.failed),
+        str(counts.skipped),
+        str(counts.pending),
+        f"{rate:.1f}",
+        "-" if eta is None else f"{eta:.0f}s",
+    )
+    return table
+
+
+def _follow(sessions: sessionmaker[Session], job_id: int, poll: float = 0.5) -> Any:
+    from db.repository import job_counts
+
+    started = time.monotonic()
+    with sessions() as session:
+        first = job_counts(session=session, job_id=job_id)
+    done_at_start = first.labeled + first.failed
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        while True:
+            with sessions() as session:
+                counts = job_counts(session=session, job_id=job_id)
+            elapsed = max(time.monotonic() - started, 1e-6)
+            rate = (counts.labeled + counts.failed - done_at_start) / elapsed
+            eta = counts.pending / rate if rate > 0 else None
+            live.update(_counts_table(job_id, counts, rate, eta))
+            if counts.pending == 0:
+                return counts
+            time.sleep(poll)
+
+
+@app.command()
+def label(
+    source: Annotated[str, typer.Argument(help="A folder or s3://bucket/prefix.")],
+    force: Annotated[
+        bool, typer.Option(help="Relabel images already labeled by this model.")
+    ] = False,
+    where: Annotated[list[str] | None, typer.Option(help="As for `scan`.")] = None,
+) -> None:
+    """Scan, then follow the job live until every image is labeled, failed or skipped."""
+    settings = settings_from()
+    _broker(settings)
+    sessions = _sessions(settings)
+    summary = _scan(settings, sessions, source, force=force, where=where or [])
+    with _local_worker_if_needed(settings):
+        counts = _follow(sessions, summary.job_id)
+    console.print()
+    console.print(
+        f"done: {counts.labeled} labeled, {counts.failed} failed, {counts.skipped} skipped "
+        f"of {counts.enqueued} (see `emolabel status {summary.job_id}`, `emolabel export`)",
+        highlight=False,
+    )
+
+
+@app.command()
+def status(
+    job: Annotated[int | None, typer.Argument(help="A job id (default: the latest jobs).")] = None,
+) -> None:
+    """Jobs and their counts; with a job id, also why images failed or were skipped."""
+    from sqlalchemy import func, select
+
+    from db.models import Job, JobItem
+    from db.repository import NotFoundError, job_counts
+
+    settings = settings_from()
+    sessions = _sessions(settings)
+    with sessions() as session:
+        jobs = (
+            [session.get(Job, job)]
+            if job is not None
+            else list(session.scalars(select(Job).order_by(Job.id.desc()).limit(20)))
+        )
+        if job is not None and jobs[0] is None:
+            fail(f"no job {job}")
+        table = Table(
+            "job",
+            "status",
+            "source",
+            "enqueued",
+            "labeled",
+            "failed",
+            "skipped",
+            "pending",
+            "model",
+            "created",
+        )
+        for row in jobs:
+            assert row is not None
+            try:
+                counts = job_counts(session=session, job_id=row.id)
+            except NotFoundError:
+                continue
+            table.add_row(
+                str(row.id),
+                row.status,
+                row.source,
+                str(counts.enqueued),
+                str(counts.labeled),
+                str(counts.failed),
+                str(counts.skipped),
+                str(counts.pending),
+                row.model_version or "-",
+                row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+        console.print(table)
+        if job is not None:
+            reasons = session.execute(
+                select(JobItem.state, JobItem.reason, func.count())
+                .where(JobItem.job_id == job, JobItem.state.in_(["failed", "skipped"]))
+                .group_by(JobItem.state, JobItem.reason)
+                .order_by(func.count().desc())
+            ).all()
+            for state, reason, count in reasons:
+                console.print(f"{state}: {reason}: {count}", highlight=False)
+
+
+@app.command()
+def export(
+    job: Annotated[int | None, typer.Option(help="Only this job's results.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    output: Annotated[Path | None, typer.Option(help="Write here (default: stdout).")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Only this model version.")] = None,
+) -> None:
+    """Stream labels as CSV or JSON lines: uri, label, confidence, scores, model version."""
+    from db.repository import iter_results
+
+    if output_format not in ("csv", "jsonl"):
+        fail(f"--format {output_format!r}: use csv or jsonl")
+    settings = settings_from()
+    sessions = _sessions(settings)
+    handle = output.open("w", newline="") if output else sys.stdout
+    try:
+        writer = csv.writer(handle) if output_format == "csv" else None
+        if writer:
+            writer.writerow(["uri", "label", "confidence", "model_version", "scores", "job_id"])
+        with sessions() as session:
+            for row in iter_results(session=session, job_id=job, model_version=model_version):
+                if writer:
+                    writer.writerow(
+                        [
+                            row.uri,
+                            row.label,
+                            f"{row.confidence:.6f}",
+                            row.model_version,
+                            json.dumps(row.scores),
+                            row.job_id,
+                        ]
+                    )
+                else:
+                    handle.write(
+                        json.dumps(
+                            {
+                                "uri": row.uri,
+                                "label": row.label,
+                                "confidence": row.confidence,
+                                "scores": row.scores,
+                                "model_version": row.model_version,
+                                "job_id": row.job_id,
+                            }
+                        )
+                        + "\n"
+                    )
+    finally:
+        if output:
+            handle.close()
+
+
+@app.command()
+def failures(
+    job: Annotated[int | None, typer.Option(help="Only this job.")] = None,
+    retry: Annotated[bool, typer.Option(help="Enqueue the failed images of --job again.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Rows to print.")] = 200,
+) -> None:
+    """List failed images with their reason; `--retry --job N` enqueues them again."""
+    from db.repository import failed_items
+
+    settings = settings_from()
+    sessions = _sessions(settings)
+    if retry:
+        if job is None:
+            fail("--retry needs --job")
+        from producer.enqueue import celery_publisher
+        from producer.retry import requeue_failed
+
+        _broker(settings)
+        count = requeue_failed(
+            job,
+            sessions=sessions,
+            publish=celery_publisher(_celery(settings), settings.queue),
+            chunk_size=settings.scan.chunk_size,
+        )
+        console.print(f"job {job}: {count} failed images enqueued again", highlight=False)
+        return
+    table = Table("job", "uri", "reason", "message", "attempts")
+    with sessions() as session:
+        for index, item in enumerate(failed_items(session=session, job_id=job)):
+            if index >= limit:
+                break
+            table.add_row(
+                str(item.job_id),
+                item.uri,
+                item.reason or "-",
+                item.message or "",
+                str(item.attempts),
+            )
+    console.print(table)

@@ -1,0 +1,208 @@
+"""The one settings object, read from `EMOLABEL_*` environment variables and an optional `.env`.
+
+Nested groups use `__`: `EMOLABEL_TRAIN__EPOCHS=30`. Build it once in an entry point with
+`Settings()` and pass it down; nothing reads the environment anywhere else. Tests construct it
+directly: `Settings(home=tmp_path, train=TrainSettings(epochs=1))`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emolabel.errors import ConfigError
+
+ColorMode = Literal["rgb", "grayscale"]
+
+MiB = 1024 * 1024
+
+
+class TrainSettings(BaseModel):
+    """How `emolabel train` fits a model."""
+
+    epochs: int = Field(20, ge=1, description="Maximum epochs; EarlyStopping usually ends sooner.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per training step.")
+    image_size: int = Field(
+        256, ge=8, le=2048, description="Model input height and width (pixels)."
+    )
+    color_mode: ColorMode = Field("rgb", description="`rgb` (3 channels) or `grayscale` (1).")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate.")
+    patience: int = Field(
+        4, ge=1, description="EarlyStopping patience on validation loss (epochs)."
+    )
+    seed: int = Field(1337, description="Seed for the split, shuffling, augmentation and weights.")
+    augment: bool = Field(False, description="Augment the training split (flip, shift, light).")
+    split: tuple[float, float, float] = Field(
+        (0.7, 0.2, 0.1), description="Train / validation / test fractions of the file list."
+    )
+    cache_max_bytes: int = Field(
+        2048 * MiB, ge=0, description="Keep decoded images in memory when the set fits in this."
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(part <= 0 for part in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("train/validation/test fractions must be positive and sum to 1")
+        return value
+
+
+class LimitSettings(BaseModel):
+    """What an input file may be before we refuse it, checked before decoding."""
+
+    max_file_bytes: int = Field(64 * MiB, ge=1, description="Largest file read, in bytes.")
+    max_pixels: int = Field(
+        120_000_000,
+        ge=1,
+        description="Largest width x height decoded (a 20000x20000 bomb is 400M).",
+    )
+    min_side: int = Field(8, ge=1, description="Smallest width or height accepted (pixels).")
+
+
+class WorkerSettings(BaseModel):
+    """How a Celery worker consumes chunks; delivery guarantees depend on these."""
+
+    concurrency: int = Field(1, ge=1, le=256, description="Worker processes per `emolabel worker`.")
+    prefetch_multiplier: int = Field(
+        1, ge=1, description="Messages reserved per process; 1 keeps chunks with idle workers."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
+    decode_threads: int = Field(2, ge=1, le=64, description="Threads reading and decoding images.")
+    task_time_limit: int = Field(
+        900, ge=10, description="Seconds a chunk may run before its process is replaced."
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=20,
+        description="Seconds before Redis redelivers an unacknowledged chunk (> task_time_limit).",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Deliveries of one image before it is recorded as poison."
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders workers may read (JSON list); empty: only the job's own source root.",
+    )
+
+
+class ScanSettings(BaseModel):
+    """How the producer walks a source and publishes chunks."""
+
+    chunk_size: int = Field(256, ge=1, le=10_000, description="Image URIs per queue message.")
+    follow_symlinks: bool = Field(
+        True, description="Resolve links inside the root (never outside it) to report them."
+    )
+
+
+class S3Settings(BaseModel):
+    """An S3-compatible object store for `s3://bucket/prefix` sources."""
+
+    endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO.")
+    access_key: str | None = Field(None, description="Access key id (else the AWS chain).")
+    secret_key: SecretStr | None = Field(None, description="Secret key (never printed).")
+    region: str | None = Field(None, description="Region name, if the store needs one.")
+
+
+class Settings(BaseSettings):
+    """Every emolabel setting; see the README's table for the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMOLABEL_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    home: Path = Field(
+        Path(".emolabel"), description="State folder of the embedded default (SQLite, Redis)."
+    )
+    models_dir: Path = Field(Path("models"), description="Where model artifacts are written.")
+    model_name: str = Field(
+        "emotion",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Artifact family name under models_dir.",
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset: SQLite at `<home>/emolabel.db`."
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Redis URL (`rediss://` for TLS); unset: a local Redis the CLI starts in home.",
+    )
+    queue: str = Field("emolabel", pattern=r"^[A-Za-z0-9_.-]+$", description="Celery queue name.")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    scan: ScanSettings = Field(default_factory=ScanSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+    @model_validator(mode="after")
+    def _safe_combinations(self) -> Settings:
+        if self.home.resolve() == self.models_dir.resolve():
+            raise ValueError("home and models_dir must be different folders")
+        if self.worker.visibility_timeout <= self.worker.task_time_limit:
+            # Redis would hand a still-running chunk to a second worker.
+            raise ValueError("worker.visibility_timeout must be longer than worker.task_time_limit")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker is configured and the CLI runs its own Redis in `home`."""
+        return self.broker_url is None
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.home.resolve() / "redis.sock"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"redis+socket://{self.redis_socket}"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home.resolve() / 'emolabel.db'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning a validation error into one `ConfigError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise ConfigError(f"bad configuration: {problems}") from None
+
+
+def iter_setting_rows(
+    model: type[BaseModel] = Settings, prefix: str = "EMOLABEL_"
+) -> Iterator[tuple[str, str, str]]:
+    """Yield (environment variable, default, description) for every leaf setting, in order."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_setting_rows(annotation, f"{prefix}{name.upper()}__")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "(unset)" if default is None else str(default)
+        yield f"{prefix}{name.upper()}", shown, field.description or ""
+
+
+def settings_table() -> str:
+    """The README's settings table, generated so that it cannot drift from the code."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for variable, default, description in iter_setting_rows():
+        lines.append(f"| `{variable}` | `{default}` | {description} |")
+    return "\n".join(lines)

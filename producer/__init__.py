@@ -1,0 +1,5 @@
+"""The producer: scans folders and S3 prefixes and hands chunks of image URIs to the queue.
+
+Nothing here imports TensorFlow, Keras or OpenCV: the producer runs on machines without them, and
+a test imports it in a subprocess to keep it that way.
+"""

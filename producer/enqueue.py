@@ -1,0 +1,635 @@
+"""Scan a source into a job: every file gets one ledger row, new images go out in full chunks.
+
+    run_scan(source, sessions=..., publish=..., chunk_size=256, model_version="v3")
+      create the job (scanning), commit
+      for each batch of `chunk_size` entries (the listing is never held whole):
+        upsert the images; decide each entry:
+          unusable                    -> skipped, with the source's reason
+          labeled by model_version,
+            same fingerprint          -> skipped `already_labeled` (unless force)
+          not matching every --where  -> skipped `not_selected`
+          else                        -> pending, into the next chunk
+        record the ledger rows and each full chunk (status pending), COMMIT, then publish each
+        chunk and mark it published, COMMIT
+      the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
+
+A chunk is committed before its message is sent, so a message the broker lost or never took can
+be sent again from the ledger (`republish_unpublished`). Pending images wait for a full chunk
+before they enter the ledger, so every committed pending row belongs to a recorded chunk.
+
+When the broker refuses a message the scan stops with `ScanInterrupted`: what was scanned is in
+the ledger (chunks not sent stay `pending`), the job is queued with an error saying the scan
+stopped early, and the message says how to go on. Any other failure (the source, an interrupt)
+leaves the job the same way, as far as the database allows, and is raised as it is.
+
+    EmolabelError
+    ├── PublishError       the broker did not take a message
+    └── ScanInterrupted    a scan stopped on a PublishError; names the job and how to resume
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import ChunkStatus, ItemState, Job
+from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
+from emolabel.errors import ConfigError, EmolabelError
+from producer import ledger_queries
+from producer.chunking import chunked
+from producer.entries import Entry, Source
+from producer.uris import display_name
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+ALREADY_LABELED = "already_labeled"
+"""Skip reason: `model_version` labeled this version of the file (same fingerprint)."""
+NOT_SELECTED = "not_selected"
+"""Skip reason: the image does not match every `--where` selection."""
+
+
+class PublishError(EmolabelError):
+    """The broker did not take a chunk's message (down, unreachable, refusing)."""
+
+
+class ScanInterrupted(EmolabelError):
+    """A scan stopped because a chunk could not be published; nothing recorded is lost."""
+
+    def __init__(self, message: str, *, job_id: int, unpublished_chunks: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.unpublished_chunks = unpublished_chunks
+
+
+# --- publishing -------------------------------------------------------------------------------
+
+
+class Publisher(Protocol):
+    """Sends one chunk's message and returns its task id; raises `PublishError` on failure."""
+
+    def __call__(self, job_id: int, chunk_index: int, uris: list[str]) -> str: ...
+
+
+def celery_publisher(app: Celery, queue: str) -> Publisher:
+    """A publisher that sends `label_chunk(job_id, chunk_index, uris)` by name to `queue`."""
+    # Imported here: kombu and redis load only when something is published.
+    from kombu.exceptions import OperationalError
+    from kombu.utils.url import maybe_sanitize_url
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from worker.celery_app import LABEL_CHUNK
+
+    broker = maybe_sanitize_url(str(app.conf.broker_url))
+    refused = (OperationalError, RedisConnectionError, RedisTimeoutError, OSError)
+
+    def publish(job_id: int, chunk_index: int, uris: list[str]) -> str:
+        try:
+            result = app.send_task(
+                LABEL_CHUNK,
+                args=[job_id, chunk_index, uris],
+                queue=queue,
+                # The header would repeat every URI; Flower and logs need only the shape.
+                argsrepr=f"[{job_id}, {chunk_index}, <{len(uris)} URIs>]",
+            )
+        except refused as error:
+            raise PublishError(
+                f"the broker at {broker} did not take chunk {chunk_index} of job {job_id}"
+                f" ({str(error).rstrip('.')})"
+            ) from error
+        return str(result.id)
+
+    return publish
+
+
+# --- --where ----------------------------------------------------------------------------------
+
+
+class SelectionKind(StrEnum):
+    """What a `--where` selection tests, always on an image's latest label or outcome."""
+
+    MODEL_OTHER_THAN = "model_other_than"
+    CONFIDENCE_BELOW = "confidence_below"
+    FAILED = "failed"
+
+
+WHERE_FORMS = (
+    "older-model (the latest label is by another model than the scan's)",
+    "model!=VERSION (the latest label is by another model than VERSION)",
+    "confidence<NUMBER (the latest label's confidence is below NUMBER, 0 to 1)",
+    "failed (the latest worker outcome was a failure)",
+)
+
+_MODEL_PATTERN = re.compile(r"model\s*!=\s*(?P<version>\S+)", re.IGNORECASE)
+_CONFIDENCE_PATTERN = re.compile(r"confidence\s*<\s*(?P<threshold>\S+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """One `--where` condition; a scan enqueues only images that match all of its selections.
+
+    `version` is None for `older-model`: the scan's own model version is meant.
+    """
+
+    kind: SelectionKind
+    version: str | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is SelectionKind.CONFIDENCE_BELOW and self.threshold is None:
+            raise ValueError("a confidence selection needs a threshold")
+
+    def __str__(self) -> str:
+        if self.kind is SelectionKind.MODEL_OTHER_THAN:
+            return "older-model" if self.version is None else f"model!={self.version}"
+        if self.kind is SelectionKind.CONFIDENCE_BELOW:
+            return f"confidence<{self.threshold}"
+        return "failed"
+
+
+def parse_where(text: str) -> Selection:
+    """Parse one `--where` condition; `ConfigError` lists the accepted forms."""
+    clause = " ".join(text.split())
+    lowered = clause.lower()
+    if re.search(r"\s(and|or)\s|&&|\|\|", lowered):
+        raise ConfigError(
+            f"--where {text!r}: one condition per --where; repeat --where to require several"
+        )
+    if lowered in {"older-model", "older_model"}:
+        return Selection(SelectionKind.MODEL_OTHER_THAN)
+    if lowered == "failed":
+        return Selection(SelectionKind.FAILED)
+    if match := _MODEL_PATTERN.fullmatch(clause):
+        version = match["version"]
+        if len(version) > 128:
+            raise ConfigError(f"--where {text!r}: a model version has at most 128 characters")
+        return Selection(SelectionKind.MODEL_OTHER_THAN, version=version)
+    if match := _CONFIDENCE_PATTERN.fullmatch(clause):
+        return Selection(SelectionKind.CONFIDENCE_BELOW, threshold=_threshold(text, match))
+    raise ConfigError(f"--where {text!r} is not understood; use one of: {'; '.join(WHERE_FORMS)}")
+
+
+def _threshold(text: str, match: re.Match[str]) -> float:
+    try:
+        threshold = float(match["threshold"])
+    except ValueError:
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise ConfigError(f"--where {text!r}: the confidence must be a number from 0 to 1")
+    return threshold
+
+
+def _select(
+    session: Session,
+    image_ids: set[int],
+    where: Sequence[Selection],
+    *,
+    model_version: str | None,
+    job_id: int,
+) -> set[int]:
+    """The ids among `image_ids` that match every selection."""
+    for selection in where:
+        if not image_ids:
+            break
+        if selection.kind is SelectionKind.MODEL_OTHER_THAN:
+            image_ids = ledger_queries.latest_label_not_by(
+                session=session,
+                image_ids=image_ids,
+                version=_other_than(selection, model_version),
+            )
+        elif selection.kind is SelectionKind.CONFIDENCE_BELOW and selection.threshold is not None:
+            image_ids = ledger_queries.latest_confidence_below(
+                session=session, image_ids=image_ids, threshold=selection.threshold
+            )
+        elif selection.kind is SelectionKind.FAILED:
+            image_ids = ledger_queries.latest_outcome_failed(
+                session=session, image_ids=image_ids, exclude_job_id=job_id
+            )
+    return image_ids
+
+
+def _other_than(selection: Selection, model_version: str | None) -> str:
+    """The version `model!=` compares with; `older-model` means the scan's own."""
+    version = selection.version or model_version
+    if version is None:
+        raise ConfigError("--where older-model needs a model version: promote a model first")
+    return version
+
+
+# --- scanning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScanProgress:
+    """How far a scan is, reported after every batch; chunks and enqueued count what was sent."""
+
+    seen: int
+    images: int
+    skipped: int
+    enqueued: int
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSummary:
+    """What a finished scan did: files seen, images sent in `chunks` messages, skips by reason."""
+
+    job_id: int
+    seen: int
+    enqueued_images: int
+    skipped_by_reason: dict[str, int]
+    chunks: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    image_id: int
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    index: int
+    uris: list[str]
+
+
+class _Scan:
+    """The state of one scan: counters and the pending images that do not fill a chunk yet."""
+
+    def __init__(
+        self,
+        job_id: int,
+        *,
+        sessions: sessionmaker[Session],
+        publish: Publisher,
+        chunk_size: int,
+        model_version: str | None,
+        force: bool,
+        where: Sequence[Selection],
+    ) -> None:
+        self.job_id = job_id
+        self.sessions = sessions
+        self.publish = publish
+        self.chunk_size = chunk_size
+        self.model_version = model_version
+        self.force = force
+        self.where = where
+        self.waiting: list[_Pending] = []  # fewer than chunk_size between batches
+        self.unsent: list[_Chunk] = []  # recorded, not yet published
+        self.next_chunk = 0
+        self.seen = 0
+        self.images = 0
+        self.items = 0
+        self.enqueued = 0
+        self.chunks = 0
+        self.skipped: Counter[str] = Counter()
+        self.listed_all = False
+
+    def add_batch(self, entries: list[Entry]) -> None:
+        """Put a batch of entries in the ledger and record every chunk it fills (one commit)."""
+        with self.sessions() as session, session.begin():
+            ids = repository.upsert_images(session=session, rows=[_image_row(e) for e in entries])
+            items, pending = self._decide(session, entries, ids)
+            waiting = self.waiting + pending
+            full = len(waiting) - len(waiting) % self.chunk_size
+            chunks, inserted = self._record(session, items, waiting[:full])
+        # The state moves on only once the transaction committed.
+        self.waiting = waiting[full:]
+        self._committed(entries, items, chunks, inserted)
+
+    def add_remainder(self) -> None:
+        """Record the pending images that do not fill a whole chunk as the last chunk."""
+        if not self.waiting:
+            return
+        items: list[JobItemRow] = []
+        with self.sessions() as session, session.begin():
+            chunks, inserted = self._record(session, items, self.waiting)
+        self.waiting = []
+        self._committed([], items, chunks, inserted)
+
+    def send(self) -> None:
+        """Publish the recorded chunks in order, marking each published once the broker has it."""
+        while self.unsent:
+            chunk = self.unsent[0]
+            task_id = self.publish(self.job_id, chunk.index, chunk.uris)
+            with self.sessions() as session, session.begin():
+                repository.mark_chunk_published(
+                    session=session, job_id=self.job_id, chunk_index=chunk.index, task_id=task_id
+                )
+            self.unsent.pop(0)
+            self.chunks += 1
+            self.enqueued += len(chunk.uris)
+
+    def progress(self) -> ScanProgress:
+        return ScanProgress(
+            seen=self.seen,
+            images=self.images,
+            skipped=sum(self.skipped.values()),
+            enqueued=self.enqueued,
+            chunks=self.chunks,
+        )
+
+    def _decide(
+        self, session: Session, entries: list[Entry], ids: Mapping[str, int]
+    ) -> tuple[list[JobItemRow], list[_Pending]]:
+        usable = [entry for entry in entries if entry.usable]
+        labeled: dict[str, str] = {}
+        if self.model_version is not None and not self.force:
+            labeled = repository.labeled_fingerprints(
+                session=session,
+                uris=[entry.uri for entry in usable],
+                model_version=self.model_version,
+            )
+        candidates = [entry for entry in usable if labeled.get(entry.uri) != entry.fingerprint]
+        selected = {ids[entry.uri] for entry in candidates}
+        if self.where:
+            selected = _select(
+                session,
+                selected,
+                self.where,
+                model_version=self.model_version,
+                job_id=self.job_id,
+            )
+        items: list[JobItemRow] = []
+        pending: list[_Pending] = []
+        for entry in entries:
+            image_id = ids[entry.uri]
+            if entry.skip_reason is not None:
+                items.append(_skipped(image_id, entry.skip_reason, entry.skip_message))
+            elif labeled.get(entry.uri) == entry.fingerprint:
+                items.append(_skipped(image_id, ALREADY_LABELED))
+            elif image_id not in selected:
+                items.append(_skipped(image_id, NOT_SELECTED))
+            else:
+                pending.append(_Pending(image_id, entry.uri))
+        return items, pending
+
+    def _record(
+        self, session: Session, items: list[JobItemRow], pending: list[_Pending]
+    ) -> tuple[list[_Chunk], int]:
+        """Cut `pending` into the next chunks, add their rows to `items` and record it all.
+
+        Returns the chunks and how many ledger rows were new.
+        """
+        chunks: list[_Chunk] = []
+        for members in chunked(pending, self.chunk_size):
+            index = self.next_chunk + len(chunks)
+            items.extend(JobItemRow(member.image_id, chunk_index=index) for member in members)
+            chunks.append(_Chunk(index, [member.uri for member in members]))
+        inserted = repository.add_job_items(session=session, job_id=self.job_id, items=items)
+        repository.record_chunks(
+            session=session,
+            job_id=self.job_id,
+            chunks=[ChunkRow(chunk.index, len(chunk.uris)) for chunk in chunks],
+        )
+        return chunks, inserted
+
+    def _committed(
+        self, entries: list[Entry], items: list[JobItemRow], chunks: list[_Chunk], inserted: int
+    ) -> None:
+        """Count what the last transaction committed."""
+        self.seen += len(entries)
+        self.images += sum(1 for entry in entries if entry.usable)
+        # The ledger's own count: a URI listed twice has one row, and `enqueued` must balance.
+        self.items += inserted
+        self.skipped.update(item.reason for item in items if item.reason is not None)
+        self.next_chunk += len(chunks)
+        self.unsent.extend(chunks)
+
+
+def run_scan(
+    source: Source,
+    *,
+    sessions: sessionmaker[Session],
+    publish: Publisher,
+    chunk_size: int,
+    model_version: str | None,
+    force: bool = False,
+    where: Sequence[Selection] = (),
+    options: Mapping[str, Any] | None = None,
+    progress: Callable[[ScanProgress], None] | None = None,
+) -> ScanSummary:
+    """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
+
+    With `model_version` None nothing counts as already labeled. `force` enqueues images already
+    labeled by `model_version`; `where` keeps only the images that match every selection.
+    Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if model_version is None and any(
+        s.kind is SelectionKind.MODEL_OTHER_THAN and s.version is None for s in where
+    ):
+        raise ConfigError("--where older-model needs a model version: promote a model first")
+    started = time.monotonic()
+    job_options = {
+        **(options or {}),
+        "chunk_size": chunk_size,
+        "force": force,
+        "where": [str(selection) for selection in where],
+    }
+    with sessions() as session, session.begin():
+        job_id = repository.create_job(
+            session=session, source=source.uri, options=job_options, model_version=model_version
+        )
+    logger.info("job %d: scanning %s", job_id, display_name(source.uri))
+    scan = _Scan(
+        job_id,
+        sessions=sessions,
+        publish=publish,
+        chunk_size=chunk_size,
+        model_version=model_version,
+        force=force,
+        where=where,
+    )
+    try:
+        for entries in chunked(source.iter_entries(), chunk_size):
+            scan.add_batch(entries)
+            scan.send()
+            if progress is not None:
+                progress(scan.progress())
+        scan.listed_all = True
+        scan.add_remainder()
+        scan.send()
+    except PublishError as error:
+        _stop_early(scan, str(error))
+        raise _interrupted(scan, source, error) from error
+    except BaseException as error:
+        # A source, database or user interrupt: keep what was committed usable, then re-raise.
+        _stop_early(scan, repr(error))
+        raise
+    if progress is not None:
+        progress(scan.progress())
+    return _finish(scan, started)
+
+
+def _finish(scan: _Scan, started: float) -> ScanSummary:
+    """Queue the job (done at once when nothing was enqueued) and sum the scan up."""
+    with scan.sessions() as session, session.begin():
+        ledger_queries.end_scan(session=session, job_id=scan.job_id, enqueued=scan.items)
+        done = repository.finish_job_if_complete(session=session, job_id=scan.job_id)
+    summary = ScanSummary(
+        job_id=scan.job_id,
+        seen=scan.seen,
+        enqueued_images=scan.enqueued,
+        skipped_by_reason=dict(sorted(scan.skipped.items())),
+        chunks=scan.chunks,
+        seconds=time.monotonic() - started,
+    )
+    logger.info(
+        "job %d: %d files, %d images in %d chunks, skipped %s%s",
+        scan.job_id,
+        summary.seen,
+        summary.enqueued_images,
+        summary.chunks,
+        summary.skipped_by_reason,
+        "; done, nothing to label" if done else "",
+    )
+    return summary
+
+
+def _interrupted(scan: _Scan, source: Source, error: PublishError) -> ScanInterrupted:
+    """The error that says how to go on after the broker refused a chunk."""
+    unsent = len(scan.unsent)
+    rest = (
+        ""
+        if scan.listed_all
+        else f", then scan {display_name(source.uri)} again for the files not listed yet"
+        " (images already labeled are skipped)"
+    )
+    message = (
+        f"{error}. The scan of job {scan.job_id} stopped after {scan.seen} files and nothing is"
+        f" lost: {unsent} chunk(s) are recorded but not published. When the broker is back,"
+        f" republish the unpublished chunks of job {scan.job_id}{rest}."
+    )
+    return ScanInterrupted(message, job_id=scan.job_id, unpublished_chunks=unsent)
+
+
+def _stop_early(scan: _Scan, cause: str) -> None:
+    """Record the waiting images as a last, unpublished chunk and queue what the ledger holds.
+
+    The job then finishes once its recorded chunks are done, and its error says that the scan
+    stopped early. Best effort: when the database is what failed, the job stays `scanning`.
+    """
+    try:
+        scan.add_remainder()
+        reason = (
+            f"scan stopped after {scan.seen} files, {len(scan.unsent)} chunk(s) recorded but"
+            f" not published: {cause}"
+        )
+        with scan.sessions() as session, session.begin():
+            ledger_queries.end_scan(
+                session=session, job_id=scan.job_id, enqueued=scan.items, error=reason
+            )
+            repository.finish_job_if_complete(session=session, job_id=scan.job_id)
+    except SQLAlchemyError:
+        logger.exception("job %d: could not record where the scan stopped", scan.job_id)
+
+
+# --- publishing again -------------------------------------------------------------------------
+
+
+def republish_unpublished(
+    job_id: int,
+    *,
+    sessions: sessionmaker[Session],
+    publish: Publisher,
+    older_than: float | None = None,
+) -> int:
+    """Publish the job's chunks that were recorded but never published; return how many.
+
+    With `older_than` (seconds), also chunks published that long ago and still not done: their
+    message was lost (choose it above the time the queue takes to drain, or chunks that are
+    merely waiting get a second message, harmless but wasted work). Chunks whose images are no
+    longer pending are marked done instead. Raises `PublishError` when the broker refuses; what
+    was published before is recorded. Not while the job's scan still runs: it is about to
+    publish the chunks it just recorded, which would then go out twice.
+    """
+    if older_than is not None and older_than < 0:
+        raise ValueError(f"older_than must not be negative, got {older_than}")
+    with sessions() as session, session.begin():
+        if session.get(Job, job_id) is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        if older_than is None:
+            chunks = repository.unfinished_chunks(session=session, job_id=job_id)
+            indexes = [c.chunk_index for c in chunks if c.status is ChunkStatus.PENDING]
+        else:
+            before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
+            chunks = repository.unfinished_chunks(
+                session=session, job_id=job_id, published_before=before
+            )
+            indexes = [c.chunk_index for c in chunks]
+    published = 0
+    for chunk_index in indexes:
+        if _republish(job_id, chunk_index, sessions=sessions, publish=publish):
+            published += 1
+    logger.info("job %d: published %d chunk(s) again", job_id, published)
+    return published
+
+
+def _republish(
+    job_id: int, chunk_index: int, *, sessions: sessionmaker[Session], publish: Publisher
+) -> bool:
+    with sessions() as session, session.begin():
+        uris = repository.pending_uris(session=session, job_id=job_id, chunk_index=chunk_index)
+        if not uris:
+            # Every image of the chunk has an outcome; only the chunk row lagged behind.
+            repository.record_outcomes(
+                session=session, job_id=job_id, results=[], failures=[], chunk_index=chunk_index
+            )
+            repository.finish_job_if_complete(session=session, job_id=job_id)
+            return False
+    task_id = publish(job_id, chunk_index, uris)
+    with sessions() as session, session.begin():
+        repository.mark_chunk_published(
+            session=session, job_id=job_id, chunk_index=chunk_index, task_id=task_id
+        )
+    return True
+
+
+def _image_row(entry: Entry) -> ImageRow:
+    return ImageRow(
+        uri=entry.uri,
+        fingerprint=entry.fingerprint,
+        size_bytes=entry.size_bytes,
+        mtime_ns=entry.mtime_ns,
+        name_bytes=entry.name_bytes,
+    )
+
+
+def _skipped(image_id: int, reason: str, message: str | None = None) -> JobItemRow:
+    return JobItemRow(image_id, state=ItemState.SKIPPED, reason=reason, message=message)
+
+
+__all__ = [
+    "ALREADY_LABELED",
+    "NOT_SELECTED",
+    "WHERE_FORMS",
+    "PublishError",
+    "Publisher",
+    "ScanInterrupted",
+    "ScanProgress",
+    "ScanSummary",
+    "Selection",
+    "SelectionKind",
+    "celery_publisher",
+    "parse_where",
+    "republish_unpublished",
+    "run_scan",
+]

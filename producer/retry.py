@@ -1,0 +1,60 @@
+"""Enqueue a job's failed images again (`emolabel failures --retry --job N`).
+
+The images stay in their job: their ledger rows go back to pending in new chunks, recorded
+before they are published, and the job reopens until they end in a state again.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Chunk, Image, ItemState, Job, JobItem, JobStatus
+from db.repository import ChunkRow, NotFoundError, mark_chunk_published, record_chunks
+from producer.enqueue import Publisher
+
+
+def requeue_failed(
+    job_id: int, *, sessions: sessionmaker[Session], publish: Publisher, chunk_size: int
+) -> int:
+    """Put every failed image of `job_id` back on the queue; returns how many."""
+    with sessions.begin() as session:
+        if session.get(Job, job_id) is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        failed = list(
+            session.execute(
+                select(JobItem.image_id, Image.uri)
+                .join(Image, Image.id == JobItem.image_id)
+                .where(JobItem.job_id == job_id, JobItem.state == ItemState.FAILED)
+                .order_by(JobItem.image_id)
+            )
+        )
+        if not failed:
+            return 0
+        highest = session.scalar(select(func.max(Chunk.chunk_index)).where(Chunk.job_id == job_id))
+        first = (highest if highest is not None else -1) + 1
+        chunks: list[tuple[int, list[str]]] = []
+        for offset in range(0, len(failed), chunk_size):
+            part = failed[offset : offset + chunk_size]
+            index = first + len(chunks)
+            chunks.append((index, [row.uri for row in part]))
+            session.execute(
+                update(JobItem)
+                .where(
+                    JobItem.job_id == job_id, JobItem.image_id.in_([row.image_id for row in part])
+                )
+                .values(state=ItemState.PENDING, reason=None, message=None, chunk_index=index)
+            )
+        record_chunks(
+            session=session,
+            job_id=job_id,
+            chunks=[ChunkRow(index, len(uris)) for index, uris in chunks],
+        )
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, finished_at=None)
+        )
+    for index, uris in chunks:
+        task_id = publish(job_id, index, uris)
+        with sessions.begin() as session:
+            mark_chunk_published(session=session, job_id=job_id, chunk_index=index, task_id=task_id)
+    return len(failed)

@@ -1,0 +1,55 @@
+"""Shared fixtures: generated data and one tiny model trained once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from emolabel.settings import LimitSettings, TrainSettings
+from training.sample_data import generate_sample_data
+from training.train import TrainOutcome, train_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough to train in seconds on two cores, big enough to learn happy vs sad.
+TINY = TrainSettings(epochs=3, batch_size=16, image_size=48, patience=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    generate_sample_data(root, ["happy", "sad"], 30, seed=3, min_size=96, max_size=160)
+    return root
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(sample_dir: Path, models_dir: Path) -> TrainOutcome:
+    return train_model(
+        sample_dir, TINY, LimitSettings(), models_dir, "tiny", progress=lambda _: None
+    )
+
+
+def run_cli(
+    arguments: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `emolabel` console script in a subprocess (no in-process shortcuts)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "emolabel", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd or REPO,
+        timeout=600,
+        check=False,
+    )

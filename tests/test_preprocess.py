@@ -1,0 +1,174 @@
+"""The one preprocessing function on real encoded images, hostile ones included."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from emolabel.errors import ImageError, ReasonCode
+from emolabel.settings import LimitSettings
+from training.preprocess import (
+    InputSpec,
+    decode,
+    jpeg_reduction,
+    load_image,
+    read_header,
+    to_model_input,
+)
+
+SPEC = InputSpec(32, 32, "rgb")
+LIMITS = LimitSettings()
+
+
+def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def red_square(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> Image.Image:
+    colours = {"RGB": (255, 0, 0), "RGBA": (255, 0, 0, 255), "L": 128, "CMYK": (0, 255, 255, 0)}
+    return Image.new(mode, size, colours[mode])
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_rgb_order_is_red_first() -> None:
+    pixels = load_image(encode(red_square(), "PNG"), SPEC, LIMITS)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert pixels[..., 0].min() > 250 and pixels[..., 2].max() < 5
+
+
+def test_grayscale_source_becomes_three_channels() -> None:
+    pixels = load_image(encode(red_square("L"), "PNG"), SPEC, LIMITS)
+    assert pixels.shape == (32, 32, 3)
+    assert np.all(pixels == pixels[..., :1])
+
+
+def test_grayscale_model_gets_one_channel_from_colour() -> None:
+    pixels = load_image(encode(red_square(), "JPEG"), InputSpec(16, 16, "grayscale"), LIMITS)
+    assert pixels.shape == (16, 16, 1)
+
+
+def test_transparent_pixels_compose_over_white() -> None:
+    image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    pixels = load_image(encode(image, "PNG"), SPEC, LIMITS)
+    assert pixels.min() >= 250
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits() -> None:
+    array = np.full((40, 40, 3), 65535, dtype=np.uint16)
+    ok, data = cv2.imencode(".png", array)
+    assert ok
+    pixels = load_image(data.tobytes(), SPEC, LIMITS)
+    assert pixels.min() >= 250
+
+
+def test_cmyk_jpeg_decodes_to_rgb() -> None:
+    pixels = load_image(encode(red_square("CMYK"), "JPEG"), SPEC, LIMITS)
+    assert pixels.shape == (32, 32, 3)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 60
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encode(red_square(size=(80, 40)), "JPEG", exif=exif.tobytes())
+    header = read_header(data)
+    image = decode(data, header, InputSpec(80, 80))
+    assert image.shape[:2] == (80, 40)  # stored 80 wide, 40 high; shown rotated
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (40, 40), (0, 0, 255)), Image.new("RGB", (40, 40), (255, 0, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert read_header(data).frames == 2
+    pixels = load_image(data, SPEC, LIMITS)
+    assert pixels[..., 2].mean() > 200
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", ReasonCode.EMPTY),
+        (b"hello, I am text named photo.jpg\n", ReasonCode.NOT_AN_IMAGE),
+        (b"%PDF-1.4\n" + b"0" * 200, ReasonCode.NOT_AN_IMAGE),
+        (bomb_png(20000, 20000), ReasonCode.TOO_MANY_PIXELS),
+    ],
+)
+def test_hostile_bytes_are_refused_with_a_reason(data: bytes, reason: ReasonCode) -> None:
+    with pytest.raises(ImageError) as caught:
+        load_image(data, SPEC, LIMITS)
+    assert caught.value.reason == reason
+
+
+def test_truncated_jpeg_is_corrupt() -> None:
+    data = encode(Image.effect_noise((256, 256), 60).convert("RGB"), "JPEG")
+    with pytest.raises(ImageError) as caught:
+        load_image(data[: len(data) // 2], SPEC, LIMITS)
+    assert caught.value.reason == ReasonCode.CORRUPT
+
+
+def test_corrupt_png_body_is_corrupt() -> None:
+    data = bytearray(encode(Image.effect_noise((64, 64), 60).convert("RGB"), "PNG"))
+    data[60:200] = b"\x00" * 140
+    with pytest.raises(ImageError) as caught:
+        load_image(bytes(data), SPEC, LIMITS)
+    assert caught.value.reason == ReasonCode.CORRUPT
+
+
+def test_limits_refuse_before_decoding() -> None:
+    data = encode(red_square(size=(300, 300)), "PNG")
+    with pytest.raises(ImageError) as caught:
+        load_image(data, SPEC, LimitSettings(max_pixels=300 * 299))
+    assert caught.value.reason == ReasonCode.TOO_MANY_PIXELS
+    with pytest.raises(ImageError) as caught:
+        load_image(data, SPEC, LimitSettings(max_file_bytes=len(data) - 1))
+    assert caught.value.reason == ReasonCode.TOO_LARGE
+    with pytest.raises(ImageError) as caught:
+        load_image(encode(red_square(size=(4, 40)), "PNG"), SPEC, LIMITS)
+    assert caught.value.reason == ReasonCode.TOO_SMALL
+
+
+def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture() -> None:
+    rng = np.random.default_rng(0)
+    base = cv2.resize(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), (1600, 1200))
+    ok, encoded = cv2.imencode(".jpg", base)
+    assert ok
+    data = encoded.tobytes()
+    header = read_header(data)
+    spec = InputSpec(128, 128)
+    assert jpeg_reduction(header, spec) == 8
+    assert jpeg_reduction(header, InputSpec(256, 256)) == 4
+    reduced = load_image(data, spec, LIMITS).astype(np.float32)
+    full = cv2.resize(
+        cv2.cvtColor(base, cv2.COLOR_BGR2RGB), (128, 128), interpolation=cv2.INTER_AREA
+    )
+    assert np.abs(reduced - full.astype(np.float32)).mean() < 6
+
+
+def test_model_input_scaling() -> None:
+    batch = np.full((2, 4, 4, 3), 255, dtype=np.uint8)
+    assert to_model_input(batch, SPEC).max() == 255.0
+    scaled = to_model_input(batch, InputSpec(4, 4, "rgb", pixel_scale=2 / 255, pixel_offset=-1))
+    assert np.allclose(scaled, 1.0)

@@ -1,0 +1,253 @@
+"""Versioned, self-describing model artifacts: `<models_dir>/<name>/<version>/`.
+
+An artifact is `model.keras` plus `metadata.json` (and plots, the split manifest, TensorBoard
+logs). The metadata says everything serving needs: class names in output order, input size,
+colour mode, outside-the-model pixel scaling, the preprocessing version, and how it was made.
+`load_artifact` refuses, with a `ModelError`, a file whose hash, output width or input shape
+disagrees with its metadata: no silent fallback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from emolabel.errors import ModelError
+from training.preprocess import PREPROCESS_VERSION, InputSpec
+
+if TYPE_CHECKING:
+    import keras
+
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.keras"
+SCHEMA_VERSION = 1
+
+Head = Literal["sigmoid", "softmax"]
+
+
+class InputMetadata(BaseModel):
+    """The model's input, and how 0..255 pixels are mapped onto it outside the model."""
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    color_mode: Literal["rgb", "grayscale"]
+    pixel_scale: float = 1.0
+    pixel_offset: float = 0.0
+    scaling_in_model: bool = Field(
+        True, description="True when the model rescales itself (a Rescaling layer)."
+    )
+
+    def spec(self) -> InputSpec:
+        return InputSpec(
+            self.height, self.width, self.color_mode, self.pixel_scale, self.pixel_offset
+        )
+
+
+class ModelMetadata(BaseModel):
+    """The contents of `metadata.json`."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    class_names: list[str] = Field(min_length=2)
+    head: Head
+    input: InputMetadata
+    preprocess_version: int = PREPROCESS_VERSION
+    source: Literal["trained", "imported"] = "trained"
+    created_at: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    training: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    model_sha256: str = ""
+    libraries: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _head_matches_classes(self) -> ModelMetadata:
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class names must be unique")
+        if self.head == "sigmoid" and len(self.class_names) != 2:
+            raise ValueError("a sigmoid head serves exactly two classes")
+        return self
+
+    @property
+    def output_width(self) -> int:
+        return 1 if self.head == "sigmoid" else len(self.class_names)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: the Keras model and the metadata that describes it."""
+
+    path: Path
+    metadata: ModelMetadata
+    model: keras.Model
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.metadata.input.spec()
+
+
+def new_version() -> str:
+    """A sortable, unique-enough version name: UTC time to the millisecond."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what shaped the model, recorded so a result can be traced and reproduced."""
+    versions = {"python": platform.python_version()}
+    for package in (
+        "keras",
+        "tensorflow",
+        "tensorflow-cpu",
+        "jax",
+        "numpy",
+        "opencv-python-headless",
+    ):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_metadata(directory: Path, metadata: ModelMetadata) -> None:
+    """Write metadata.json atomically, with the model file's hash filled in."""
+    model_file = directory / MODEL_FILE
+    if model_file.exists():
+        metadata = metadata.model_copy(update={"model_sha256": file_sha256(model_file)})
+    temporary = directory / (METADATA_FILE + ".tmp")
+    temporary.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    temporary.replace(directory / METADATA_FILE)
+
+
+def save_artifact(model: keras.Model, metadata: ModelMetadata, directory: Path) -> Path:
+    """Save the model and its metadata into `directory` (created); returns the directory."""
+    check_output_width(model, metadata)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / MODEL_FILE)
+    write_metadata(directory, metadata)
+    return directory
+
+
+def read_metadata(directory: Path) -> ModelMetadata:
+    path = directory / METADATA_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{directory}: no {METADATA_FILE}; not a model artifact") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: unreadable metadata ({error})") from None
+    try:
+        return ModelMetadata.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ModelError(
+            f"{path}: invalid metadata at {where or 'top level'}: {first['msg']}"
+        ) from None
+
+
+def resolve_artifact_dir(reference: str | Path | None, models_dir: Path, name: str) -> Path:
+    """Find an artifact folder from a folder, a model.keras / metadata.json path, or the latest.
+
+    With no reference, the newest version under `<models_dir>/<name>/` is used.
+    """
+    if reference is None:
+        family = models_dir / name
+        versions = sorted(
+            (child for child in family.glob("*") if (child / METADATA_FILE).is_file()),
+            key=lambda child: child.name,
+        )
+        if not versions:
+            raise ModelError(
+                f"no trained model under {family}; run `emolabel train DATA_DIR` or pass --model"
+            )
+        return versions[-1]
+    path = Path(reference)
+    if path.is_file() and path.name in {MODEL_FILE, METADATA_FILE}:
+        path = path.parent
+    if not path.exists():
+        candidate = models_dir / name / str(reference)
+        if candidate.is_dir():
+            return candidate
+        raise ModelError(f"{reference}: no such model artifact")
+    if not path.is_dir():
+        raise ModelError(
+            f"{reference}: not a model artifact folder; wrap a bare Keras file with "
+            "`emolabel import-model`"
+        )
+    return path
+
+
+def check_output_width(model: keras.Model, metadata: ModelMetadata) -> None:
+    """Refuse a model whose output width or input shape disagrees with its metadata."""
+    output_shape = tuple(model.outputs[0].shape)
+    if len(output_shape) != 2 or output_shape[-1] != metadata.output_width:
+        raise ModelError(
+            f"model output shape {output_shape} does not match metadata: "
+            f"{len(metadata.class_names)} classes with a {metadata.head} head need "
+            f"(None, {metadata.output_width})"
+        )
+    input_shape = tuple(model.inputs[0].shape)
+    expected = metadata.input.spec().shape
+    if len(input_shape) != 4 or any(
+        got is not None and got != want for got, want in zip(input_shape[1:], expected, strict=True)
+    ):
+        raise ModelError(
+            f"model input shape {input_shape} does not match metadata (None, {expected[0]}, "
+            f"{expected[1]}, {expected[2]})"
+        )
+
+
+def load_keras_model(path: Path) -> keras.Model:
+    """Load a `.keras` or legacy `.h5` file for inference, with one clear error if it can't be."""
+    import keras
+
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"{path}: cannot load Keras model ({reason[:300]})") from None
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"{path}: does not hold a Keras model")
+    return model
+
+
+def load_artifact(reference: str | Path | None, models_dir: Path, name: str) -> Artifact:
+    """Load an artifact for serving; verify its hash, output width and input shape."""
+    directory = resolve_artifact_dir(reference, models_dir, name)
+    metadata = read_metadata(directory)
+    if metadata.preprocess_version > PREPROCESS_VERSION:
+        raise ModelError(
+            f"{directory}: made with preprocessing v{metadata.preprocess_version}, newer than this "
+            f"emolabel (v{PREPROCESS_VERSION}); upgrade emolabel"
+        )
+    model_file = directory / MODEL_FILE
+    if metadata.model_sha256 and model_file.is_file():
+        actual = file_sha256(model_file)
+        if actual != metadata.model_sha256:
+            raise ModelError(
+                f"{model_file}: file hash {actual[:12]} differs from metadata "
+                f"{metadata.model_sha256[:12]}; the file was changed after it was saved"
+            )
+    model = load_keras_model(model_file)
+    check_output_width(model, metadata)
+    return Artifact(directory, metadata, model)

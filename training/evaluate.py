@@ -1,0 +1,140 @@
+"""Accuracy, per-class and macro precision / recall / F1, and a confusion matrix on a split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+from emolabel.errors import DataError, ImageError
+from emolabel.settings import LimitSettings
+from training.artifacts import Artifact
+from training.inference import predict_scores
+from training.plots import plot_confusion_matrix
+from training.preprocess import load_image_file
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one labelled set; `to_json` is what metadata and files store."""
+
+    class_names: list[str]
+    accuracy: float
+    macro: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    report: str
+    support: int
+    unusable: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "macro": self.macro,
+            "per_class": self.per_class,
+            "confusion_matrix": {"labels": self.class_names, "matrix": self.confusion},
+            "support": self.support,
+            "unusable": self.unusable,
+        }
+
+
+def score(
+    true_labels: NDArray[np.int64], scores: NDArray[np.float32], class_names: Sequence[str]
+) -> Evaluation:
+    """Compare integer labels with (N, C) scores; every class appears in the report."""
+    if len(true_labels) == 0:
+        raise DataError("nothing to evaluate: the set has no usable images")
+    predicted = np.argmax(scores, axis=1)
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true_labels, predicted, labels=labels, zero_division=0
+    )
+    macro = precision_recall_fscore_support(
+        true_labels, predicted, labels=labels, average="macro", zero_division=0
+    )
+    return Evaluation(
+        class_names=list(class_names),
+        accuracy=float(accuracy_score(true_labels, predicted)),
+        macro={"precision": float(macro[0]), "recall": float(macro[1]), "f1": float(macro[2])},
+        per_class={
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        confusion=confusion_matrix(true_labels, predicted, labels=labels).tolist(),
+        report=str(
+            classification_report(
+                true_labels,
+                predicted,
+                labels=labels,
+                target_names=list(class_names),
+                digits=4,
+                zero_division=0,
+            )
+        ),
+        support=len(true_labels),
+    )
+
+
+def evaluate_files(
+    artifact: Artifact,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    limits: LimitSettings,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Predict every file and score it; a file that fails to load is listed, never dropped."""
+    images: list[NDArray[np.uint8]] = []
+    kept: list[int] = []
+    unusable: list[dict[str, str]] = []
+    for path, label in zip(paths, labels, strict=True):
+        try:
+            images.append(load_image_file(path, artifact.spec, limits))
+        except ImageError as error:
+            unusable.append({"path": str(path), "reason": error.reason.value, "detail": str(error)})
+            continue
+        except OSError as error:
+            unusable.append({"path": str(path), "reason": "unreadable", "detail": str(error)})
+            continue
+        kept.append(label)
+    if not images:
+        raise DataError("nothing to evaluate: no image in the set could be loaded")
+    scores = predict_scores(artifact, np.stack(images), batch_size)
+    evaluation = score(np.asarray(kept, dtype=np.int64), scores, artifact.metadata.class_names)
+    evaluation.unusable = unusable
+    return evaluation
+
+
+def write_evaluation(evaluation: Evaluation, directory: Path, prefix: str = "test") -> list[Path]:
+    """Write `<prefix>_evaluation.json`, the confusion matrix (JSON and PNG) and the text report."""
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics_path = directory / f"{prefix}_evaluation.json"
+    metrics_path.write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")
+    matrix_path = directory / f"{prefix}_confusion_matrix.json"
+    matrix_path.write_text(
+        json.dumps({"labels": evaluation.class_names, "matrix": evaluation.confusion}) + "\n"
+    )
+    report_path = directory / f"{prefix}_classification_report.txt"
+    report_path.write_text(evaluation.report)
+    picture = plot_confusion_matrix(
+        np.asarray(evaluation.confusion, dtype=np.int64),
+        evaluation.class_names,
+        directory / f"{prefix}_confusion_matrix.png",
+        f"Confusion matrix ({prefix}, n={evaluation.support})",
+    )
+    return [metrics_path, matrix_path, report_path, picture]

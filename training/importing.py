@@ -1,0 +1,121 @@
+"""Wrap a third-party Keras image classifier (`.keras` or legacy `.h5`) as an emolabel artifact.
+
+Whatever its input size, channel count or number of classes: the input shape and head are read
+from the model, the class names and pixel scaling come from the user, and anything that does not
+fit (class count vs output width, colour mode vs channels) is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+from emolabel.errors import ModelError
+from training.artifacts import (
+    Head,
+    InputMetadata,
+    ModelMetadata,
+    file_sha256,
+    library_versions,
+    load_keras_model,
+    new_version,
+    save_artifact,
+)
+from training.preprocess import ColorMode
+
+
+def parse_scale(text: str) -> float:
+    """'1/255', '0.0039', '1' or 'none' (=1) -> a float multiplier for 0..255 pixels."""
+    cleaned = text.strip().lower()
+    if cleaned in {"none", "1", ""}:
+        return 1.0
+    try:
+        value = float(Fraction(cleaned))
+    except (ValueError, ZeroDivisionError):
+        raise ModelError(f"--scale {text!r}: give a number or a fraction such as 1/255") from None
+    if value <= 0:
+        raise ModelError(f"--scale {text!r}: must be positive")
+    return value
+
+
+def _head(output_width: int, num_classes: int) -> Head:
+    if output_width == 1 and num_classes == 2:
+        return "sigmoid"
+    if output_width == num_classes:
+        return "softmax"
+    raise ModelError(
+        f"the model has {output_width} output unit(s) but {num_classes} class names were given; "
+        "pass one name per output (or two names for a single sigmoid output)"
+    )
+
+
+def import_model(
+    source: Path,
+    class_names: Sequence[str],
+    models_dir: Path,
+    name: str,
+    *,
+    color_mode: ColorMode | None = None,
+    scale: str | None = None,
+    offset: float = 0.0,
+    image_size: int | None = None,
+) -> Path:
+    """Load `source`, check it against the given classes, and save it as a new artifact."""
+    names = [name_.strip() for name_ in class_names if name_.strip()]
+    if len(names) < 2:
+        raise ModelError("--classes needs at least two comma-separated names")
+    model = load_keras_model(source)
+    input_shape = tuple(model.inputs[0].shape)
+    if len(model.inputs) != 1 or len(input_shape) != 4:
+        raise ModelError(
+            f"expected one image input (batch, height, width, channels); got {input_shape}"
+        )
+    _, height, width, channels = input_shape
+    if height is None or width is None:
+        if image_size is None:
+            raise ModelError("the model accepts any image size; pass --image-size")
+        height = width = image_size
+    if channels not in (1, 3):
+        raise ModelError(f"the model takes {channels} channels; only 1 (grey) or 3 (RGB) work")
+    implied: ColorMode = "grayscale" if channels == 1 else "rgb"
+    if color_mode is not None and color_mode != implied:
+        raise ModelError(
+            f"--color {color_mode} does not fit a model input with {channels} channel(s)"
+        )
+    output_shape = tuple(model.outputs[0].shape)
+    if len(model.outputs) != 1 or len(output_shape) != 2:
+        raise ModelError(f"expected one (batch, classes) output; got {output_shape}")
+    head = _head(int(output_shape[1]), len(names))
+
+    # A model that starts with its own Rescaling layer wants raw 0..255 pixels.
+    rescales_itself = any(type(layer).__name__ == "Rescaling" for layer in model.layers[:3])
+    pixel_scale = parse_scale(scale) if scale is not None else (1.0 if rescales_itself else 1 / 255)
+    version = new_version()
+    metadata = ModelMetadata(
+        name=name,
+        version=version,
+        class_names=names,
+        head=head,
+        source="imported",
+        input=InputMetadata(
+            height=int(height),
+            width=int(width),
+            color_mode=implied,
+            pixel_scale=pixel_scale,
+            pixel_offset=offset,
+            scaling_in_model=rescales_itself,
+        ),
+        training={"imported_from": str(source.resolve()), "source_sha256": file_sha256(source)},
+        libraries=library_versions(),
+    )
+    directory = models_dir / name / version
+    staging = models_dir / name / f".{version}.partial"
+    try:
+        save_artifact(model, metadata, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(directory)
+    return directory

@@ -1,0 +1,251 @@
+"""Bytes -> model-ready pixels: the ONLY place that sniffs, decodes and resizes an image.
+
+Training, evaluation, `predict` and the workers all call `load_image`, so a served input is made
+exactly like a trained one (colour order, resize method, reduced-scale JPEG decoding). Any change to
+what this module outputs must bump `PREPROCESS_VERSION`, which every artifact records.
+
+OpenCV is given bytes, never a path: some file names crash it, and the caller owns file access.
+The header is read first (Pillow reads only the header in `Image.open`), so size and pixel-count
+limits are enforced before a decoder allocates anything.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+
+from emolabel.errors import ImageTooLarge, ReasonCode, UnsupportedImage
+from emolabel.settings import LimitSettings
+
+PREPROCESS_VERSION = 1
+
+ColorMode = Literal["rgb", "grayscale"]
+
+# Pillow format name -> our type name. Content decides the type; the file extension never does.
+ACCEPTED_FORMATS: dict[str, str] = {
+    "JPEG": "jpeg",
+    "MPO": "jpeg",  # phone cameras write multi-picture JPEGs; the first picture is a plain JPEG
+    "PNG": "png",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "TIFF": "tiff",
+}
+
+_REDUCED_COLOR = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+_REDUCED_GRAY = {
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: size, colour mode, and the affine map from 0..255 pixels to its input.
+
+    Our own models scale inside the model (a Rescaling layer), so their `pixel_scale` is 1 and
+    `pixel_offset` 0; an imported model may need `pixel_scale=1/255` applied outside.
+    """
+
+    height: int
+    width: int
+    color_mode: ColorMode = "rgb"
+    pixel_scale: float = 1.0
+    pixel_offset: float = 0.0
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color_mode == "rgb" else 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before any pixel is decoded."""
+
+    image_type: str
+    width: int
+    height: int
+    has_alpha: bool
+    frames: int
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Identify the image type from content and read its dimensions, without decoding pixels."""
+    if not data:
+        raise UnsupportedImage(ReasonCode.EMPTY, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies below; Pillow's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image_format = image.format or ""
+                width, height = image.size
+                has_alpha = image.mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (
+                    image.mode == "P" and "transparency" in image.info
+                )
+                frames = int(getattr(image, "n_frames", 1))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(
+            ReasonCode.TOO_MANY_PIXELS, f"image dimensions refused: {error}"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise UnsupportedImage(
+            ReasonCode.NOT_AN_IMAGE, "content is not a recognised image"
+        ) from None
+    if image_format not in ACCEPTED_FORMATS:
+        raise UnsupportedImage(
+            ReasonCode.UNSUPPORTED_TYPE,
+            f"image type {image_format or 'unknown'} is not accepted "
+            f"(accepted: {', '.join(sorted(set(ACCEPTED_FORMATS.values())))})",
+        )
+    return ImageHeader(ACCEPTED_FORMATS[image_format], width, height, has_alpha, frames)
+
+
+def check_limits(header: ImageHeader, size_bytes: int, limits: LimitSettings) -> None:
+    """Refuse an image by its byte size or header dimensions, before it is decoded."""
+    if size_bytes > limits.max_file_bytes:
+        raise ImageTooLarge(
+            ReasonCode.TOO_LARGE,
+            f"file is {size_bytes} bytes, over the {limits.max_file_bytes} limit",
+        )
+    pixels = header.width * header.height
+    if pixels > limits.max_pixels:
+        raise ImageTooLarge(
+            ReasonCode.TOO_MANY_PIXELS,
+            f"{header.width}x{header.height} is {pixels} pixels, "
+            f"over the {limits.max_pixels} limit",
+        )
+    if min(header.width, header.height) < limits.min_side:
+        raise UnsupportedImage(
+            ReasonCode.TOO_SMALL,
+            f"{header.width}x{header.height} is below the {limits.min_side}-pixel minimum side",
+        )
+
+
+def jpeg_reduction(header: ImageHeader, spec: InputSpec) -> int:
+    """The largest DCT-domain reduction (1, 2, 4 or 8) that still leaves >= the model's input size.
+
+    Decoding a 12 MP JPEG at 1/8 scale skips most of the IDCT work; the result is then resized
+    down as usual, so the model sees the same kind of input in training and serving.
+    """
+    if header.image_type != "jpeg":
+        return 1
+    factor = 1
+    for candidate in (2, 4, 8):
+        if header.width // candidate >= spec.width and header.height // candidate >= spec.height:
+            factor = candidate
+    return factor
+
+
+def _jpeg_is_truncated(data: bytes) -> bool:
+    # libjpeg fills a cut-off JPEG with grey and only warns; a missing end-of-image marker near the
+    # end is the reliable sign. Trailing vendor data after the marker is allowed.
+    return b"\xff\xd9" not in data[-4096:]
+
+
+def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint8]:
+    """Decode to an (H, W, C) uint8 array in RGB (or one grey channel), EXIF orientation applied."""
+    if header.image_type == "jpeg" and _jpeg_is_truncated(data):
+        raise UnsupportedImage(ReasonCode.CORRUPT, "JPEG is truncated (no end-of-image marker)")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    grayscale = spec.color_mode == "grayscale"
+    image: NDArray[Any]  # OpenCV's stubs type every array loosely
+    if header.has_alpha:
+        image = _decode_with_alpha(buffer)
+    else:
+        factor = jpeg_reduction(header, spec)
+        if factor > 1:
+            flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
+        else:
+            flags = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
+        decoded: NDArray[Any] | None = cv2.imdecode(buffer, flags)
+        if decoded is None:
+            raise UnsupportedImage(ReasonCode.CORRUPT, f"{header.image_type} data does not decode")
+        image = decoded
+        if not grayscale:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if grayscale and image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def _decode_with_alpha(buffer: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    # IMREAD_COLOR would drop alpha and expose whatever colour hides under transparent pixels;
+    # compose over white instead, as a viewer shows it.
+    image: NDArray[Any] | None = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise UnsupportedImage(ReasonCode.CORRUPT, "image with alpha does not decode")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA)
+    if image.shape[2] == 2:  # grey + alpha
+        grey, alpha_channel = image[:, :, 0], image[:, :, 1]
+        image = np.dstack([grey, grey, grey, alpha_channel])
+    if image.shape[2] == 3:
+        return np.asarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+    colour = image[:, :, :3].astype(np.float32)
+    composed = np.clip(colour * alpha + 255.0 * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(cv2.cvtColor(composed, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+
+
+def resize(image: NDArray[np.uint8], spec: InputSpec) -> NDArray[np.uint8]:
+    """Resize to the model's size (aspect not kept, as Keras' image loaders do by default)."""
+    height, width = image.shape[:2]
+    if (height, width) == (spec.height, spec.width):
+        return image
+    shrinking = height * width > spec.height * spec.width
+    method = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized = np.asarray(
+        cv2.resize(image, (spec.width, spec.height), interpolation=method), dtype=np.uint8
+    )
+    if resized.ndim == 2:
+        resized = resized[:, :, np.newaxis]
+    return resized
+
+
+def load_image(data: bytes, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:
+    """Bytes -> (height, width, channels) uint8, or an `ImageError` saying why not."""
+    header = read_header(data)
+    check_limits(header, len(data), limits)
+    return resize(decode(data, header, spec), spec)
+
+
+def load_image_file(path: Path, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:
+    """Read one local file (refusing one over the byte limit unread) and `load_image` it."""
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise ImageTooLarge(
+            ReasonCode.TOO_LARGE, f"file is {size} bytes, over the {limits.max_file_bytes} limit"
+        )
+    return load_image(path.read_bytes(), spec, limits)
+
+
+def to_model_input(batch: NDArray[np.uint8], spec: InputSpec) -> NDArray[np.float32]:
+    """(N, H, W, C) uint8 -> float32 with the artifact's outside-the-model scaling applied."""
+    values = batch.astype(np.float32)
+    if spec.pixel_scale != 1.0:
+        values *= np.float32(spec.pixel_scale)
+    if spec.pixel_offset != 0.0:
+        values += np.float32(spec.pixel_offset)
+    return values

@@ -1,0 +1,65 @@
+"""The one Celery app. Imports no TensorFlow: the producer and the worker's parent process use it.
+
+Delivery is at-least-once with an exactly-once effect: late acks, reject on worker loss and a
+prefetch of one mean a chunk whose process dies is delivered again; results are upserts keyed on
+(image, model version), so a second delivery writes nothing twice. The task time limit is shorter
+than Redis' visibility timeout (the settings refuse anything else), so Redis never hands a chunk
+that is still running to a second worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from emolabel.settings import Settings
+
+LABEL_CHUNK = "emolabel.label_chunk"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options shared by the broker connection everywhere it is made."""
+    return {
+        "visibility_timeout": settings.worker.visibility_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build the app from settings; tasks are registered by name, so producers need no code."""
+    app = Celery("emolabel", set_as_current=False)
+    options = transport_options(settings)
+    soft_limit = max(5, settings.worker.task_time_limit - 30)
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        # No result backend: outcomes go to SQL; Flower reads task results from events.
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
+        worker_concurrency=settings.worker.concurrency,
+        task_time_limit=settings.worker.task_time_limit,
+        task_soft_time_limit=soft_limit,
+        task_default_queue=settings.queue,
+        task_routes={LABEL_CHUNK: {"queue": settings.queue}},
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    # The settings travel with the app so that tasks in the child process read the same ones.
+    app.emolabel_settings = settings
+    app.conf.imports = ("worker.tasks",)
+    return app

@@ -1,0 +1,121 @@
+"""Label a chunk of images: read and decode in a thread pool, predict in fixed-size batches.
+
+Pure logic with its seams passed in (a `read` function and a `ModelRunner`), so it is tested on
+real files and a real model without a broker. Decoding runs ahead in the pool while the model
+works on the previous batch (OpenCV and file reads release the GIL). A bad image is data: it
+becomes an outcome with a reason, and the rest of the chunk goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from emolabel.errors import ImageError, ReasonCode
+from emolabel.settings import LimitSettings
+from training.inference import Prediction, to_predictions
+from training.preprocess import InputSpec, load_image
+
+
+class ModelRunner(Protocol):
+    """What the worker needs of a model: its version, input, classes and a batch predict."""
+
+    version: str
+    spec: InputSpec
+    class_names: Sequence[str]
+
+    def predict(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """(N, H, W, C) uint8 -> (N, classes) scores."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """One URI's result: a prediction, or the reason there is none."""
+
+    uri: str
+    prediction: Prediction | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of a chunk (read+decode overlaps predict, so they do not add up)."""
+
+    decode: float = 0.0
+    predict: float = 0.0
+    waiting: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _prepare(
+    uri: str, read: Callable[[str], bytes], spec: InputSpec, limits: LimitSettings
+) -> tuple[NDArray[np.uint8] | None, ImageOutcome | None, float]:
+    started = time.perf_counter()
+    try:
+        pixels = load_image(read(uri), spec, limits)
+    except ImageError as error:
+        return None, ImageOutcome(uri, reason=error.reason.value, message=str(error)), 0.0
+    except (ValueError, OSError) as error:
+        # A decoder or file system surprise on one image must not sink the chunk.
+        outcome = ImageOutcome(
+            uri, reason=ReasonCode.CORRUPT.value, message=f"decode failed: {error}"
+        )
+        return None, outcome, 0.0
+    return pixels, None, time.perf_counter() - started
+
+
+def label_images(
+    uris: Sequence[str],
+    *,
+    read: Callable[[str], bytes],
+    runner: ModelRunner,
+    limits: LimitSettings,
+    pool: Executor,
+    batch_size: int,
+    times: StageTimes | None = None,
+) -> list[ImageOutcome]:
+    """Return one outcome per URI, in input order."""
+    times = times if times is not None else StageTimes()
+    futures: list[Future[tuple[NDArray[np.uint8] | None, ImageOutcome | None, float]]] = [
+        pool.submit(_prepare, uri, read, runner.spec, limits) for uri in uris
+    ]
+    outcomes: list[ImageOutcome | None] = [None] * len(uris)
+    batch_pixels: list[NDArray[np.uint8]] = []
+    batch_positions: list[int] = []
+
+    def flush() -> None:
+        if not batch_pixels:
+            return
+        started = time.perf_counter()
+        scores = runner.predict(np.stack(batch_pixels))
+        times.predict += time.perf_counter() - started
+        for position, prediction in zip(
+            batch_positions, to_predictions(scores, runner.class_names), strict=True
+        ):
+            outcomes[position] = ImageOutcome(uris[position], prediction=prediction)
+        batch_pixels.clear()
+        batch_positions.clear()
+
+    for position, future in enumerate(futures):
+        waited = time.perf_counter()
+        pixels, failure, decode_seconds = future.result()
+        times.waiting += time.perf_counter() - waited
+        times.decode += decode_seconds
+        if failure is not None:
+            outcomes[position] = failure
+            continue
+        assert pixels is not None  # _prepare returns exactly one of the two
+        batch_pixels.append(pixels)
+        batch_positions.append(position)
+        if len(batch_pixels) == batch_size:
+            flush()
+    flush()
+    return [outcome for outcome in outcomes if outcome is not None]

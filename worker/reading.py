@@ -1,0 +1,142 @@
+"""Read one image's bytes for a worker, confined to the allowed roots, with limits checked first.
+
+Our code opens every file (OpenCV never sees a path): the path is resolved, must lie inside the
+job's source root (and inside `worker.allowed_roots` when configured), must be a regular file,
+and must be under the byte limit before a byte is read. A hand-written queue message naming
+`/etc/passwd` is refused here and recorded, and nothing outside the roots is opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from emolabel.errors import ImageError, ImageTooLarge, ReasonCode
+from emolabel.settings import S3Settings
+from producer.uris import S3_SCHEME, parse_s3_uri, uri_to_path
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _inside(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+@dataclass
+class Reader:
+    """Reads `file://` and `s3://` URIs for one worker process (the S3 client is made lazily)."""
+
+    max_file_bytes: int
+    allowed_roots: Sequence[bytes] = ()
+    s3: S3Settings = field(default_factory=S3Settings)
+    _client: Any = None
+
+    def read(self, uri: str, job_root: str) -> bytes:
+        """The bytes of `uri`, or an `ImageError` with the reason it cannot be read."""
+        if uri.startswith(f"{S3_SCHEME}://"):
+            return self._read_s3(uri, job_root)
+        return self._read_file(uri, job_root)
+
+    def _roots_for(self, job_root: str) -> list[bytes]:
+        roots = [os.path.realpath(uri_to_path(job_root))]
+        roots += [os.path.realpath(root) for root in self.allowed_roots]
+        return roots
+
+    def _read_file(self, uri: str, job_root: str) -> bytes:
+        try:
+            path = uri_to_path(uri)
+        except ValueError as error:
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not a file URI: {error}") from None
+        real = os.path.realpath(path)
+        job_real, *configured = self._roots_for(job_root)
+        if not _inside(real, job_real) or (
+            configured and not any(_inside(real, r) for r in configured)
+        ):
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+        try:
+            descriptor = os.open(real, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise ImageError(ReasonCode.OUTSIDE_ROOT, "path became a symbolic link") from None
+            raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
+            if status.st_size > self.max_file_bytes:
+                raise ImageTooLarge(
+                    ReasonCode.TOO_LARGE,
+                    f"file is {status.st_size} bytes, over the {self.max_file_bytes} limit",
+                )
+            return _read_all(descriptor, status.st_size, self.max_file_bytes)
+        except OSError as error:
+            raise ImageError(ReasonCode.UNREADABLE, f"cannot read: {error.strerror}") from None
+        finally:
+            os.close(descriptor)
+
+    def _read_s3(self, uri: str, job_root: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        root_bucket, root_prefix = parse_s3_uri(job_root)
+        if bucket != root_bucket or not key.startswith(root_prefix):
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, "object is outside the job's bucket prefix")
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._s3_client()
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                raise ImageError(ReasonCode.MISSING, "object no longer exists") from None
+            raise ImageError(ReasonCode.UNREADABLE, f"cannot read object: {code}") from None
+        body = response["Body"]
+        try:
+            size = int(response.get("ContentLength", 0))
+            if size > self.max_file_bytes:
+                raise ImageTooLarge(
+                    ReasonCode.TOO_LARGE,
+                    f"object is {size} bytes, over the {self.max_file_bytes} limit",
+                )
+            data: bytes = body.read(self.max_file_bytes + 1)
+        except BotoCoreError as error:
+            raise ImageError(ReasonCode.UNREADABLE, f"cannot read object: {error}") from None
+        finally:
+            body.close()
+        if len(data) > self.max_file_bytes:
+            raise ImageTooLarge(ReasonCode.TOO_LARGE, "object grew over the byte limit")
+        return data
+
+    def _s3_client(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            secret = self.s3.secret_key.get_secret_value() if self.s3.secret_key else None
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.s3.endpoint_url,
+                aws_access_key_id=self.s3.access_key,
+                aws_secret_access_key=secret,
+                region_name=self.s3.region,
+            )
+        return self._client
+
+
+def _read_all(descriptor: int, expected: int, limit: int) -> bytes:
+    # The file may grow between fstat and read; never read past the limit.
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        block = os.read(descriptor, min(1 << 20, limit + 1 - total) or 1)
+        if not block:
+            break
+        parts.append(block)
+        total += len(block)
+        if total > limit:
+            raise ImageTooLarge(ReasonCode.TOO_LARGE, "file grew over the byte limit")
+    return b"".join(parts)

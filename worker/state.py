@@ -1,0 +1,90 @@
+"""Per-process worker state: database engine, file reader, decode pool and the loaded model.
+
+Created lazily in the child process on its first task, never in the parent (TensorFlow and
+database connections do not survive fork). The model is loaded once per process behind a lock
+and reloaded only when the registry's active version changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_sessionmaker
+from emolabel.settings import Settings
+from worker.model_runner import KerasRunner
+from worker.reading import Reader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    reader: Reader
+    pool: ThreadPoolExecutor
+    pid: int = field(default_factory=os.getpid)
+    _runner: KerasRunner | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def runner(self, version: str, artifact_path: str) -> KerasRunner:
+        """The model for `version`, loading it (once) if it is not the one in memory."""
+        with self._lock:
+            if self._runner is None or self._runner.version != version:
+                from emolabel.runtime import load_keras
+
+                load_keras()
+                logger.info("loading model %s from %s", version, artifact_path)
+                runner = KerasRunner.from_path(Path(artifact_path), self.settings.worker.batch_size)
+                if runner.version != version:
+                    logger.warning(
+                        "artifact at %s says version %s, registry says %s",
+                        artifact_path,
+                        runner.version,
+                        version,
+                    )
+                self._runner = runner
+            return self._runner
+
+
+_state: ProcessState | None = None
+_state_lock = threading.Lock()
+
+
+def process_state(settings: Settings) -> ProcessState:
+    """This process's state, created on first use (and again in a forked child)."""
+    global _state
+    with _state_lock:
+        if _state is None or _state.pid != os.getpid():
+            engine = make_engine(settings.effective_database_url)
+            _state = ProcessState(
+                settings=settings,
+                engine=engine,
+                sessions=make_sessionmaker(engine),
+                reader=Reader(
+                    max_file_bytes=settings.limits.max_file_bytes,
+                    allowed_roots=[os.fsencode(root) for root in settings.worker.allowed_roots],
+                    s3=settings.s3,
+                ),
+                pool=ThreadPoolExecutor(
+                    settings.worker.decode_threads, thread_name_prefix="emolabel-decode"
+                ),
+            )
+        return _state
+
+
+def forget_inherited_state() -> None:
+    """In a freshly forked child: drop the parent's connections without closing them."""
+    global _state
+    if _state is not None and _state.pid != os.getpid():
+        _state.engine.dispose(close=False)
+        _state = None

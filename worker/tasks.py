@@ -1,0 +1,57 @@
+"""The Celery task: a thin shell around `worker.chunks.handle_chunk`.
+
+Retries only what is transient (database or broker connections) with capped exponential
+backoff; a bad image is data, recorded by `handle_chunk`, never an exception here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from worker.celery_app import LABEL_CHUNK
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _fresh_child(**_: Any) -> None:
+    from worker.state import forget_inherited_state
+
+    forget_inherited_state()
+
+
+@shared_task(name=LABEL_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> dict[str, Any]:
+    """Label one chunk of image URIs of a job; returns counts and timings (shown in Flower)."""
+    from worker.chunks import handle_chunk
+    from worker.state import process_state
+
+    settings = self.app.emolabel_settings
+
+    def publish(job: int, index: int, part: list[str]) -> str:
+        sent = self.app.send_task(LABEL_CHUNK, args=[job, index, part], queue=settings.queue)
+        return str(sent.id)
+
+    try:
+        report = handle_chunk(
+            process_state(settings),
+            job_id,
+            chunk_index,
+            uris,
+            retries=self.request.retries,
+            publish=publish,
+        )
+    except TRANSIENT as error:
+        countdown = min(60, 2 ** min(self.request.retries, 6))
+        logger.warning(
+            "chunk %s/%s: transient error, retry in %ss: %s", job_id, chunk_index, countdown, error
+        )
+        raise self.retry(exc=error, countdown=countdown) from None
+    return report.to_json()
