@@ -23,6 +23,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
+from training.dataset import read_manifest
+
 
 def export_digits(root: Path) -> int:
     """Write every digit as an 8-bit grey PNG under root/<digit name>/."""
@@ -47,6 +49,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Mirroring changes what a digit is, so the default here is off.",
+    )
     arguments = parser.parse_args()
     data = arguments.out / "data"
     models = arguments.out / "models"
@@ -56,21 +64,17 @@ def main() -> None:
         sys.executable, "-m", "emolabel", "train", str(data), "--epochs", str(arguments.epochs),
         "--image-size", str(arguments.image_size), "--color", "grayscale",
         "--models-dir", str(models), "--name", "digits",
+        "--augment" if arguments.augment else "--no-augment",
     ]  # fmt: skip
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
     artifact = sorted(p for p in (models / "digits").iterdir() if not p.name.startswith("."))[-1]
     metadata = json.loads((artifact / "metadata.json").read_text())
-    manifest = json.loads((artifact / "split_manifest.json").read_text())
-    splits = {
-        name: (
-            [data / row["path"] for row in manifest["splits"][name]],
-            [row["label"] for row in manifest["splits"][name]],
-        )
-        for name in ("train", "test")
-    }
-    train_paths, train_labels = splits["train"]
-    test_paths, test_labels = splits["test"]
+    split = read_manifest(artifact / "split_manifest.json", data)
+    train_paths = [example.path for example in split.train]
+    train_labels = [example.label for example in split.train]
+    test_paths = [example.path for example in split.test]
+    test_labels = [example.label for example in split.test]
     majority = max(set(train_labels), key=train_labels.count)
     majority_accuracy = float(np.mean(np.asarray(test_labels) == majority))
     logistic = LogisticRegression(max_iter=2000).fit(flat_pixels(train_paths), train_labels)
@@ -85,6 +89,8 @@ def main() -> None:
         "baseline_majority_accuracy": majority_accuracy,
         "baseline_logistic_regression_accuracy": logistic_accuracy,
         "epochs_run": metadata["training"]["epochs_run"],
+        "image_size": arguments.image_size,
+        "augment": arguments.augment,
         "train_wall_seconds": round(wall, 1),
         "artifact": str(artifact),
     }

@@ -4,7 +4,10 @@ Each function takes the session keyword-only and never commits, rolls back or cl
 caller owns the transaction (`with Session() as session, session.begin(): ...`). The hot paths
 (`upsert_images`, `add_job_items`, `record_outcomes`, `labeled_fingerprints`) are bulk statements
 (`INSERT ... ON CONFLICT`, `UPDATE ... WHERE ... IN`) cut into batches that stay under the
-database's bound-parameter limit (SQLite's is the small one).
+database's bound-parameter limit (SQLite's is the small one). An INSERT is one statement executed
+with a list of rows (SQLAlchemy's "insertmanyvalues" still sends multi-row VALUES), so it is
+compiled once and cached: `insert().values([...rows])` is never cached, and compiling its
+thousands of parameters again for every batch cost the producer more than the database did.
 
 Delivery is at least once, the effect exactly once: a redelivered chunk inserts no second result
 and leaves every ledger row in the state it reached. A result is written again only for an image
@@ -55,7 +58,7 @@ CHUNKS = cast(Table, Chunk.__table__)
 JOB_ITEMS = cast(Table, JobItem.__table__)
 RESULTS = cast(Table, Result.__table__)
 
-# Large statements compile slowly and hold locks longer; a thousand rows is plenty per round trip.
+# Large statements hold locks longer; a thousand rows is plenty per round trip.
 MAX_ROWS_PER_STATEMENT = 1000
 # psycopg can bind 65535 parameters; stay well below.
 POSTGRESQL_MAX_PARAMETERS = 32_000
@@ -294,34 +297,33 @@ def upsert_images(*, session: Session, rows: Sequence[ImageRow]) -> dict[str, in
     ordered = [latest[uri] for uri in sorted(latest)]
     now = utc_now()
     ids: dict[str, int] = {}
+    statement = _image_upsert(session).returning(IMAGES.c.uri, IMAGES.c.id)
     for batch in _batches(session, ordered, parameters_per_item=10):
-        statement = _image_upsert(session, batch, now).returning(IMAGES.c.uri, IMAGES.c.id)
-        ids.update({uri: image_id for uri, image_id in session.execute(statement)})
+        returned = session.execute(statement, [_image_values(row, now) for row in batch])
+        ids.update({uri: image_id for uri, image_id in returned})
     # Unchanged rows were not touched, so RETURNING left them out.
     ids.update(image_ids_for_uris(session=session, uris=[uri for uri in latest if uri not in ids]))
     return ids
 
 
-def _image_upsert(
-    session: Session, batch: Sequence[ImageRow], now: dt.datetime
-) -> postgresql.Insert | sqlite.Insert:
-    statement = _insert(session, IMAGES).values(
-        [
-            {
-                "uri": row.uri,
-                "name_bytes": row.name_bytes,
-                "size_bytes": row.size_bytes,
-                "mtime_ns": row.mtime_ns,
-                "fingerprint": row.fingerprint,
-                "content_sha256": row.content_sha256,
-                "width": row.width,
-                "height": row.height,
-                "first_seen_at": now,
-                "updated_at": now,
-            }
-            for row in batch
-        ]
-    )
+def _image_values(row: ImageRow, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "uri": row.uri,
+        "name_bytes": row.name_bytes,
+        "size_bytes": row.size_bytes,
+        "mtime_ns": row.mtime_ns,
+        "fingerprint": row.fingerprint,
+        "content_sha256": row.content_sha256,
+        "width": row.width,
+        "height": row.height,
+        "first_seen_at": now,
+        "updated_at": now,
+    }
+
+
+def _image_upsert(session: Session) -> postgresql.Insert | sqlite.Insert:
+    """The upsert of one image row, to execute with a list of rows."""
+    statement = _insert(session, IMAGES)
     new = statement.excluded
     same_version = IMAGES.c.fingerprint == new.fingerprint
     learned = ("content_sha256", "width", "height")
@@ -437,8 +439,12 @@ def set_job_status(
 def record_chunks(*, session: Session, job_id: int, chunks: Sequence[ChunkRow]) -> None:
     """Record chunks as pending before publishing them; recording one again changes nothing."""
     rows = list({chunk.chunk_index: chunk for chunk in chunks}.values())
+    statement = _insert(session, CHUNKS).on_conflict_do_nothing(
+        index_elements=["job_id", "chunk_index"]
+    )
     for batch in _batches(session, rows, parameters_per_item=6):
-        statement = _insert(session, CHUNKS).values(
+        session.execute(
+            statement,
             [
                 {
                     "job_id": job_id,
@@ -449,9 +455,8 @@ def record_chunks(*, session: Session, job_id: int, chunks: Sequence[ChunkRow]) 
                     "task_id": chunk.task_id,
                 }
                 for chunk in batch
-            ]
+            ],
         )
-        session.execute(statement.on_conflict_do_nothing(index_elements=["job_id", "chunk_index"]))
 
 
 def mark_chunk_published(
@@ -508,24 +513,26 @@ def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow])
     rows = list({item.image_id: item for item in items}.values())
     now = utc_now()
     inserted = 0
+    statement = (
+        _insert(session, JOB_ITEMS)
+        .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
+        .returning(JOB_ITEMS.c.image_id)
+    )
     for batch in _batches(session, rows, parameters_per_item=8):
-        statement = _insert(session, JOB_ITEMS).values(
-            [
-                {
-                    "job_id": job_id,
-                    "image_id": item.image_id,
-                    "chunk_index": item.chunk_index,
-                    "state": item.state,
-                    "reason": item.reason,
-                    "message": item.message,
-                    "attempts": 0,
-                    "updated_at": now,
-                }
-                for item in batch
-            ]
-        )
-        statement = statement.on_conflict_do_nothing(index_elements=["job_id", "image_id"])
-        inserted += len(session.execute(statement.returning(JOB_ITEMS.c.image_id)).all())
+        parameters = [
+            {
+                "job_id": job_id,
+                "image_id": item.image_id,
+                "chunk_index": item.chunk_index,
+                "state": item.state,
+                "reason": item.reason,
+                "message": item.message,
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for item in batch
+        ]
+        inserted += len(session.execute(statement, parameters).all())
     return inserted
 
 

@@ -31,18 +31,22 @@ MiB = 1024 * 1024
 class TrainSettings(BaseModel):
     """How `emolabel train` fits a model."""
 
-    epochs: int = Field(20, ge=1, description="Maximum epochs; EarlyStopping usually ends sooner.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per training step.")
+    epochs: int = Field(30, ge=1, description="Maximum epochs; EarlyStopping may end sooner.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per training step.")
     image_size: int = Field(
         256, ge=8, le=2048, description="Model input height and width (pixels)."
     )
     color_mode: ColorMode = Field("rgb", description="`rgb` (3 channels) or `grayscale` (1).")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate.")
     patience: int = Field(
-        4, ge=1, description="EarlyStopping patience on validation loss (epochs)."
+        6, ge=1, description="EarlyStopping patience on validation loss (epochs)."
     )
     seed: int = Field(1337, description="Seed for the split, shuffling, augmentation and weights.")
-    augment: bool = Field(False, description="Augment the training split (flip, shift, light).")
+    # Measured on 1,000 sample faces: without augmentation the CNN's 3.7M-weight Dense layer
+    # overfits (validation 0.83); with it, test accuracy 0.99 (see bench/RESULTS.md).
+    augment: bool = Field(
+        True, description="Augment the training split (flip, shift, rotation, zoom, light)."
+    )
     split: tuple[float, float, float] = Field(
         (0.7, 0.2, 0.1), description="Train / validation / test fractions of the file list."
     )

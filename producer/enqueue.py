@@ -7,6 +7,8 @@
           unusable                    -> skipped, with the source's reason
           labeled by model_version,
             same fingerprint          -> skipped `already_labeled` (unless force)
+          failed for its content and
+            unchanged since           -> skipped `already_failed` (unless force or --where)
           not matching every --where  -> skipped `not_selected`
           else                        -> pending, into the next chunk
         record the ledger rows and each full chunk (status pending), COMMIT, then publish each
@@ -61,6 +63,25 @@ ALREADY_LABELED = "already_labeled"
 """Skip reason: `model_version` labeled this version of the file (same fingerprint)."""
 NOT_SELECTED = "not_selected"
 """Skip reason: the image does not match every `--where` selection."""
+ALREADY_FAILED = "already_failed"
+"""Skip reason: a worker failed on this version of the file for its content (`FINAL_FAILURES`)."""
+FINAL_FAILURES = frozenset(
+    {
+        "empty",
+        "too_small",
+        "too_large",
+        "too_many_pixels",
+        "not_an_image",
+        "unsupported_type",
+        "corrupt",
+        "poison",
+    }
+)
+"""Failure reasons that the same file meets again: a scan does not enqueue it once more.
+
+The others (`missing`, `unreadable`, `not_a_file`, `outside_root`) may pass on their own.
+`--where failed`, `--force` and `emolabel failures --retry` send such images all the same.
+"""
 
 
 class PublishError(EmolabelError):
@@ -357,7 +378,15 @@ class _Scan:
                 model_version=self.model_version,
             )
         candidates = [entry for entry in usable if labeled.get(entry.uri) != entry.fingerprint]
-        selected = {ids[entry.uri] for entry in candidates}
+        failed: dict[int, str] = {}
+        if not self.force and not self.where:
+            failed = ledger_queries.failed_and_unchanged(
+                session=session,
+                image_ids=[ids[entry.uri] for entry in candidates],
+                reasons=FINAL_FAILURES,
+                exclude_job_id=self.job_id,
+            )
+        selected = {ids[entry.uri] for entry in candidates} - failed.keys()
         if self.where:
             selected = _select(
                 session,
@@ -374,6 +403,9 @@ class _Scan:
                 items.append(_skipped(image_id, entry.skip_reason, entry.skip_message))
             elif labeled.get(entry.uri) == entry.fingerprint:
                 items.append(_skipped(image_id, ALREADY_LABELED))
+            elif image_id in failed:
+                message = f"failed as {failed[image_id]} and unchanged since"
+                items.append(_skipped(image_id, ALREADY_FAILED, message))
             elif image_id not in selected:
                 items.append(_skipped(image_id, NOT_SELECTED))
             else:
@@ -618,7 +650,9 @@ def _skipped(image_id: int, reason: str, message: str | None = None) -> JobItemR
 
 
 __all__ = [
+    "ALREADY_FAILED",
     "ALREADY_LABELED",
+    "FINAL_FAILURES",
     "NOT_SELECTED",
     "WHERE_FORMS",
     "PublishError",

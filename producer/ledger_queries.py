@@ -9,9 +9,9 @@ hundred ids per statement so that SQLite's bound-parameter limit is never reache
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Subquery, Table, and_, case, func, select, update
+from sqlalchemy import ColumnElement, Select, Subquery, Table, and_, case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, ItemState, Job, JobItem, JobStatus, Result
@@ -60,28 +60,57 @@ def latest_outcome_failed(
     """
     matched: set[int] = set()
     for batch in _batches(image_ids):
-        conditions = [JOB_ITEMS.c.image_id.in_(batch), JOB_ITEMS.c.state != ItemState.SKIPPED]
-        if exclude_job_id is not None:
-            conditions.append(JOB_ITEMS.c.job_id != exclude_job_id)
-        latest = (
-            select(JOB_ITEMS.c.image_id, func.max(JOB_ITEMS.c.job_id).label("job_id"))
-            .where(*conditions)
-            .group_by(JOB_ITEMS.c.image_id)
-            .subquery()
-        )
-        query = (
-            select(JOB_ITEMS.c.image_id)
-            .join(
-                latest,
-                and_(
-                    JOB_ITEMS.c.image_id == latest.c.image_id,
-                    JOB_ITEMS.c.job_id == latest.c.job_id,
-                ),
-            )
-            .where(JOB_ITEMS.c.state == ItemState.FAILED)
-        )
+        query = _latest_outcomes(batch, exclude_job_id).where(JOB_ITEMS.c.state == ItemState.FAILED)
         matched.update(session.scalars(query))
     return matched
+
+
+def failed_and_unchanged(
+    *,
+    session: Session,
+    image_ids: Iterable[int],
+    reasons: Iterable[str],
+    exclude_job_id: int | None = None,
+) -> dict[int, str]:
+    """image id -> reason, for the images whose latest worker outcome is a failure for one of
+    `reasons` recorded after the image last changed: the same file would fail the same way.
+
+    Call it after `upsert_images` in the scan's transaction, which moves an image's `updated_at`
+    when its fingerprint changed.
+    """
+    wanted = sorted(set(reasons))
+    matched: dict[int, str] = {}
+    for batch in _batches(image_ids):
+        query = (
+            _latest_outcomes(batch, exclude_job_id, JOB_ITEMS.c.reason)
+            .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
+            .where(
+                JOB_ITEMS.c.state == ItemState.FAILED,
+                JOB_ITEMS.c.reason.in_(wanted),
+                JOB_ITEMS.c.updated_at >= IMAGES.c.updated_at,
+            )
+        )
+        matched.update({image_id: reason for image_id, reason in session.execute(query)})
+    return matched
+
+
+def _latest_outcomes(
+    batch: Sequence[int], exclude_job_id: int | None, *columns: ColumnElement[Any]
+) -> Select[Any]:
+    """The ledger row of each image's latest job that a worker reported on (skips passed over)."""
+    conditions = [JOB_ITEMS.c.image_id.in_(batch), JOB_ITEMS.c.state != ItemState.SKIPPED]
+    if exclude_job_id is not None:
+        conditions.append(JOB_ITEMS.c.job_id != exclude_job_id)
+    latest = (
+        select(JOB_ITEMS.c.image_id, func.max(JOB_ITEMS.c.job_id).label("job_id"))
+        .where(*conditions)
+        .group_by(JOB_ITEMS.c.image_id)
+        .subquery()
+    )
+    return select(JOB_ITEMS.c.image_id, *columns).join(
+        latest,
+        and_(JOB_ITEMS.c.image_id == latest.c.image_id, JOB_ITEMS.c.job_id == latest.c.job_id),
+    )
 
 
 def end_scan(

@@ -177,8 +177,8 @@ def test_every_pair_of_classes_is_drawn_differently() -> None:
         zip(classes, features, strict=True), 2
     ):
         assert first != second, (first_name, second_name)
-        difference = paired_faces(first, second, seed=11).max(axis=2)
-        assert np.mean(difference > 40) > 0.005, (first_name, second_name)
+        changed = [np.mean(paired_faces(first, second, seed).max(axis=2) > 40) for seed in range(3)]
+        assert np.mean(changed) > 0.01, (first_name, second_name, changed)
 
 
 def test_known_expressions_have_their_characteristic_features() -> None:

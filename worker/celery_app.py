@@ -20,8 +20,13 @@ LABEL_CHUNK = "emolabel.label_chunk"
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     """Redis transport options shared by the broker connection everywhere it is made."""
+    visibility = settings.worker.visibility_timeout
     return {
-        "visibility_timeout": settings.worker.visibility_timeout,
+        "visibility_timeout": visibility,
+        # kombu looks for overdue unacknowledged messages every interval x throttle seconds
+        # (10 x 10 by default): a dead worker's chunk would wait up to 100 s past the timeout.
+        "unacked_restore_interval": min(10, max(1, visibility // 4)),
+        "unacked_restore_throttle": 1,
         "socket_keepalive": True,
         "health_check_interval": 30,
     }
@@ -31,7 +36,6 @@ def make_celery(settings: Settings) -> Celery:
     """Build the app from settings; tasks are registered by name, so producers need no code."""
     app = Celery("emolabel", set_as_current=False)
     options = transport_options(settings)
-    soft_limit = max(5, settings.worker.task_time_limit - 30)
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_transport_options=options,
@@ -45,11 +49,15 @@ def make_celery(settings: Settings) -> Celery:
         event_serializer="json",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        # A chunk over the time limit has its process killed; its message goes back (not
+        # acknowledged) and the next delivery counts the death, splitting the chunk.
+        task_acks_on_failure=True,
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
         worker_concurrency=settings.worker.concurrency,
         task_time_limit=settings.worker.task_time_limit,
-        task_soft_time_limit=soft_limit,
+        # No soft limit: nothing would use it, and the exception it raises anywhere (inside an
+        # import of Keras, say) failed the task, acknowledged the chunk and lost its images.
         task_default_queue=settings.queue,
         task_routes={LABEL_CHUNK: {"queue": settings.queue}},
         worker_send_task_events=True,

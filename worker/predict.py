@@ -109,10 +109,9 @@ def label_images(
         pixels, failure, decode_seconds = future.result()
         times.waiting += time.perf_counter() - waited
         times.decode += decode_seconds
-        if failure is not None:
+        if pixels is None:
             outcomes[position] = failure
             continue
-        assert pixels is not None  # _prepare returns exactly one of the two
         batch_pixels.append(pixels)
         batch_positions.append(position)
         if len(batch_pixels) == batch_size:

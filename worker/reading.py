@@ -74,7 +74,7 @@ class Reader:
                     ReasonCode.TOO_LARGE,
                     f"file is {status.st_size} bytes, over the {self.max_file_bytes} limit",
                 )
-            return _read_all(descriptor, status.st_size, self.max_file_bytes)
+            return _read_all(descriptor, self.max_file_bytes)
         except OSError as error:
             raise ImageError(ReasonCode.UNREADABLE, f"cannot read: {error.strerror}") from None
         finally:
@@ -127,7 +127,7 @@ class Reader:
         return self._client
 
 
-def _read_all(descriptor: int, expected: int, limit: int) -> bytes:
+def _read_all(descriptor: int, limit: int) -> bytes:
     # The file may grow between fstat and read; never read past the limit.
     parts: list[bytes] = []
     total = 0

@@ -1,0 +1,804 @@
+"""The producer over a generated tree: files/s, flat memory, and Redis bytes per pending image.
+
+    python -m bench.producer --files 200000 --out runs/bench-producer
+    python -m bench.producer --files 50000 --out runs/bench-producer \\
+        --database-url postgresql+psycopg://postgres@127.0.0.1:5432/bench_producer --create-database
+
+A tree of N tiny but valid JPEG/PNG files (1,000 per folder, two levels: g000/f00/img_0000000.jpg)
+is written under OUT/tree once and reused while its count matches. Then, each phase in a fresh
+process (so that one phase's memory cannot hide in the next one's numbers):
+
+  walk      FolderSource.iter_entries alone: the floor the producer cannot beat
+  scan      the real path: run_scan(FolderSource) -> a fresh database (SQLite in OUT, or a fresh
+            PostgreSQL database) -> celery_publisher -> a real Redis, queue `bench-<uuid>`,
+            no worker, so every chunk stays pending; the queue is deleted at the end
+  chunk=1   the same on the first 10,000 files with one URI per message, against
+  chunk=N   the settings' chunk size, to show what chunking saves in Redis and in time
+  tracemal  the 10,000-file scan again under tracemalloc (Python-heap peak; slower, not timed)
+
+Memory: a thread samples VmRSS from /proc/self/status every 0.5 s (VmHWM is reset when the scan
+starts), and the RSS is noted when the scan passes 10%, 50% and 100% of the files: flat means
+the 100% figure is the 10% one. Redis: `MEMORY USAGE <queue> SAMPLES 0` and the change in
+`INFO memory` used_memory, each divided by the pending images (used_memory is server-wide, so
+other clients of the same Redis add noise to it; MEMORY USAGE is exact).
+
+The machine's load average is recorded before and after every phase: on a shared machine the
+files/s are only as good as the CPU that was free, so CPU seconds are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+FILES_PER_FOLDER = 1000
+FOLDERS_PER_GROUP = 10
+FILES_PER_GROUP = FILES_PER_FOLDER * FOLDERS_PER_GROUP
+TREE_LAYOUT = 1  # bump when the layout or the payloads change, so old trees are rebuilt
+SAMPLE_SECONDS = 0.5
+MODEL_VERSION = "bench-model"  # like the CLI: a version, so the already-labeled lookup runs
+MIB = 1024 * 1024
+
+# An 8x8 JPEG (PIL, quality 50); the PNGs are built below with zlib. The producer only sniffs
+# the first bytes, but the files are valid images all the same.
+_JPEG = base64.b64decode(
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4"
+    "UG1RV19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
+    "Y2NjY2NjY2NjY2NjY2NjY2NjY2P/wAARCAAIAAgDASIAAhEBAxEB/8QAFQABAQAAAAAAAAAAAAAAAAAAAAX/xAAUEAEA"
+    "AAAAAAAAAAAAAAAAAAAA/8QAFQEBAQAAAAAAAAAAAAAAAAAABAb/xAAUEQEAAAAAAAAAAAAAAAAAAAAA/9oADAMBAAIR"
+    "AxEAPwCOACqH/9k="
+)
+
+
+def _png(rgb: tuple[int, int, int], side: int = 8) -> bytes:
+    """A `side` x `side` 8-bit RGB PNG of one colour."""
+
+    def block(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + bytes(rgb) * side for _ in range(side))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + block(b"IHDR", header)
+        + block(b"IDAT", zlib.compress(rows))
+        + block(b"IEND", b"")
+    )
+
+
+PAYLOADS: tuple[tuple[str, bytes], ...] = (
+    ("jpg", _JPEG),
+    ("png", _png((220, 40, 40))),
+    ("jpg", _JPEG),
+    ("png", _png((40, 40, 220))),
+)
+
+
+# --- the tree ---------------------------------------------------------------------------------
+
+
+def file_path(root: Path, index: int) -> Path:
+    """Where file `index` lives: root/g<group>/f<folder>/img_<index>.<ext>."""
+    extension, _ = PAYLOADS[index % len(PAYLOADS)]
+    group, rest = divmod(index, FILES_PER_GROUP)
+    folder = rest // FILES_PER_FOLDER
+    return root / f"g{group:03d}" / f"f{folder:02d}" / f"img_{index:07d}.{extension}"
+
+
+def count_files(root: Path) -> int:
+    """Regular files below `root` (a quick check that a kept tree is whole)."""
+    total = 0
+    for _, _, names in os.walk(root):
+        total += len(names)
+    return total
+
+
+def ensure_tree(out: Path, files: int) -> tuple[Path, float, bool]:
+    """The tree of `files` images under out/tree, written unless a whole one is there already.
+
+    Returns the root, the seconds spent writing and whether an existing tree was reused.
+    """
+    root = out / "tree"
+    manifest = out / "tree.json"
+    wanted = {"files": files, "layout": TREE_LAYOUT, "files_per_folder": FILES_PER_FOLDER}
+    if manifest.exists():
+        if json.loads(manifest.read_text()) == wanted and count_files(root) == files:
+            return root, 0.0, True
+        manifest.unlink()
+    if root.exists():
+        # Ours (the manifest lived next to it) or left by an interrupted run: rebuilt either way.
+        shutil.rmtree(root)
+    started = time.perf_counter()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for index in range(files):
+        path = file_path(root, index)
+        if index % FILES_PER_FOLDER == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, flags, 0o644)
+        try:
+            os.write(descriptor, PAYLOADS[index % len(PAYLOADS)][1])
+        finally:
+            os.close(descriptor)
+    manifest.write_text(json.dumps(wanted))
+    return root, time.perf_counter() - started, False
+
+
+# --- measuring inside a phase -----------------------------------------------------------------
+
+
+def _status_kib() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in KiB."""
+    values: dict[str, int] = {}
+    with open("/proc/self/status", encoding="ascii") as status:  # noqa: PTH123
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, amount, _unit = line.split()
+                values[name.rstrip(":")] = int(amount)
+    return values
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:  # noqa: PTH123
+            clear.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` seconds on a daemon thread."""
+
+    def __init__(self, interval: float = SAMPLE_SECONDS) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._started = 0.0
+
+    def __enter__(self) -> RssSampler:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def _take(self) -> None:
+        rss = _status_kib()["VmRSS"] / 1024
+        self.samples.append((round(time.perf_counter() - self._started, 2), round(rss, 1)))
+
+    def _run(self) -> None:
+        while True:
+            self._take()
+            if self._stop.wait(self.interval):
+                return
+
+    @property
+    def peak_mib(self) -> float:
+        return max(rss for _, rss in self.samples)
+
+
+@dataclass
+class Checkpoint:
+    """The state when the scan first reached `percent` of the files."""
+
+    percent: int
+    seen: int
+    seconds: float
+    rss_mib: float
+    python_heap_mib: float | None = None
+
+
+@dataclass
+class Progress:
+    """Notes a checkpoint at 10%, 50% and 100% of `expected` files."""
+
+    expected: int
+    started: float
+    traced: bool
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    percents: tuple[int, ...] = (10, 50, 100)
+
+    def __call__(self, progress: Any) -> None:
+        for percent in self.percents:
+            done = {point.percent for point in self.checkpoints}
+            if percent not in done and progress.seen * 100 >= percent * self.expected:
+                heap = tracemalloc.get_traced_memory()[0] / MIB if self.traced else None
+                self.checkpoints.append(
+                    Checkpoint(
+                        percent=percent,
+                        seen=progress.seen,
+                        seconds=round(time.perf_counter() - self.started, 2),
+                        rss_mib=round(_status_kib()["VmRSS"] / 1024, 1),
+                        python_heap_mib=None if heap is None else round(heap, 2),
+                    )
+                )
+
+
+class TimedSource:
+    """A source that adds up the time spent inside the wrapped source's iterator."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    @property
+    def uri(self) -> str:
+        return str(self.inner.uri)
+
+    def iter_entries(self) -> Iterator[Any]:
+        entries = iter(self.inner.iter_entries())
+        while True:
+            started = time.perf_counter()
+            try:
+                entry = next(entries)
+            except StopIteration:
+                self.seconds += time.perf_counter() - started
+                return
+            self.seconds += time.perf_counter() - started
+            yield entry
+
+
+def _timed_publisher(publish: Callable[[int, int, list[str]], str]) -> tuple[Any, list[float]]:
+    """Wrap a publisher; the returned one-item list holds the seconds spent in the broker."""
+    spent = [0.0]
+
+    def timed(job_id: int, chunk_index: int, uris: list[str]) -> str:
+        started = time.perf_counter()
+        try:
+            return publish(job_id, chunk_index, uris)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    return timed, spent
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+# --- phases (each runs in a fresh spawned process) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """One measured scan: where, how many files to expect, which database and chunk size."""
+
+    name: str
+    root: str
+    expected: int
+    database_url: str  # "" for a fresh SQLite file under `workdir`
+    workdir: str
+    redis_url: str
+    chunk_size: int | None  # None: the settings' chunk size
+    traced: bool = False
+    keep_database: bool = False
+
+
+def walk_phase(root: str, expected: int) -> dict[str, Any]:
+    """Iterate FolderSource.iter_entries with nothing behind it."""
+    from emolabel.settings import load_settings
+    from producer.folder_source import FolderSource
+
+    settings = load_settings()
+    source = FolderSource(
+        Path(root),
+        max_file_bytes=settings.limits.max_file_bytes,
+        follow_symlinks=settings.scan.follow_symlinks,
+    )
+    load_before = _load()
+    _reset_peak_rss()
+    cpu = _cpu_seconds()
+    started = time.perf_counter()
+    progress = Progress(expected, started, traced=False)
+    seen = usable = 0
+    with RssSampler() as sampler:
+        for entry in source.iter_entries():
+            seen += 1
+            usable += entry.usable
+            if seen % 256 == 0 or seen == expected:
+                progress(_Seen(seen))
+    seconds = time.perf_counter() - started
+    return {
+        "phase": "walk",
+        "files": seen,
+        "usable": usable,
+        "seconds": round(seconds, 2),
+        "files_per_s": round(seen / seconds),
+        "cpu_seconds": round(_cpu_seconds() - cpu, 2),
+        "rss": _rss_report(sampler, progress),
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+@dataclass(frozen=True)
+class _Seen:
+    seen: int
+
+
+def scan_phase(spec: ScanSpec) -> dict[str, Any]:
+    """run_scan over the tree into a fresh database and a fresh Redis queue, no worker."""
+    import redis
+
+    from db.repository import job_counts
+    from db.session import make_engine, make_sessionmaker, upgrade
+    from emolabel.settings import load_settings
+    from producer.enqueue import celery_publisher, run_scan
+    from producer.folder_source import FolderSource
+    from worker.celery_app import make_celery
+
+    queue = f"bench-{uuid.uuid4().hex}"
+    database_url = spec.database_url or _sqlite_url(spec)
+    settings = load_settings(broker_url=spec.redis_url, database_url=database_url, queue=queue)
+    chunk_size = spec.chunk_size or settings.scan.chunk_size
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    client = redis.Redis.from_url(spec.redis_url)
+    publish, publish_seconds = _timed_publisher(
+        celery_publisher(make_celery(settings), settings.queue)
+    )
+    source = TimedSource(
+        FolderSource(
+            Path(spec.root),
+            max_file_bytes=settings.limits.max_file_bytes,
+            follow_symlinks=settings.scan.follow_symlinks,
+        )
+    )
+    load_before = _load()
+    used_before = int(client.info("memory")["used_memory"])
+    if spec.traced:
+        tracemalloc.start()
+    _reset_peak_rss()
+    cpu = _cpu_seconds()
+    started = time.perf_counter()
+    progress = Progress(spec.expected, started, traced=spec.traced)
+    try:
+        with RssSampler() as sampler:
+            summary = run_scan(
+                source,
+                sessions=sessions,
+                publish=publish,
+                chunk_size=chunk_size,
+                model_version=MODEL_VERSION,
+                progress=progress,
+            )
+        seconds = time.perf_counter() - started
+        cpu_seconds = _cpu_seconds() - cpu
+        heap_peak = tracemalloc.get_traced_memory()[1] / MIB if spec.traced else None
+        tracemalloc.stop()
+        redis_report = _redis_report(client, queue, used_before, summary.enqueued_images)
+        with sessions() as session:
+            counts = job_counts(session=session, job_id=summary.job_id)
+        database_bytes = _database_bytes(engine)
+    finally:
+        _delete_queue(client, queue)
+        engine.dispose()
+        if not spec.database_url and not spec.keep_database:
+            for suffix in ("", "-wal", "-shm"):
+                Path(_sqlite_path(spec) + suffix).unlink(missing_ok=True)
+    if counts.pending != summary.enqueued_images or not counts.balanced:
+        raise RuntimeError(f"the ledger does not balance: {counts}")
+    walk_seconds = source.seconds
+    return {
+        "phase": spec.name,
+        "database": engine.dialect.name,
+        "chunk_size": chunk_size,
+        "traced": spec.traced,
+        "files": summary.seen,
+        "pending_images": summary.enqueued_images,
+        "chunks": summary.chunks,
+        "seconds": round(seconds, 2),
+        "files_per_s": round(summary.seen / seconds),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "split_seconds": {
+            "walk": round(walk_seconds, 2),
+            "publish": round(publish_seconds[0], 2),
+            "database_and_rest": round(seconds - walk_seconds - publish_seconds[0], 2),
+        },
+        "rss": _rss_report(sampler, progress),
+        "python_heap_peak_mib": None if heap_peak is None else round(heap_peak, 2),
+        "redis": redis_report,
+        "database_bytes": database_bytes,
+        "database_bytes_per_file": round(database_bytes / max(1, summary.seen)),
+        "queue": queue,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def _sqlite_path(spec: ScanSpec) -> str:
+    return str(Path(spec.workdir) / f"{spec.name}.sqlite")
+
+
+def _sqlite_url(spec: ScanSpec) -> str:
+    path = Path(_sqlite_path(spec))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _database_bytes(engine: Any) -> int:
+    """The database's size on disk: the SQLite file (with its WAL), or pg_database_size."""
+    from sqlalchemy import text
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            return int(
+                connection.execute(text("SELECT pg_database_size(current_database())")).scalar()
+            )
+    database = engine.url.database
+    engine.dispose()  # the last connection to close checkpoints the WAL into the file
+    return sum(
+        Path(database + suffix).stat().st_size
+        for suffix in ("", "-wal")
+        if Path(database + suffix).exists()
+    )
+
+
+def _rss_report(sampler: RssSampler, progress: Progress) -> dict[str, Any]:
+    status = _status_kib()
+    points = progress.checkpoints
+    first, last = (points[0], points[-1]) if points else (None, None)
+    return {
+        "checkpoints": [asdict(point) for point in points],
+        "growth_10_to_100_mib": (
+            None if first is None or last is None else round(last.rss_mib - first.rss_mib, 1)
+        ),
+        "sampled_peak_mib": sampler.peak_mib,
+        "vm_hwm_mib": round(status["VmHWM"] / 1024, 1),
+        "samples": sampler.samples,
+    }
+
+
+def _redis_report(client: Any, queue: str, used_before: int, pending: int) -> dict[str, Any]:
+    """What the pending messages hold in Redis, and one message taken apart."""
+    key_bytes = int(client.memory_usage(queue, samples=0) or 0)
+    used_after = int(client.info("memory")["used_memory"])
+    messages = int(client.llen(queue))
+    oldest = client.lindex(queue, -1)  # kombu LPUSHes: the tail is the first (a full) chunk
+    report: dict[str, Any] = {
+        "messages": messages,
+        "memory_usage_bytes": key_bytes,
+        "memory_usage_bytes_per_image": round(key_bytes / max(1, pending), 1),
+        "used_memory_delta_bytes": used_after - used_before,
+        "used_memory_delta_bytes_per_image": round((used_after - used_before) / max(1, pending), 1),
+    }
+    if oldest is not None:
+        report["first_message"] = _anatomy(oldest)
+    return report
+
+
+def _anatomy(raw: bytes) -> dict[str, Any]:
+    """Where a message's bytes go: the envelope, the headers and the (base64) body of URIs."""
+    envelope = json.loads(raw)
+    body_text = envelope["body"]
+    body = (
+        base64.b64decode(body_text)
+        if envelope["properties"].get("body_encoding") == "base64"
+        else body_text.encode()
+    )
+    uris = json.loads(body)[0][2]
+    uri_bytes = sum(len(uri.encode()) for uri in uris)
+    return {
+        "bytes": len(raw),
+        "uris": len(uris),
+        "bytes_per_uri": round(len(raw) / max(1, len(uris)), 1),
+        "mean_uri_length": round(uri_bytes / max(1, len(uris)), 1),
+        "body_bytes_as_stored": len(body_text),
+        "body_bytes_decoded": len(body),
+        "headers_bytes": len(json.dumps(envelope["headers"])),
+        "body_encoding": envelope["properties"].get("body_encoding"),
+    }
+
+
+def _delete_queue(client: Any, queue: str) -> None:
+    """Remove the bench queue and kombu's binding for it (nothing else is touched)."""
+    client.delete(queue, f"_kombu.binding.{queue}")
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_postgres(url: str) -> Iterator[str]:
+    """A new database `<name>_<8 hex>` on the server of `url`, dropped afterwards."""
+    from sqlalchemy import create_engine, make_url, text
+
+    base = make_url(url)
+    name = f"{base.database or 'bench_producer'}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def environment(redis_url: str, database_url: str | None) -> dict[str, Any]:
+    """Versions, cores and load: what the numbers depend on."""
+    import redis
+
+    packages = ("sqlalchemy", "celery", "kombu", "redis", "psycopg", "alembic")
+    versions = {name: _version(name) for name in packages}
+    client = redis.Redis.from_url(redis_url)
+    versions["redis_server"] = str(client.info("server")["redis_version"])
+    versions["sqlite"] = sqlite3.sqlite_version
+    if database_url:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(database_url)
+        with engine.connect() as connection:
+            versions["postgresql"] = str(connection.execute(text("SHOW server_version")).scalar())
+        engine.dispose()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_at_start": _load(),
+        "versions": versions,
+        "commit": _commit(),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _commit() -> str | None:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The phases side by side, then the memory checkpoints of the full scan."""
+    header = (
+        f"{'phase':<12}{'db':<11}{'chunk':>6}{'files':>9}{'s':>8}{'files/s':>9}{'cpu s':>7}"
+        f"{'peak MiB':>9}{'+10→100%':>9}{'B/img key':>10}{'B/img used':>11}{'B/msg':>8}"
+        f"  load before→after"
+    )
+    print(header)
+    print("-" * len(header))
+    for phase in result["phases"]:
+        redis_part = phase.get("redis", {})
+        message = redis_part.get("first_message", {})
+        growth = phase["rss"]["growth_10_to_100_mib"]
+        print(
+            f"{phase['phase']:<12}{phase.get('database', '-'):<11}"
+            f"{phase.get('chunk_size', '-')!s:>6}{phase['files']:>9}{phase['seconds']:>8.1f}"
+            f"{phase['files_per_s'] if not phase.get('traced') else '(traced)'!s:>9}"
+            f"{phase['cpu_seconds']:>7.1f}{phase['rss']['vm_hwm_mib']:>9.1f}"
+            f"{'-' if growth is None else f'{growth:+.1f}':>9}"
+            f"{redis_part.get('memory_usage_bytes_per_image', '-')!s:>10}"
+            f"{redis_part.get('used_memory_delta_bytes_per_image', '-')!s:>11}"
+            f"{message.get('bytes', '-')!s:>8}"
+            f"  {phase['load_before']}→{phase['load_after']}"
+        )
+    for phase in result["phases"]:
+        if "split_seconds" in phase:
+            split = phase["split_seconds"]
+            marks = ", ".join(
+                f"{point['percent']}%: {point['rss_mib']} MiB"
+                + (
+                    f" (heap {point['python_heap_mib']} MiB)"
+                    if point["python_heap_mib"] is not None
+                    else ""
+                )
+                for point in phase["rss"]["checkpoints"]
+            )
+            heap = phase.get("python_heap_peak_mib")
+            print(
+                f"{phase['phase']}: walk {split['walk']} s, publish {split['publish']} s,"
+                f" database+rest {split['database_and_rest']} s; RSS {marks}"
+                + (f"; tracemalloc peak {heap} MiB" if heap is not None else "")
+                + f"; database {phase['database_bytes_per_file']} B/file"
+            )
+    env = result["environment"]
+    print(
+        f"{env['cpus_usable']} cores, load {env['load_average_at_start']} at start,"
+        f" {result['load_average_at_end']} at end; tree "
+        + (
+            "reused"
+            if result["tree"]["reused"]
+            else f"written in {result['tree']['write_seconds']} s"
+        )
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.producer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--files", type=int, default=200_000, help="files in the tree")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-producer"))
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="a PostgreSQL URL for the full scan (default: a fresh SQLite file in OUT)",
+    )
+    parser.add_argument(
+        "--create-database",
+        action="store_true",
+        help="create a fresh database <name>_<hex> on that server and drop it afterwards",
+    )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="default: the settings' scan.chunk_size"
+    )
+    parser.add_argument("--no-walk", action="store_true", help="skip the walk-only reference phase")
+    parser.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the chunk=1 vs chunk=N and tracemalloc scans of the first 10,000 files",
+    )
+    parser.add_argument("--keep-database", action="store_true", help="keep the SQLite files")
+    arguments = parser.parse_args(argv)
+    if arguments.files < 1:
+        parser.error("--files must be at least 1")
+    if arguments.create_database and not arguments.database_url:
+        parser.error("--create-database needs --database-url")
+    return arguments
+
+
+def _in_child(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter, so that its memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def run(arguments: argparse.Namespace, database_url: str | None) -> dict[str, Any]:
+    out: Path = arguments.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(arguments.redis_url, database_url)
+    root, write_seconds, reused = ensure_tree(out, arguments.files)
+    phases: list[dict[str, Any]] = []
+
+    def spec(name: str, scan_root: Path, expected: int, **kw: Any) -> ScanSpec:
+        return ScanSpec(
+            name=name,
+            root=str(scan_root),
+            expected=expected,
+            database_url=kw.pop("database_url", ""),
+            workdir=str(out / "databases"),
+            redis_url=arguments.redis_url,
+            keep_database=arguments.keep_database,
+            **kw,
+        )
+
+    if not arguments.no_walk:
+        phases.append(_in_child(walk_phase, str(root), arguments.files))
+    phases.append(
+        _in_child(
+            scan_phase,
+            spec(
+                "scan",
+                root,
+                arguments.files,
+                database_url=database_url or "",
+                chunk_size=arguments.chunk_size,
+            ),
+        )
+    )
+    if not arguments.no_compare:
+        subtree, subtree_files = root / "g000", min(arguments.files, FILES_PER_GROUP)
+        phases.append(_in_child(scan_phase, spec("chunk=1", subtree, subtree_files, chunk_size=1)))
+        phases.append(
+            _in_child(
+                scan_phase,
+                spec("chunk=N", subtree, subtree_files, chunk_size=arguments.chunk_size),
+            )
+        )
+        phases.append(
+            _in_child(
+                scan_phase,
+                spec(
+                    "tracemal", subtree, subtree_files, chunk_size=arguments.chunk_size, traced=True
+                ),
+            )
+        )
+    return {
+        "benchmark": "producer",
+        "command": " ".join(["python -m bench.producer", *sys.argv[1:]]),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": arguments.files,
+        "tree": {"root": str(root), "reused": reused, "write_seconds": round(write_seconds, 2)},
+        "environment": env,
+        "phases": phases,
+        "load_average_at_end": _load(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    with contextlib.ExitStack() as stack:
+        database_url = arguments.database_url
+        if database_url and arguments.create_database:
+            database_url = stack.enter_context(fresh_postgres(database_url))
+        result = run(arguments, database_url)
+    if database_url:
+        from sqlalchemy import make_url
+
+        # Never write a password into the report.
+        result["database_url"] = make_url(database_url).render_as_string(hide_password=True)
+    kind = "postgresql" if arguments.database_url else "sqlite"
+    report = arguments.out.resolve() / f"producer-{kind}-{arguments.files}.json"
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy imported under its own name: the spawned phase processes unpickle
+    # `bench.producer.*`, which they can import, not `__main__.*`.
+    from bench import producer
+
+    raise SystemExit(producer.main())
