@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from types import ModuleType
 
+from emolabel.errors import ConfigError
+
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
@@ -32,7 +34,41 @@ def native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def load_keras() -> ModuleType:
-    """Import Keras (and its backend) once, quietly; later imports are free."""
+def load_keras(backend: str | None = None) -> ModuleType:
+    """Import Keras once, quietly, on `backend` (tensorflow, jax or torch); later calls are free.
+
+    Keras reads its backend from the environment at first import and cannot switch afterwards,
+    so this is the one place that writes `KERAS_BACKEND`, before that import. On TensorFlow,
+    GPU memory growth is switched on so that one process per GPU does not grab all memory.
+    """
+    if "keras" in sys.modules:
+        keras = sys.modules["keras"]
+        if backend is not None and keras.backend.backend() != backend:
+            raise ConfigError(
+                f"Keras is already running on {keras.backend.backend()}, not {backend}: "
+                "set EMOLABEL_KERAS_BACKEND before the process starts"
+            )
+        return keras
+    if backend is not None:
+        os.environ["KERAS_BACKEND"] = backend
     with native_stderr_silenced():
-        return importlib.import_module("keras")
+        keras = importlib.import_module("keras")
+        if keras.backend.backend() == "tensorflow":
+            _tensorflow_memory_growth()
+    return keras
+
+
+def _tensorflow_memory_growth() -> None:
+    import tensorflow as tf
+
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except RuntimeError:  # already initialised by someone else: nothing left to set
+            return
+
+
+def pin_gpu(process_index: int, gpus: int) -> None:
+    """Give a worker child one GPU of `gpus` (round robin), before it imports any framework."""
+    if gpus > 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(process_index % gpus)

@@ -94,6 +94,9 @@ class WorkerSettings(BaseModel):
     max_attempts: int = Field(
         3, ge=1, le=20, description="Deliveries of one image before it is recorded as poison."
     )
+    gpus: int = Field(
+        0, ge=0, le=64, description="GPUs on this machine: one worker process per GPU, pinned."
+    )
     allowed_roots: list[Path] = Field(
         default_factory=list,
         description="Folders workers may read (JSON list); empty: only the job's own source root.",
@@ -145,6 +148,9 @@ class Settings(BaseSettings):
         description="Redis URL (`rediss://` for TLS); unset: a local Redis the CLI starts in home.",
     )
     queue: str = Field("emolabel", pattern=r"^[A-Za-z0-9_.-]+$", description="Celery queue name.")
+    keras_backend: Literal["tensorflow", "jax", "torch"] = Field(
+        "tensorflow", description="Keras backend of workers and training (jax where TF has no GPU)."
+    )
     train: TrainSettings = Field(default_factory=TrainSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

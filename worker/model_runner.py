@@ -1,16 +1,65 @@
-"""A loaded artifact behind the `ModelRunner` seam: what the worker calls to predict a batch."""
+"""A loaded artifact behind the `ModelRunner` seam: what the worker calls to predict a batch.
+
+`model.predict` pays Python and tracing overhead on every call and retraces for every new batch
+shape. The runner instead compiles one function for one fixed batch shape (uint8 in, scores out,
+the artifact's pixel scaling inside) and pads the last partial batch, so a worker never retraces.
+TensorFlow gets a `tf.function`, JAX a `jax.jit` over the model's stateless call; any other
+backend falls back to `predict_on_batch`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from training.artifacts import Artifact, load_artifact
-from training.inference import predict_scores
+from training.inference import class_scores
 from training.preprocess import InputSpec
+
+BatchFunction = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+
+
+def _compile(model: Any, spec: InputSpec, batch_size: int) -> BatchFunction:
+    import keras
+
+    shape = (batch_size, *spec.shape)
+    scale, offset = np.float32(spec.pixel_scale), np.float32(spec.pixel_offset)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8)])  # type: ignore[untyped-decorator]
+        def call(images: Any) -> Any:
+            values = tf.cast(images, tf.float32) * scale + offset
+            return model(values, training=False)
+
+        return lambda images: np.asarray(call(images).numpy(), dtype=np.float32)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        trainable = [variable.value for variable in model.trainable_variables]
+        non_trainable = [variable.value for variable in model.non_trainable_variables]
+
+        @jax.jit  # type: ignore[untyped-decorator]
+        def jitted(trainable_values: Any, non_trainable_values: Any, images: Any) -> Any:
+            values = images.astype(jnp.float32) * scale + offset
+            outputs, _ = model.stateless_call(
+                trainable_values, non_trainable_values, values, training=False
+            )
+            return outputs
+
+        return lambda images: np.asarray(jitted(trainable, non_trainable, images), dtype=np.float32)
+
+    def eager(images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        values = images.astype(np.float32) * scale + offset
+        return np.asarray(model.predict_on_batch(values), dtype=np.float32)
+
+    return eager
 
 
 class KerasRunner:
@@ -22,12 +71,27 @@ class KerasRunner:
         self.spec: InputSpec = artifact.spec
         self.class_names: Sequence[str] = artifact.metadata.class_names
         self.batch_size = batch_size
+        self._call = _compile(artifact.model, self.spec, batch_size)
+        self._padding = np.zeros((batch_size, *self.spec.shape), dtype=np.uint8)
 
     @classmethod
     def from_path(cls, directory: Path, batch_size: int) -> KerasRunner:
-        return cls(
-            load_artifact(directory, directory.parent.parent, directory.parent.name), batch_size
-        )
+        """Load the artifact in `directory` (`<models_dir>/<name>/<version>`)."""
+        artifact = load_artifact(directory, directory.parent.parent, directory.parent.name)
+        return cls(artifact, batch_size)
 
     def predict(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        return predict_scores(self.artifact, images, self.batch_size)
+        """(N, H, W, C) uint8 -> (N, classes) scores, in fixed-size batches."""
+        outputs: list[NDArray[np.float32]] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            count = len(batch)
+            if count < self.batch_size:
+                # Pad to the compiled shape: a new shape would mean a new trace.
+                padded = self._padding.copy()
+                padded[:count] = batch
+                batch = padded
+            outputs.append(self._call(np.ascontiguousarray(batch))[:count])
+        if not outputs:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return class_scores(np.concatenate(outputs), self.artifact.metadata)

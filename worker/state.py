@@ -42,7 +42,7 @@ class ProcessState:
             if self._runner is None or self._runner.version != version:
                 from emolabel.runtime import load_keras
 
-                load_keras()
+                load_keras(self.settings.keras_backend)
                 logger.info("loading model %s from %s", version, artifact_path)
                 runner = KerasRunner.from_path(Path(artifact_path), self.settings.worker.batch_size)
                 if runner.version != version:

@@ -22,9 +22,16 @@ TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _fresh_child(**_: Any) -> None:
+    from billiard.process import current_process
+    from celery import current_app
+
+    from emolabel.runtime import pin_gpu
     from worker.state import forget_inherited_state
 
     forget_inherited_state()
+    settings = getattr(current_app, "emolabel_settings", None)
+    if settings is not None and settings.worker.gpus:
+        pin_gpu(int(getattr(current_process(), "index", 0) or 0), settings.worker.gpus)
 
 
 @shared_task(name=LABEL_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]

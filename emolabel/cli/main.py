@@ -148,7 +148,7 @@ def train(
         home=base.home,
     )
     ensure_trainable(data_dir)
-    load_keras()
+    load_keras(settings.keras_backend)
     outcome = train_model(
         data_dir,
         settings.train,
@@ -185,7 +185,7 @@ def evaluate(
 
     settings = settings_from()
     ensure_trainable(data_dir)
-    load_keras()
+    load_keras(settings.keras_backend)
     artifact = load_artifact(model, settings.models_dir, settings.model_name)
     folder_classes = discover_classes(data_dir)
     known = artifact.metadata.class_names
@@ -233,7 +233,7 @@ def predict(
     from training.preprocess import load_image_file
 
     settings = settings_from()
-    load_keras()
+    load_keras(settings.keras_backend)
     artifact = load_artifact(model, settings.models_dir, settings.model_name)
     rows: list[dict[str, Any]] = []
     loaded: list[tuple[int, Any]] = []
@@ -292,7 +292,7 @@ def import_model_command(
     if color is not None and color not in ("rgb", "grayscale"):
         fail(f"--color {color!r}: use rgb or grayscale")
     settings = settings_from()
-    load_keras()
+    load_keras(settings.keras_backend)
     directory = import_model(
         file,
         split_names(classes),

@@ -222,7 +222,8 @@ def run_worker(
     _broker(settings)
     _sessions(settings)  # migrate or check before taking work
     arguments = ["worker", f"--loglevel={loglevel}", f"--queues={settings.queue}"]
-    arguments.append(f"--concurrency={concurrency or settings.worker.concurrency}")
+    processes = concurrency or settings.worker.gpus or settings.worker.concurrency
+    arguments.append(f"--concurrency={processes}")
     if hostname:
         arguments.append(f"--hostname={hostname}")
     celery_app = _celery(settings)

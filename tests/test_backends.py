@@ -1,0 +1,62 @@
+"""The same artifact serves on TensorFlow and JAX with the same scores (KerasRunner, compiled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.train import TrainOutcome
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import json, sys
+import numpy as np
+from pathlib import Path
+from emolabel.runtime import load_keras
+keras = load_keras(sys.argv[1])
+from worker.model_runner import KerasRunner
+runner = KerasRunner.from_path(Path(sys.argv[2]), 4)
+images = np.random.default_rng(0).integers(0, 255, (7, *runner.spec.shape), dtype=np.uint8)
+print(json.dumps({"backend": keras.backend.backend(), "scores": runner.predict(images).tolist()}))
+"""
+
+
+def scores_on(backend: str, artifact: Path) -> tuple[str, np.ndarray]:
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend, str(artifact)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+        check=True,
+    )
+    document = json.loads(result.stdout.strip().splitlines()[-1])
+    return document["backend"], np.asarray(document["scores"])
+
+
+def test_tensorflow_and_jax_agree(tiny_model: TrainOutcome) -> None:
+    backend_tf, on_tf = scores_on("tensorflow", tiny_model.artifact_dir)
+    backend_jax, on_jax = scores_on("jax", tiny_model.artifact_dir)
+    assert (backend_tf, backend_jax) == ("tensorflow", "jax")
+    assert on_tf.shape == (7, 2)
+    np.testing.assert_allclose(on_tf, on_jax, atol=1e-4)
+    np.testing.assert_allclose(on_tf.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_compiled_runner_matches_plain_predict(tiny_model: TrainOutcome) -> None:
+    from training.inference import predict_scores
+    from worker.model_runner import KerasRunner
+
+    runner = KerasRunner.from_path(tiny_model.artifact_dir, 4)
+    images = np.random.default_rng(1).integers(0, 255, (9, *runner.spec.shape), dtype=np.uint8)
+    np.testing.assert_allclose(
+        runner.predict(images), predict_scores(runner.artifact, images, 4), atol=1e-5
+    )
+    assert runner.predict(images[:0]).shape == (0, 2)
