@@ -697,7 +697,12 @@ def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
     locked first, so of two workers finishing the last chunks at once the second to take the
     lock sees the first one's committed rows, and the job cannot be left running.
     """
-    locked = session.execute(select(JOBS.c.id).where(JOBS.c.id == job_id).with_for_update()).first()
+    # FOR NO KEY UPDATE, not FOR UPDATE: the caller's inserts took FOR KEY SHARE on this row (the
+    # foreign keys), which FOR UPDATE conflicts with, so a producer ending its scan and a worker
+    # ending a chunk of the same job deadlocked, each waiting for the other's key share.
+    locked = session.execute(
+        select(JOBS.c.id).where(JOBS.c.id == job_id).with_for_update(key_share=True)
+    ).first()
     if locked is None:
         raise NotFoundError(f"no job with id {job_id}")
     anything_pending = exists().where(
@@ -973,17 +978,23 @@ def ensure_job_items(
     *, session: Session, job_id: int, chunk_index: int, uris: Sequence[str]
 ) -> dict[str, int]:
     """Image ids for a chunk's URIs, adding images and ledger rows a message names but the
-    producer never recorded (a hand-written message), so its refusal is recorded too."""
+    producer never recorded in this job (a hand-written message), so its refusal is recorded
+    too; the job's `enqueued` counts the rows added, so its counts still balance."""
     ids = image_ids_for_uris(session=session, uris=uris)
     missing = [uri for uri in uris if uri not in ids]
     if missing:
         ids |= upsert_images(
             session=session, rows=[ImageRow(uri=uri, fingerprint="unknown") for uri in missing]
         )
-        add_job_items(
-            session=session,
-            job_id=job_id,
-            items=[JobItemRow(image_id=ids[uri], chunk_index=chunk_index) for uri in missing],
+    # Also a known image that this job's ledger lacks: its outcome would have no row.
+    added = add_job_items(
+        session=session,
+        job_id=job_id,
+        items=[JobItemRow(image_id=ids[uri], chunk_index=chunk_index) for uri in uris],
+    )
+    if added:
+        session.execute(
+            update(JOBS).where(JOBS.c.id == job_id).values(enqueued=JOBS.c.enqueued + added)
         )
     return ids
 
@@ -993,7 +1004,10 @@ def split_chunk(
 ) -> list[int]:
     """Replace a chunk by smaller ones (new indices, recorded before publishing); the old one
     is marked done. Returns the new chunk indices, one per part."""
-    session.execute(select(JOBS.c.id).where(JOBS.c.id == job_id).with_for_update()).first()
+    # FOR NO KEY UPDATE, as in finish_job_if_complete: other writers' key shares must not wait.
+    session.execute(
+        select(JOBS.c.id).where(JOBS.c.id == job_id).with_for_update(key_share=True)
+    ).first()
     highest = session.execute(
         select(func.max(CHUNKS.c.chunk_index)).where(CHUNKS.c.job_id == job_id)
     ).scalar()

@@ -231,19 +231,26 @@ def start_local_worker(
     concurrency: int | None = None,
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    name: str = "local",
 ) -> LocalWorker:
-    """Start `celery -A worker worker` detached, and return once it answers ping."""
+    """Start `celery -A worker worker` detached, and return once it answers ping.
+
+    `name` tells several local workers apart (node name, pid file and log file).
+    """
     home = settings.home.resolve()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    logfile = home / WORKER_LOGFILE
-    nodename = host_format(WORKER_NODENAME)
+    suffix = "" if name == "local" else f"-{name}"
+    logfile = home / WORKER_LOGFILE.replace(".log", f"{suffix}.log")
+    pidfile = home / WORKER_PIDFILE.replace(".pid", f"{suffix}.pid")
+    node_template = WORKER_NODENAME.replace("-local@", f"-{name}@")
+    nodename = host_format(node_template)
     command = [
         sys.executable, "-m", "celery", "-A", "worker", "worker",
         "--loglevel", "INFO",
         "-Q", settings.queue,
         "--concurrency", str(concurrency or settings.worker.concurrency),
-        "--hostname", WORKER_NODENAME,
-        "--pidfile", str(home / WORKER_PIDFILE),
+        "--hostname", node_template,
+        "--pidfile", str(pidfile),
         "--logfile", str(logfile),
     ]  # fmt: skip
     log_offset = _file_size(logfile)

@@ -112,6 +112,34 @@ class ScanSettings(BaseModel):
     )
 
 
+class RetrainSettings(BaseModel):
+    """Nightly retraining and the gate a challenger must pass to replace the champion."""
+
+    data_dir: Path | None = Field(
+        None, description="Folder-per-class training data; unset: no scheduled retraining."
+    )
+    schedule: str = Field(
+        "0 3 * * *", description="Cron (minute hour day month weekday, UTC) for Celery beat."
+    )
+    metric: Literal["macro_f1", "accuracy"] = Field(
+        "macro_f1", description="Metric on the frozen test split that decides promotion."
+    )
+    margin: float = Field(
+        0.0, ge=0, le=1, description="How much the challenger must beat the champion by."
+    )
+    max_recall_drop: float = Field(
+        0.02, ge=0, le=1, description="Largest fall in any class's recall a promotion allows."
+    )
+    time_limit: int = Field(6 * 3600, ge=60, description="Seconds a retraining task may run.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("schedule must be a cron line of five fields, e.g. '0 3 * * *'")
+        return value
+
+
 class S3Settings(BaseModel):
     """An S3-compatible object store for `s3://bucket/prefix` sources."""
 
@@ -119,6 +147,53 @@ class S3Settings(BaseModel):
     access_key: str | None = Field(None, description="Access key id (else the AWS chain).")
     secret_key: SecretStr | None = Field(None, description="Secret key (never printed).")
     region: str | None = Field(None, description="Region name, if the store needs one.")
+
+
+class FlowerSettings(BaseModel):
+    """The Flower dashboard of `emolabel flower`; it always asks for basic authentication."""
+
+    address: str = Field(
+        "127.0.0.1",
+        description="Interface Flower listens on (0.0.0.0 only in a container or behind a proxy).",
+    )
+    port: int = Field(5555, ge=1, le=65535, description="Port Flower listens on.")
+    user: str | None = Field(
+        None,
+        pattern=r"^[^:,\s]+$",
+        description="Basic-auth user name; `emolabel flower` refuses to start without one.",
+    )
+    password: SecretStr | None = Field(
+        None,
+        description="Basic-auth password, 8 characters or more, no commas (never printed).",
+    )
+    max_tasks: int = Field(
+        10_000, ge=100, description="Tasks Flower keeps in memory (the newest; older ones drop)."
+    )
+
+    @field_validator("password")
+    @classmethod
+    def _usable_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        # Flower splits its --basic-auth list on commas: a comma would cut the password.
+        if "," in secret:
+            raise ValueError("the Flower password must not contain a comma")
+        if len(secret) < 8:
+            raise ValueError("the Flower password must have 8 characters or more")
+        return value
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint that each worker serves from its main process."""
+
+    address: str = Field(
+        "127.0.0.1",
+        description="Interface of the worker's /metrics (0.0.0.0 for a Prometheus elsewhere).",
+    )
+    port: int = Field(
+        9808, ge=0, le=65535, description="Port of the worker's /metrics endpoint; 0 turns it off."
+    )
 
 
 class Settings(BaseSettings):
@@ -156,6 +231,9 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scan: ScanSettings = Field(default_factory=ScanSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     @model_validator(mode="after")
     def _safe_combinations(self) -> Settings:

@@ -153,10 +153,11 @@ def test_draw_face_returns_an_rgb_array_of_the_requested_size() -> None:
 
 
 def paired_faces(first: FaceFeatures, second: FaceFeatures, seed: int) -> np.ndarray:
-    """Absolute difference of two faces drawn from identical generators: only the expression differs."""
+    """|first - second| for faces drawn from equal generators: only the expression differs."""
     one = draw_face(np.random.default_rng(seed), first, (192, 192)).astype(np.int16)
     two = draw_face(np.random.default_rng(seed), second, (192, 192)).astype(np.int16)
-    return np.abs(one - two)
+    difference: np.ndarray = np.abs(one - two)
+    return difference
 
 
 def test_happy_and_sad_differ_only_in_the_face() -> None:

@@ -93,7 +93,7 @@ EXPRESSIONS: Mapping[str, FaceFeatures] = {
         mouth_curve=1.0,
         mouth_open=0.55,
         mouth_width=0.5,
-        eye_open=0.3,
+        eye_open=0.75,
         brow_height=0.5,
         cheek_raise=1.0,
     ),
@@ -538,7 +538,7 @@ def _draw_face_layer(
     # Drawn in uint8: cv2 anti-aliases only 8-bit images.
     layer = np.zeros((height, width, 3), np.uint8)
     mask = np.zeros((height, width), np.uint8)
-    has_hair = rng.random() < 0.5
+    has_hair = rng.random() < 0.6
     if has_hair:
         _draw_hair_behind(layer, mask, geometry, palette)
     _draw_head(layer, mask, geometry, palette)
@@ -549,7 +549,7 @@ def _draw_face_layer(
     _draw_nose(layer, geometry, palette, features)
     _draw_mouth(layer, geometry, palette, features)
     _draw_smile_lines(layer, geometry, palette, features)
-    if rng.random() < 0.15:
+    if rng.random() < 0.1:
         _draw_glasses(rng, layer, geometry)
     return _rotate(rng, _light(rng, layer, geometry), mask, geometry)
 
@@ -654,6 +654,53 @@ def _draw_eyes(
         pupil = _points(*_ellipse(center_x, geometry.eye_y, 0.5 * iris_radius, 0.5 * iris_radius))
         _fill(layer, pupil, (10.0, 10.0, 10.0))
         _stroke(layer, outline, palette.feature, 0.05 * a, closed=True)
+        if features.cheek_raise > 0.2:
+            _push_up_lower_lid(
+                layer,
+                center_x,
+                geometry.eye_y,
+                eye_half_width,
+                eye_half_height,
+                tilt,
+                palette,
+                features.cheek_raise,
+            )
+
+
+def _push_up_lower_lid(
+    layer: NDArray[np.uint8],
+    center_x: float,
+    center_y: float,
+    half_width: float,
+    half_height: float,
+    tilt: float,
+    palette: _Palette,
+    cheek_raise: float,
+) -> None:
+    """Raised cheeks hide the bottom of the eye: the crescent-shaped eye of a real smile."""
+    t = np.linspace(-1.1, 1.1, 23)
+    lid_y = -0.35 * cheek_raise * half_height * np.clip(1 - t**2, 0, None)
+    below = np.full_like(t, 1.6 * half_height)
+    cover_x = np.concatenate([half_width * t, half_width * t[::-1]])
+    cover_y = np.concatenate([lid_y, below])
+    _fill(layer, _points(*_rotate_about(cover_x, cover_y, center_x, center_y, tilt)), palette.skin)
+    lid = _rotate_about(half_width * t[2:-2], lid_y[2:-2], center_x, center_y, tilt)
+    _stroke(layer, _points(*lid), palette.feature, 0.12 * half_width)
+
+
+def _rotate_about(
+    xs: NDArray[np.float64],
+    ys: NDArray[np.float64],
+    center_x: float,
+    center_y: float,
+    angle_degrees: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Offsets (xs, ys) from a centre, turned by the angle and moved to the centre."""
+    angle = math.radians(angle_degrees)
+    return (
+        center_x + xs * math.cos(angle) - ys * math.sin(angle),
+        center_y + xs * math.sin(angle) + ys * math.cos(angle),
+    )
 
 
 def _draw_closed_eye(
@@ -666,10 +713,8 @@ def _draw_closed_eye(
 ) -> None:
     t = np.linspace(-1, 1, 16)
     xs, ys = half_width * t, 0.25 * half_width * (1 - t**2)
-    angle = math.radians(tilt)
-    rotated_x = center_x + xs * math.cos(angle) - ys * math.sin(angle)
-    rotated_y = center_y + xs * math.sin(angle) + ys * math.cos(angle)
-    _stroke(layer, _points(rotated_x, rotated_y), palette.feature, 0.3 * half_width)
+    lid = _rotate_about(xs, ys, center_x, center_y, tilt)
+    _stroke(layer, _points(*lid), palette.feature, 0.3 * half_width)
 
 
 def _draw_brows(
@@ -793,7 +838,7 @@ def _draw_open_mouth(
 def _draw_glasses(rng: np.random.Generator, layer: NDArray[np.uint8], geometry: _Geometry) -> None:
     a = geometry.half_width
     color = (float(rng.uniform(0, 60)), float(rng.uniform(0, 60)), float(rng.uniform(0, 60)))
-    thickness = 0.035 * a
+    thickness = 0.03 * a
     radius_x, radius_y = 0.3 * a, 0.24 * a
     for side in (-1, 1):
         rim = _points(

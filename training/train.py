@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from training.dataset import (
     write_manifest,
 )
 from training.evaluate import Evaluation, evaluate_files, write_evaluation
+from training.frozen import MANIFEST as FROZEN_MANIFEST
+from training.frozen import apply_frozen, freeze, load_frozen
 from training.model import compile_model, head_for, make_model
 from training.preprocess import InputSpec
 
@@ -73,9 +75,17 @@ class PreparedData:
 
 
 def prepare_data(
-    data_dir: Path, train: TrainSettings, limits: LimitSettings, progress: Progress
+    data_dir: Path,
+    train: TrainSettings,
+    limits: LimitSettings,
+    progress: Progress,
+    frozen_test_dir: Path | None = None,
 ) -> PreparedData:
-    """Discover classes, clean, and split the file list; refuse what cannot be trained on."""
+    """Discover classes, clean, and split the file list; refuse what cannot be trained on.
+
+    With `frozen_test_dir`, the test part is the frozen test split stored there (frozen from
+    this split's test part the first time), and those images are kept out of training.
+    """
     class_names = discover_classes(data_dir)
     progress(f"classes ({len(class_names)}): {', '.join(class_names)}")
     report = scan_dataset(data_dir, limits)
@@ -86,6 +96,12 @@ def prepare_data(
         summary = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
         progress(f"left out {len(findings)} of {report.scanned} files: {summary}")
     split = split_examples(examples, train.split, train.seed)
+    if frozen_test_dir is not None:
+        frozen = load_frozen(frozen_test_dir)
+        if frozen is None:
+            frozen = freeze(frozen_test_dir, split.test, class_names)
+            progress(f"froze {len(frozen.items)} test images in {frozen_test_dir}")
+        split = apply_frozen(split, frozen)
     progress(
         f"split {len(split.train)} train / {len(split.validation)} validation / "
         f"{len(split.test)} test images"
@@ -144,6 +160,7 @@ def train_model(
     models_dir: Path,
     name: str,
     progress: Progress = logger.info,
+    frozen_test_dir: Path | None = None,
 ) -> TrainOutcome:
     """Train, evaluate on the test split, and save a complete artifact; returns what it made."""
     import keras
@@ -152,7 +169,7 @@ def train_model(
     from training.plots import plot_history
 
     started = time.perf_counter()
-    data = prepare_data(data_dir, train, limits, progress)
+    data = prepare_data(data_dir, train, limits, progress, frozen_test_dir)
     spec = InputSpec(train.image_size, train.image_size, train.color_mode)
     keras.utils.set_random_seed(train.seed)
 
@@ -160,7 +177,12 @@ def train_model(
     family = models_dir / name
     staging = family / f".{version}.partial"
     staging.mkdir(parents=True, exist_ok=False)
-    write_manifest(data.split, data_dir, staging / "split_manifest.json")
+    if frozen_test_dir is None:
+        write_manifest(data.split, data_dir, staging / "split_manifest.json")
+    else:
+        # The test images live in the frozen folder, outside the data root: record them apart.
+        write_manifest(replace(data.split, test=[]), data_dir, staging / "split_manifest.json")
+        shutil.copy2(frozen_test_dir / FROZEN_MANIFEST, staging / FROZEN_MANIFEST)
     (staging / "data_report.json").write_text(
         json.dumps(
             data.report.to_json() | {"unassigned": [str(f.path) for f in data.findings]}, indent=2

@@ -12,10 +12,37 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 
 from emolabel.settings import Settings
 
 LABEL_CHUNK = "emolabel.label_chunk"
+RETRAIN = "emolabel.retrain"
+
+
+def retrain_queue(settings: Settings) -> str:
+    """Retraining runs on its own queue, so a long run never sits in front of label chunks."""
+    return f"{settings.queue}.retrain"
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    """The nightly retraining entry, when a training folder is configured."""
+    if settings.retrain.data_dir is None:
+        return {}
+    minute, hour, day_of_month, month_of_year, day_of_week = settings.retrain.schedule.split()
+    return {
+        "retrain": {
+            "task": RETRAIN,
+            "schedule": crontab(
+                minute=minute,
+                hour=hour,
+                day_of_month=day_of_month,
+                month_of_year=month_of_year,
+                day_of_week=day_of_week,
+            ),
+            "options": {"queue": retrain_queue(settings)},
+        }
+    }
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -59,7 +86,21 @@ def make_celery(settings: Settings) -> Celery:
         # No soft limit: nothing would use it, and the exception it raises anywhere (inside an
         # import of Keras, say) failed the task, acknowledged the chunk and lost its images.
         task_default_queue=settings.queue,
-        task_routes={LABEL_CHUNK: {"queue": settings.queue}},
+        task_routes={
+            LABEL_CHUNK: {"queue": settings.queue},
+            RETRAIN: {"queue": retrain_queue(settings)},
+        },
+        # A retraining run outlives the visibility timeout, so it is acknowledged on receipt
+        # (a lost run is simply the next night's) and has its own time limit.
+        task_annotations={
+            RETRAIN: {
+                "acks_late": False,
+                "time_limit": settings.retrain.time_limit,
+                "soft_time_limit": settings.retrain.time_limit - 30,
+            }
+        },
+        beat_schedule=beat_schedule(settings),
+        beat_schedule_filename=str(settings.home.resolve() / "celerybeat-schedule"),
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,

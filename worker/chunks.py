@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class ChunkReport:
     images: int
     labeled: int = 0
     failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
     model_version: str | None = None
     split_into: list[int] = field(default_factory=list)
     note: str | None = None
@@ -120,6 +122,9 @@ def handle_chunk(
     report.stage_seconds["write"] = round(time.perf_counter() - write_started, 4)
     report.labeled = sum(outcome.prediction is not None for outcome in outcomes)
     report.failed = len(outcomes) - report.labeled
+    report.failed_by_reason = dict(
+        Counter(o.reason or ReasonCode.CORRUPT.value for o in outcomes if o.prediction is None)
+    )
     report.seconds = round(time.perf_counter() - started, 4)
     report.images_per_second = round(len(uris) / report.seconds, 2) if report.seconds else 0.0
     return report

@@ -45,7 +45,7 @@ def _compile(model: Any, spec: InputSpec, batch_size: int) -> BatchFunction:
         trainable = [variable.value for variable in model.trainable_variables]
         non_trainable = [variable.value for variable in model.non_trainable_variables]
 
-        @jax.jit  # type: ignore[untyped-decorator]
+        @jax.jit
         def jitted(trainable_values: Any, non_trainable_values: Any, images: Any) -> Any:
             values = images.astype(jnp.float32) * scale + offset
             outputs, _ = model.stateless_call(

@@ -9,6 +9,7 @@ becomes an outcome with a reason, and the rest of the chunk goes on.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -81,12 +82,24 @@ def label_images(
     pool: Executor,
     batch_size: int,
     times: StageTimes | None = None,
+    read_ahead: int | None = None,
 ) -> list[ImageOutcome]:
-    """Return one outcome per URI, in input order."""
+    """Return one outcome per URI, in input order.
+
+    At most `read_ahead` images (default: two batches) are decoded ahead of the model, so memory
+    stays bounded by the batch size, not the chunk size, when decoding outpaces predicting.
+    """
     times = times if times is not None else StageTimes()
-    futures: list[Future[tuple[NDArray[np.uint8] | None, ImageOutcome | None, float]]] = [
-        pool.submit(_prepare, uri, read, runner.spec, limits) for uri in uris
-    ]
+    window = read_ahead if read_ahead is not None else 2 * batch_size
+    pending: deque[Future[tuple[NDArray[np.uint8] | None, ImageOutcome | None, float]]] = deque()
+    submitted = 0
+
+    def top_up() -> None:
+        nonlocal submitted
+        while submitted < len(uris) and len(pending) < window:
+            pending.append(pool.submit(_prepare, uris[submitted], read, runner.spec, limits))
+            submitted += 1
+
     outcomes: list[ImageOutcome | None] = [None] * len(uris)
     batch_pixels: list[NDArray[np.uint8]] = []
     batch_positions: list[int] = []
@@ -104,7 +117,10 @@ def label_images(
         batch_pixels.clear()
         batch_positions.clear()
 
-    for position, future in enumerate(futures):
+    top_up()
+    for position in range(len(uris)):
+        future = pending.popleft()
+        top_up()
         waited = time.perf_counter()
         pixels, failure, decode_seconds = future.result()
         times.waiting += time.perf_counter() - waited

@@ -37,7 +37,7 @@ class Reader:
 
     def read(self, uri: str, job_root: str) -> bytes:
         """The bytes of `uri`, or an `ImageError` with the reason it cannot be read."""
-        if uri.startswith(f"{S3_SCHEME}://"):
+        if uri.startswith(S3_SCHEME):
             return self._read_s3(uri, job_root)
         return self._read_file(uri, job_root)
 
@@ -52,7 +52,10 @@ class Reader:
         except ValueError as error:
             raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not a file URI: {error}") from None
         real = os.path.realpath(path)
-        job_real, *configured = self._roots_for(job_root)
+        try:
+            job_real, *configured = self._roots_for(job_root)
+        except ValueError:
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, "a local file in a bucket's job") from None
         if not _inside(real, job_real) or (
             configured and not any(_inside(real, r) for r in configured)
         ):
@@ -81,8 +84,11 @@ class Reader:
             os.close(descriptor)
 
     def _read_s3(self, uri: str, job_root: str) -> bytes:
-        bucket, key = parse_s3_uri(uri)
-        root_bucket, root_prefix = parse_s3_uri(job_root)
+        try:
+            bucket, key = parse_s3_uri(uri)
+            root_bucket, root_prefix = parse_s3_uri(job_root)
+        except ValueError as error:
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not in the job's bucket: {error}") from None
         if bucket != root_bucket or not key.startswith(root_prefix):
             raise ImageError(ReasonCode.OUTSIDE_ROOT, "object is outside the job's bucket prefix")
         from botocore.exceptions import BotoCoreError, ClientError

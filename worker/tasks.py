@@ -10,14 +10,17 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from worker.celery_app import LABEL_CHUNK
+from emolabel.errors import ConfigError, ModelError
+from worker.celery_app import LABEL_CHUNK, RETRAIN
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
+# Retried with backoff rather than acknowledged as failed: a chunk must not be lost because the
+# database, the broker or the model (being promoted, on a share that is remounting) is away.
+TRANSIENT = (OperationalError, InterfaceError, ConnectionError, ModelError, ConfigError)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -32,6 +35,16 @@ def _fresh_child(**_: Any) -> None:
     settings = getattr(current_app, "emolabel_settings", None)
     if settings is not None and settings.worker.gpus:
         pin_gpu(int(getattr(current_process(), "index", 0) or 0), settings.worker.gpus)
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _serve_metrics(sender: Any, **_: Any) -> None:
+    """Serve /metrics from the worker's main process (the pool writes multiprocess files)."""
+    from worker.metrics import start_metrics_server
+
+    settings = getattr(sender.app, "emolabel_settings", None)
+    if settings is not None:
+        start_metrics_server(settings, queues=list(sender.app.amqp.queues.consume_from))
 
 
 @shared_task(name=LABEL_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
@@ -61,4 +74,23 @@ def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> d
             "chunk %s/%s: transient error, retry in %ss: %s", job_id, chunk_index, countdown, error
         )
         raise self.retry(exc=error, countdown=countdown) from None
+    # Imported late: prometheus_client fixes its multiprocess mode at import.
+    from worker.metrics import record_chunk
+
+    result = report.to_json()
+    record_chunk(result)
+    return result
+
+
+@shared_task(name=RETRAIN, bind=True)  # type: ignore[untyped-decorator]
+def retrain(self: Task, data_dir: str | None = None) -> dict[str, Any]:
+    """Train a challenger and promote it only if it passes the gate (see worker.retrain)."""
+    from pathlib import Path
+
+    from worker.retrain import run_retrain
+    from worker.state import process_state
+
+    settings = self.app.emolabel_settings
+    state = process_state(settings)
+    report = run_retrain(settings, state.sessions, data_dir=Path(data_dir) if data_dir else None)
     return report.to_json()

@@ -322,7 +322,7 @@ def show_settings(
 
 
 # The pipeline commands register themselves on `app`.
-from emolabel.cli import pipeline  # noqa: E402, F401
+from emolabel.cli import models, pipeline  # noqa: E402, F401
 
 
 def main() -> None:
@@ -336,6 +336,17 @@ def main() -> None:
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(130)
+    except Exception as error:
+        # Infrastructure failures (database, broker) still get one line; their type says where.
+        from kombu.exceptions import OperationalError as BrokerError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(error, SQLAlchemyError | BrokerError):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        kind = "database" if isinstance(error, SQLAlchemyError) else "broker"
+        errors.print(f"[bold red]error:[/] {kind}: {escape(first_line)}", highlight=False)
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -221,11 +221,15 @@ def run_worker(
     settings = settings_from()
     _broker(settings)
     _sessions(settings)  # migrate or check before taking work
-    arguments = ["worker", f"--loglevel={loglevel}", f"--queues={settings.queue}"]
+    from worker.celery_app import retrain_queue
+
+    queues = f"{settings.queue},{retrain_queue(settings)}"
+    arguments = ["worker", f"--loglevel={loglevel}", f"--queues={queues}"]
     processes = concurrency or settings.worker.gpus or settings.worker.concurrency
     arguments.append(f"--concurrency={processes}")
     if hostname:
         arguments.append(f"--hostname={hostname}")
+    _metrics_directory_for_pool(settings)
     celery_app = _celery(settings)
     celery_app.loader.import_default_modules()
     celery_app.worker_main(arguments)
@@ -453,3 +457,68 @@ def failures(
                 str(item.attempts),
             )
     console.print(table)
+
+
+def _metrics_directory_for_pool(settings: Settings) -> None:
+    """Point prometheus_client at a fresh folder, so the pool's metrics reach /metrics.
+
+    An entry point's job: prometheus_client reads `PROMETHEUS_MULTIPROC_DIR` once, when first
+    imported, and the pool processes forked later inherit both the variable and that choice.
+    A folder the user set is kept as it is.
+    """
+    import logging
+    import os
+    import socket
+
+    from emolabel.ops import MULTIPROCESS_VARIABLE, prepare_metrics_directory
+
+    if settings.metrics.port == 0 or os.environ.get(MULTIPROCESS_VARIABLE):
+        return
+    if "prometheus_client" in sys.modules:
+        logging.getLogger(__name__).warning(
+            "prometheus_client was imported before %s was set", MULTIPROCESS_VARIABLE
+        )
+    directory = prepare_metrics_directory(
+        settings.home.resolve(), socket.gethostname(), os.getpid()
+    )
+    os.environ[MULTIPROCESS_VARIABLE] = str(directory)
+
+
+@app.command()
+def flower(
+    address: Annotated[
+        str | None, typer.Option(help="Interface to listen on (default: EMOLABEL_FLOWER__ADDRESS).")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Port to listen on (default: EMOLABEL_FLOWER__PORT)."),
+    ] = None,
+) -> None:
+    """Serve the Flower dashboard: workers, chunk tasks with their counts and times, the queue.
+
+    Basic authentication is always on (EMOLABEL_FLOWER__USER and EMOLABEL_FLOWER__PASSWORD).
+    """
+    import logging
+
+    from emolabel.ops import flower_arguments, run_flower
+
+    base = settings_from()
+    chosen = {"address": address, "port": port}
+    settings = base.model_copy(
+        update={
+            "flower": base.flower.model_copy(
+                update={key: value for key, value in chosen.items() if value is not None}
+            )
+        }
+    )
+    flower_arguments(settings)  # no credentials: refuse before starting anything
+    _broker(settings)
+    logging.getLogger("flower").setLevel(logging.INFO)  # its "Visit me at" line
+    console.print(
+        f"Flower on http://{settings.flower.address}:{settings.flower.port} "
+        f"(user {settings.flower.user})",
+        highlight=False,
+    )
+    status = run_flower(settings)
+    if status:
+        raise typer.Exit(status)

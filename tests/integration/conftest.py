@@ -67,9 +67,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=BACKENDS)
-def database_url(
-    request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path
-) -> str:
+def database_url(request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path) -> str:
     """A fresh ledger migrated to head; `@pytest.mark.parametrize(..., indirect=True)` narrows."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -363,10 +361,10 @@ def generate_images(root: Path, total: int, *, seed: int = 11) -> list[Path]:
     folders = [root / "shallow", root / "a" / "b", root / "a" / "b" / "c" / "d", root / "x" / "y"]
     per_folder = [total // len(folders)] * len(folders)
     per_folder[0] += total - sum(per_folder)
-    paths: list[Path] = []
     for index, (folder, count) in enumerate(zip(folders, per_folder, strict=True)):
         per_class, extra = divmod(count, len(CLASSES))
-        generate_sample_data(folder, CLASSES, per_class, seed + index, min_size=64, max_size=72)
+        if per_class:
+            generate_sample_data(folder, CLASSES, per_class, seed + index, min_size=64, max_size=72)
         if extra:
             generate_sample_data(
                 folder / "extra", CLASSES[:1], extra, seed + 100 + index, min_size=64, max_size=72

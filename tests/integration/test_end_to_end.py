@@ -28,11 +28,12 @@ from tests.integration.conftest import (
     ledger,
     results_per_image,
     wait_for_job,
+    worker_log_text,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ARCHIVE_IMAGES = 100
+ARCHIVE_IMAGES = 1000
 TOUCHED = 10
 
 
@@ -54,7 +55,7 @@ def test_an_archive_with_hostile_files_ends_with_every_file_in_one_state(
     job_id = cli_scan(settings, str(archive.root))
     assert archive.doomed is not None
     archive.doomed.unlink()
-    workers.start(settings)
+    local = workers.start(settings)
     balance = wait_for_job(sessions, job_id, settings)
 
     rows = ledger(sessions, job_id)
@@ -105,6 +106,13 @@ def test_an_archive_with_hostile_files_ends_with_every_file_in_one_state(
     assert again_balance.labeled == again_balance.failed == 0
     with sessions() as session:
         assert session.scalar(select(func.count()).where(Chunk.job_id == again)) == 0
+    skipped_again = {row.reason for row in ledger(sessions, again).values()}
+    assert {"already_labeled", "already_failed"} <= skipped_again
+
+    # What failed for its content is sent again only when asked for.
+    failed_first = {uri for uri, want in archive.expected.items() if want.state == "failed"}
+    retried = cli_scan(settings, str(archive.root), "--where", "failed")
+    assert wait_for_job(sessions, retried, settings).failed == len(failed_first) - 1  # not missing
 
     # A new mtime is a new version of the file: exactly the touched files are labeled again.
     touched = sorted(archive.generated)[:: ARCHIVE_IMAGES // TOUCHED][:TOUCHED]
@@ -122,3 +130,6 @@ def test_an_archive_with_hostile_files_ends_with_every_file_in_one_state(
     assert relabeled == TOUCHED
     assert results_per_image(sessions) == dict.fromkeys(archive.labeled(), 1)
     assert counts(sessions, job_id) == balance  # the first job's ledger is history, unchanged
+    # No hostile file took a process down: the worker lived throughout and lost no pool process.
+    assert local.process.poll() is None
+    assert "WorkerLostError" not in worker_log_text(settings)

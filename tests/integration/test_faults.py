@@ -6,17 +6,29 @@ balanced counts.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
 import pytest
-from sqlalchemy import select
+import redis
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
-from db.models import Chunk, ChunkStatus
-from emolabel.settings import ScanSettings, WorkerSettings
+from db.models import Chunk, ChunkStatus, Image, JobItem
+from emolabel.settings import ScanSettings, Settings, WorkerSettings
+from producer.uris import path_to_uri
 from tests.integration.conftest import (
     SettingsFactory,
     Workers,
@@ -29,39 +41,54 @@ from tests.integration.conftest import (
     wait_for,
     wait_for_job,
     worker_log,
+    worker_log_text,
+    write_bytes,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Redis hands an unacknowledged chunk of a dead worker to another after this many seconds.
+# Redis hands the unacknowledged chunk of a dead worker to another after this many seconds; a
+# chunk (a fresh pool process loading the model included) takes far less than the time limit.
 VISIBILITY_TIMEOUT = 20
 TASK_TIME_LIMIT = 15
 
 
-def fault_settings(make_settings: SettingsFactory, chunk_size: int, **worker: object):
-    return make_settings(
-        scan=ScanSettings(chunk_size=chunk_size),
-        worker=WorkerSettings(
-            concurrency=1,
-            decode_threads=2,
-            batch_size=16,
-            task_time_limit=TASK_TIME_LIMIT,
-            visibility_timeout=VISIBILITY_TIMEOUT,
-            **worker,
-        ),
+def fault_settings(make_settings: SettingsFactory, chunk_size: int, **overrides: Any) -> Settings:
+    worker = WorkerSettings(
+        concurrency=1,
+        decode_threads=2,
+        batch_size=16,
+        task_time_limit=TASK_TIME_LIMIT,
+        visibility_timeout=VISIBILITY_TIMEOUT,
+        max_attempts=3,
     )
+    return make_settings(scan=ScanSettings(chunk_size=chunk_size), worker=worker, **overrides)
 
 
-def chunk_in_progress(sessions: sessionmaker[Session], job_id: int) -> Chunk | None:
-    """A chunk a worker has started (its delivery is counted) and not finished."""
+def chunk_in_progress(
+    sessions: sessionmaker[Session], job_id: int, *, besides: int | None = None
+) -> Chunk | None:
+    """A chunk a worker has started (its delivery is counted) and not finished, other than
+    chunk `besides`."""
+    query = select(Chunk).where(
+        Chunk.job_id == job_id, Chunk.deliveries > 0, Chunk.status != ChunkStatus.DONE
+    )
+    if besides is not None:
+        query = query.where(Chunk.chunk_index != besides)
     with sessions() as session:
-        return session.scalars(
-            select(Chunk).where(
-                Chunk.job_id == job_id,
-                Chunk.deliveries > 0,
-                Chunk.status != ChunkStatus.DONE,
-            )
-        ).first()
+        return session.scalars(query.order_by(Chunk.chunk_index)).first()
+
+
+def assert_all_labeled_once(
+    sessions: sessionmaker[Session], job_id: int, uris: list[str], settings: Settings
+) -> None:
+    balance = wait_for_job(sessions, job_id, settings, timeout=VISIBILITY_TIMEOUT + 120)
+    assert_balanced(balance)
+    assert balance.labeled == len(uris) == balance.enqueued
+    assert results_per_image(sessions) == dict.fromkeys(uris, 1)
+
+
+# --- (a) kill -9 ------------------------------------------------------------------------------
 
 
 def test_killed_children_and_a_killed_worker_lose_and_repeat_nothing(
@@ -73,33 +100,292 @@ def test_killed_children_and_a_killed_worker_lose_and_repeat_nothing(
     archive = build_archive(tmp_path / "archive", 48)
     settings = fault_settings(make_settings, chunk_size=6)
     job_id = cli_scan(settings, str(archive.root))
-    started = time.monotonic()
     local = workers.start(settings)
 
-    # The first chunk of a fresh pool process loads the model: seconds in the middle of a chunk.
+    # A fresh pool process loads the model inside its first chunk: seconds in mid-chunk.
     first = wait_for(lambda: chunk_in_progress(sessions, job_id), timeout=60, interval=0.02)
     [child] = child_pids(local.pid)
     os.kill(child, signal.SIGKILL)
-    print(f"{time.monotonic() - started:.1f}s killed child {child} in chunk {first.chunk_index}")
 
-    # Rejected on worker loss, the chunk comes straight back to a new pool process, which splits
-    # it (a process died in it) and goes on; kill the whole worker while it works on another one.
-    def another_chunk_started() -> Chunk | None:
-        chunk = chunk_in_progress(sessions, job_id)
-        return chunk if chunk is not None and chunk.chunk_index != first.chunk_index else None
-
-    second = wait_for(another_chunk_started, timeout=60, interval=0.02)
+    # Rejected on worker loss, that chunk goes back to the queue; its next delivery sees the
+    # death and splits it. Meanwhile the new pool process starts the next chunk, loading the
+    # model again: kill the whole worker there.
+    second = wait_for(
+        lambda: chunk_in_progress(sessions, job_id, besides=first.chunk_index),
+        timeout=60,
+        interval=0.02,
+    )
     workers.kill(local)
-    killed_at = time.monotonic()
-    print(f"{killed_at - started:.1f}s killed worker in chunk {second.chunk_index}")
-    assert chunk_in_progress(sessions, job_id) is not None
+    with sessions() as session:
+        killed_in = session.get(Chunk, (job_id, second.chunk_index))
+    assert killed_in is not None and killed_in.status != ChunkStatus.DONE
 
+    # The killed worker's chunk is Redis' again after the visibility timeout.
     workers.start(settings)
-    balance = wait_for_job(sessions, job_id, settings, timeout=VISIBILITY_TIMEOUT + 150)
-    print(f"{time.monotonic() - killed_at:.1f}s from worker kill to done")
-    print(worker_log(settings, 200))
+    assert_all_labeled_once(sessions, job_id, archive.generated, settings)
+    log = worker_log_text(settings)
+    assert "WorkerLostError" in log
+    assert "a process died in this chunk" in log  # both chunks were split on redelivery
 
+
+# --- (b) Redis restarted from its append-only file ---------------------------------------------
+
+
+class OwnRedis:
+    """A redis-server of this test's own, on a free port, fsyncing its AOF on every write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        assert executable, "redis-server is not on PATH"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        arguments = [
+            executable,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            arguments,
+            stdin=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            wait_for(self._answers(client), timeout=20, what=f"redis-server on {self.url}")
+        finally:
+            client.close()
+
+    def _answers(self, client: redis.Redis) -> Any:
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.RedisError:  # refused, or still loading the AOF
+                return False
+
+        return ping
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; only what the AOF holds survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_redis_restarted_from_its_append_only_file_mid_job_loses_nothing(
+    own_redis: OwnRedis,  # first, so that it is torn down after the worker
+    make_settings: SettingsFactory,
+    sessions: sessionmaker[Session],
+    workers: Workers,
+    tmp_path: Path,
+) -> None:
+    archive = build_archive(tmp_path / "archive", 40)
+    settings = fault_settings(make_settings, chunk_size=5, broker_url=own_redis.url)
+    job_id = cli_scan(settings, str(archive.root))
+    local = workers.start(settings)
+
+    # While the first chunk is being worked on (its message unacknowledged, seven more queued),
+    # Redis dies without a chance to save and comes back from its append-only file.
+    wait_for(lambda: chunk_in_progress(sessions, job_id), timeout=60, interval=0.02)
+    own_redis.kill()
+    time.sleep(1)  # long enough for the worker to notice the lost connection
+    own_redis.start()
+
+    assert_all_labeled_once(sessions, job_id, archive.generated, settings)
+    assert local.process.poll() is None, "the worker should have reconnected, not exited"
+    assert "Connection to broker lost" in worker_log_text(settings)
+
+
+# --- (c) PostgreSQL connections terminated mid-write -------------------------------------------
+
+BLOCKED = text(
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND wait_event_type = 'Lock'"
+)
+RETRY = "transient error, retry"
+TERMINATE = text(
+    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()) AS terminated"
+)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_postgresql_connections_terminated_mid_write_retry_and_land_once(
+    make_settings: SettingsFactory,
+    sessions: sessionmaker[Session],
+    workers: Workers,
+    tmp_path: Path,
+    database_url: str,
+) -> None:
+    archive = build_archive(tmp_path / "archive", 24)
+    settings = fault_settings(make_settings, chunk_size=4)
+    job_id = cli_scan(settings, str(archive.root))
+
+    # Holding the results table locked catches the worker inside its write transaction: its
+    # INSERT waits on the lock, and that is when its connection is terminated (three times).
+    locker_engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with locker_engine.connect() as locker:
+            locker.execute(text("LOCK TABLE results IN EXCLUSIVE MODE"))
+            workers.start(settings)
+
+            def activity(query: Any) -> int:
+                # pg_stat_activity is read once per transaction unless the snapshot is dropped.
+                locker.execute(text("SELECT pg_stat_clear_snapshot()"))
+                return int(locker.execute(query).scalar() or 0)
+
+            for terminations in range(1, 4):
+                wait_for(
+                    lambda: activity(BLOCKED),
+                    timeout=60,
+                    interval=0.05,
+                    what="a worker waiting inside its write transaction",
+                )
+                assert activity(TERMINATE) > 0
+                wait_for(
+                    lambda: worker_log_text(settings).count(RETRY) >= terminations,  # noqa: B023
+                    timeout=30,
+                    what="the worker to schedule a retry",
+                )
+            locker.rollback()  # releases the lock
+    finally:
+        locker_engine.dispose()
+
+    assert_all_labeled_once(sessions, job_id, archive.generated, settings)
+    log = worker_log_text(settings)
+    assert log.count(RETRY) >= 3, worker_log(settings)
+    assert "a process died in this chunk" not in log  # a retry is not mistaken for a crash
+
+
+# --- (d) an image that kills the process that decodes it --------------------------------------
+
+# Seconds a delivery of the poison image's chunk may take before the watcher calls it
+# "decoding": far above a split or the poison verdict (a few database statements), far below
+# decoding the poison image (a 9000 x 9000 PNG: over a second on its own).
+GRACE = 0.3
+POISON_SIDE = 9000
+
+
+class PoisonWatcher(threading.Thread):
+    """Plays the decoder crash: SIGKILLs the worker's pool processes whenever the chunk that
+    holds the poison image is started and still busy `GRACE` seconds later."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], job_id: int, image_id: int, worker_pid: int
+    ) -> None:
+        super().__init__(daemon=True)
+        self.sessions = sessions
+        self.job_id = job_id
+        self.image_id = image_id
+        self.worker_pid = worker_pid
+        self.kills = 0
+        self.stopped = threading.Event()
+
+    def holding_chunk(self) -> tuple[int, int, ChunkStatus] | None:
+        with self.sessions() as session:
+            row = session.execute(
+                select(Chunk.chunk_index, Chunk.deliveries, Chunk.status)
+                .join(
+                    JobItem,
+                    (JobItem.job_id == Chunk.job_id) & (JobItem.chunk_index == Chunk.chunk_index),
+                )
+                .where(JobItem.job_id == self.job_id, JobItem.image_id == self.image_id)
+            ).first()
+        return None if row is None else (row[0], row[1], ChunkStatus(row[2]))
+
+    def run(self) -> None:
+        handled: set[tuple[int, int]] = set()
+        while not self.stopped.wait(0.02):
+            seen = self.holding_chunk()
+            if seen is None or seen[2] == ChunkStatus.DONE or seen[1] == 0:
+                continue
+            if (seen[0], seen[1]) in handled:
+                continue
+            handled.add((seen[0], seen[1]))
+            time.sleep(GRACE)
+            if self.holding_chunk() == seen:  # the same delivery, still at work
+                for child in child_pids(self.worker_pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                self.kills += 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_image_that_kills_its_process_ends_as_poison_and_its_chunk_mates_are_labeled(
+    make_settings: SettingsFactory,
+    sessions: sessionmaker[Session],
+    workers: Workers,
+    tmp_path: Path,
+) -> None:
+    archive = build_archive(tmp_path / "archive", 15)
+    # First in the walk, so in the first chunk; slow to decode, so a delivery that decodes it is
+    # easy to tell from one that only splits the chunk or records the verdict.
+    poison = archive.root / "0-poison" / "poison.png"
+    poison.parent.mkdir()
+    pixels = np.zeros((POISON_SIDE, POISON_SIDE, 3), np.uint8)
+    pixels[::7] = 200
+    write_bytes(poison, cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes())
+    settings = make_settings(
+        scan=ScanSettings(chunk_size=4),
+        worker=WorkerSettings(concurrency=1, decode_threads=2, batch_size=16, max_attempts=3),
+    )
+    job_id = cli_scan(settings, str(archive.root))
+    poison_uri = path_to_uri(poison)
+    with sessions() as session:
+        poison_id, first_chunk = session.execute(
+            select(Image.id, JobItem.chunk_index)
+            .join(JobItem, JobItem.image_id == Image.id)
+            .where(JobItem.job_id == job_id, Image.uri == poison_uri)
+        ).one()
+        mates = set(
+            session.scalars(
+                select(Image.uri)
+                .join(JobItem, JobItem.image_id == Image.id)
+                .where(JobItem.job_id == job_id, JobItem.chunk_index == first_chunk)
+            )
+        ) - {poison_uri}
+    assert len(mates) == 3
+
+    local = workers.start(settings)
+    watcher = PoisonWatcher(sessions, job_id, poison_id, local.pid)
+    watcher.start()
+    try:
+        balance = wait_for_job(sessions, job_id, settings, timeout=240)
+    finally:
+        watcher.stopped.set()
+        watcher.join(timeout=10)
+
+    rows = ledger(sessions, job_id)
+    assert (rows[poison_uri].state, rows[poison_uri].reason) == ("failed", "poison")
+    assert {rows[uri].state for uri in mates} == {"labeled"}
     assert_balanced(balance)
-    assert balance.labeled == len(archive.generated) == balance.enqueued
+    assert balance.labeled == len(archive.generated) and balance.failed == 1
     assert results_per_image(sessions) == dict.fromkeys(archive.generated, 1)
-    assert {row.state for row in ledger(sessions, job_id).values()} == {"labeled"}
+    # Chunk of 4, then 2, then the image alone until max_attempts deliveries: 2 + 2 kills.
+    assert watcher.kills == 2 + settings.worker.max_attempts - 1, worker_log(settings)

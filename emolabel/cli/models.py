@@ -1,0 +1,174 @@
+"""Registry and retraining commands: `models list|show|promote|rollback`, `retrain`, `beat`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from emolabel.cli.main import app, console, fail, progress_line, settings_from
+from emolabel.cli.pipeline import _broker, _celery, _sessions
+
+models_app = typer.Typer(
+    help="The model registry: list, show, promote, rollback.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def list_models_command(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version.")] = False,
+) -> None:
+    """Every registered version with its status and test metrics (the active one labels)."""
+    from db.repository import list_models
+
+    sessions = _sessions(settings_from())
+    table = Table("version", "status", "name", "macro F1", "accuracy", "created", "promoted")
+    with sessions() as session:
+        for model in list_models(session=session):
+            if as_json:
+                print(json.dumps({
+                    "version": model.version, "status": model.status, "name": model.name,
+                    "metrics": model.metrics, "artifact_path": model.artifact_path,
+                    "created_at": model.created_at.isoformat(),
+                    "promoted_at": model.promoted_at.isoformat() if model.promoted_at else None,
+                }))  # fmt: skip
+                continue
+            metrics = model.metrics or {}
+            f1 = metrics.get("macro", {}).get("f1")
+            accuracy = metrics.get("accuracy")
+            table.add_row(
+                model.version,
+                model.status,
+                model.name,
+                "-" if f1 is None else f"{f1:.4f}",
+                "-" if accuracy is None else f"{accuracy:.4f}",
+                model.created_at.strftime("%Y-%m-%d %H:%M"),
+                model.promoted_at.strftime("%Y-%m-%d %H:%M") if model.promoted_at else "-",
+            )
+    if not as_json:
+        console.print(table)
+
+
+@models_app.command("show")
+def show_model(version: Annotated[str, typer.Argument(help="A registered version.")]) -> None:
+    """The registry row and the artifact's metadata of one version, as JSON."""
+    from db.models import ModelVersion
+
+    sessions = _sessions(settings_from())
+    with sessions() as session:
+        model = session.get(ModelVersion, version)
+        if model is None:
+            fail(f"no model version {version!r} is registered (see `emolabel models list`)")
+        artifact_path = model.artifact_path
+        row = {
+            "version": model.version,
+            "name": model.name,
+            "status": model.status,
+            "artifact_path": model.artifact_path,
+            "class_names": model.class_names,
+            "created_at": model.created_at.isoformat(),
+            "promoted_at": model.promoted_at.isoformat() if model.promoted_at else None,
+        }
+    metadata_file = Path(artifact_path) / "metadata.json"
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+    console.print_json(data={"registry": row, "metadata": metadata})
+
+
+@models_app.command("promote")
+def promote(
+    version: Annotated[str, typer.Argument(help="A registered version, or an artifact folder.")],
+) -> None:
+    """Make a version the active model; workers switch at their next chunk."""
+    from db.repository import NotFoundError, set_active_model
+    from emolabel.registry import register_artifact
+
+    settings = settings_from()
+    sessions = _sessions(settings)
+    with sessions.begin() as session:
+        folder = Path(version)
+        if (folder / "metadata.json").is_file():
+            model = register_artifact(session=session, directory=folder, activate=True)
+        else:
+            try:
+                model = set_active_model(session=session, version=version)
+            except NotFoundError:
+                fail(f"no model version {version!r} is registered (see `emolabel models list`)")
+        promoted = model.version
+    console.print(f"active model: {promoted}", highlight=False)
+
+
+@models_app.command("rollback")
+def rollback() -> None:
+    """Reactivate the version that was active before the current one."""
+    from sqlalchemy import select
+
+    from db.models import ModelStatus, ModelVersion
+    from db.repository import active_model, set_active_model
+
+    sessions = _sessions(settings_from())
+    with sessions.begin() as session:
+        current = active_model(session=session)
+        previous = session.scalars(
+            select(ModelVersion)
+            .where(
+                ModelVersion.status == ModelStatus.RETIRED,
+                ModelVersion.promoted_at.is_not(None),
+            )
+            .order_by(ModelVersion.promoted_at.desc())
+            .limit(1)
+        ).first()
+        if previous is None:
+            fail("no earlier active version to roll back to")
+        set_active_model(session=session, version=previous.version)
+        restored, replaced = previous.version, current.version if current else None
+    console.print(f"active model: {restored} (was {replaced})", highlight=False)
+
+
+@app.command()
+def retrain(
+    data_dir: Annotated[
+        Path | None, typer.Argument(help="Training folder (default: EMOLABEL_RETRAIN__DATA_DIR).")
+    ] = None,
+    send: Annotated[
+        bool, typer.Option(help="Send it to a worker instead of running it here.")
+    ] = False,
+) -> None:
+    """Train a challenger, compare it with the champion on the frozen test split, promote it
+    only if it is better; the run and its decision are recorded either way."""
+    settings = settings_from()
+    if send:
+        from worker.celery_app import RETRAIN, retrain_queue
+
+        _broker(settings)
+        sent = _celery(settings).send_task(
+            RETRAIN,
+            kwargs={"data_dir": str(data_dir.resolve()) if data_dir else None},
+            queue=retrain_queue(settings),
+        )
+        console.print(f"retraining sent as task {sent.id}", highlight=False)
+        return
+    from worker.retrain import run_retrain
+
+    report = run_retrain(settings, _sessions(settings), data_dir=data_dir, progress=progress_line)
+    console.print(
+        f"run {report.run_id}: {report.decision} challenger {report.challenger_version} "
+        f"(champion {report.champion_version}): {report.reason}",
+        highlight=False,
+    )
+
+
+@app.command()
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run Celery beat (exactly one per deployment): schedules the nightly retraining."""
+    settings = settings_from()
+    if settings.retrain.data_dir is None:
+        fail("nothing to schedule: set EMOLABEL_RETRAIN__DATA_DIR to the training folder")
+    _broker(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    _celery(settings).start(["beat", f"--loglevel={loglevel}"])

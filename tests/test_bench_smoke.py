@@ -1,0 +1,82 @@
+"""A smoke run of `python -m bench throughput` on tiny sets, so that the harness cannot rot.
+
+Everything is real and end to end: generated crops and (reduced-size) photos, the benchmark
+model, the spawned process for phases (a)-(c), the embedded Redis, a Celery worker process and
+the SQLite ledger. Only the sizes are small; the numbers themselves mean nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("notebook", "decode", "model", "emolabel")
+SETS = {"crops-20": 20, "photos-3-800x600": 3}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None, reason="redis-server is not installed"
+    ),
+]
+
+
+@pytest.mark.timeout(120)
+def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "bench", "throughput",
+        "--kind", "both", "--crops", "20", "--photos", "3", "--photo-size", "800x600",
+        "--batch-size", "16", "--chunk-size", "8", "--notebook-images", "5",
+        "--out", str(out), "--cache", str(tmp_path / "images"), "--timeout", "90",
+    ]  # fmt: skip
+    environment = {
+        **{name: value for name, value in os.environ.items() if not name.startswith("EMOLABEL_")},
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    done = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=115, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = sorted(out.glob("throughput-*.json"))
+    assert len(reports) == 1, done.stdout
+    report = json.loads(reports[0].read_text())
+
+    assert set(report["sets"]) == set(SETS)
+    for name, images in SETS.items():
+        phases = report["sets"][name]["phases"]
+        for phase in PHASES:
+            assert phases[phase]["images_per_s"] > 0, (name, phase, phases[phase])
+        end_to_end = phases["emolabel"]
+        assert end_to_end["labeled"] == images and end_to_end["failed"] == 0, end_to_end
+        assert end_to_end["chunks"] == -(-images // 8)
+        ratios = report["sets"][name]["ratios"]
+        for key, denominator in (
+            ("d_over_b", "decode"),
+            ("d_over_c", "model"),
+            ("d_over_a", "notebook"),
+        ):
+            expected = end_to_end["images_per_s"] / phases[denominator]["images_per_s"]
+            assert ratios[key] == pytest.approx(expected, rel=1e-2), (name, key)
+        memory = end_to_end["memory"]
+        assert memory["main_vm_hwm_mib"] > 0 and memory["pool_vm_hwm_mib"], memory
+        assert [point["percent"] for point in memory["checkpoints"]][-1] == 100
+        assert phases["notebook"]["images"] == min(5, images)
+
+    environment_report = report["environment"]
+    for package in ("python", "numpy", "opencv", "keras", "tensorflow"):
+        assert environment_report["versions"].get(package), package
+    assert environment_report["cpu_count"] == os.cpu_count()
+    assert len(report["load_before"]) == 3 and len(report["load_after"]) == 3
+    assert "(d)/(b)" in done.stdout and "wrote" in done.stdout
+    # The run's home, Redis and database are gone; the generated sets stay cached.
+    assert not list(out.glob("run-*"))
+    assert (tmp_path / "images" / "crops-20.json").is_file()
