@@ -51,7 +51,9 @@ def home() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_gate_rollback_and_hot_swap(home: Path, tmp_path: Path) -> None:
+def test_gate_rollback_and_hot_swap(
+    home: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     data = tmp_path / "faces"
     generate_sample_data(data, ["happy", "sad"], 60, seed=11, min_size=64, max_size=96)
     shuffled = shuffled_copy(data, tmp_path / "shuffled", seed=1)
@@ -72,7 +74,8 @@ def test_gate_rollback_and_hot_swap(home: Path, tmp_path: Path) -> None:
     with sessions.begin() as session:
         register_artifact(session=session, directory=weak.artifact_dir, activate=True)
 
-    ensure_redis(settings)
+    broker = ensure_redis(settings)
+    request.addfinalizer(lambda: broker.stop())
     app = make_celery(settings)
     archive = tmp_path / "archive"
     generate_sample_data(archive / "a", ["happy", "sad"], 4, seed=21, min_size=64, max_size=80)
