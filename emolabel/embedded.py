@@ -88,7 +88,7 @@ class EmbeddedRedis:
         finally:
             client.close()
         deadline = time.monotonic() + timeout
-        while self.pid is not None and _process_alive(self.pid):
+        while self.pid is not None and process_alive(self.pid):
             if time.monotonic() > deadline:
                 raise ConfigError(f"redis-server (pid {self.pid}) did not exit in {timeout:g} s")
             time.sleep(0.05)
@@ -432,7 +432,7 @@ def _live_redis_pid(pidfile: Path) -> int | None:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    if pid <= 0 or not _process_alive(pid):
+    if pid <= 0 or not process_alive(pid):
         return None
     try:
         name = Path(f"/proc/{pid}/comm").read_text()
@@ -441,7 +441,8 @@ def _live_redis_pid(pidfile: Path) -> int | None:
     return pid if "redis" in name else None  # a recycled pid
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

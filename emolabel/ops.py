@@ -14,10 +14,10 @@ makes that folder fresh for each worker; the entry point puts it in `PROMETHEUS_
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from emolabel.embedded import process_alive
 from emolabel.errors import ConfigError
 from emolabel.settings import Settings
 
@@ -66,20 +66,10 @@ def prepare_metrics_directory(home: Path, host: str, pid: int) -> Path:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     for folder in root.glob(f"{host}-*"):
         other = folder.name.removeprefix(f"{host}-")
-        if other.isdigit() and int(other) != pid and not _process_alive(int(other)):
+        if other.isdigit() and int(other) != pid and not process_alive(int(other)):
             logger.info("removing the metrics of a stopped worker: %s", folder)
             shutil.rmtree(folder, ignore_errors=True)
     directory = root / f"{host}-{pid}"
     shutil.rmtree(directory, ignore_errors=True)  # a previous worker with the same pid
     directory.mkdir(mode=0o700)
     return directory
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
