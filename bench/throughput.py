@@ -946,7 +946,7 @@ def end_to_end(
         database_url=None,
         broker_url=None,
         worker=WorkerSettings(
-            concurrency=1,
+            concurrency=arguments.concurrency,
             batch_size=arguments.batch_size,
             decode_threads=arguments.decode_threads,
         ),
@@ -958,7 +958,7 @@ def end_to_end(
         "broker": "embedded redis-server (unix socket, appendonly everysec)",
         "database": "SQLite (WAL) in home",
         "worker": {
-            "concurrency": 1,
+            "concurrency": arguments.concurrency,
             "batch_size": arguments.batch_size,
             "decode_threads": arguments.decode_threads,
             "chunk_size": arguments.chunk_size,
@@ -974,7 +974,9 @@ def end_to_end(
                 session=session, directory=artifact_dir, activate=True
             ).version
         started = time.perf_counter()
-        with start_local_worker(settings, concurrency=1, timeout=arguments.timeout) as worker:
+        with start_local_worker(
+            settings, concurrency=arguments.concurrency, timeout=arguments.timeout
+        ) as worker:
             result["worker_start_seconds"] = round(time.perf_counter() - started, 2)
             warm_root = _warm_up_folder(home / "warm-up", sets)
             warm = run_job(
@@ -1246,6 +1248,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--notebook-images", type=int, default=100, help="images the slow loop (a) runs on"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="worker processes in (d) (default: 1)"
     )
     parser.add_argument(
         "--model-images", type=int, default=1024,
