@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from PIL import Image
 
 from emolabel.errors import DataError, ReasonCode
 from emolabel.settings import LimitSettings
+from tests.images import bomb_png
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, quarantine, scan_dataset
 
 
@@ -34,15 +33,6 @@ def image_bytes(extension: str = ".jpg", size: int = 24, seed: int = 0) -> bytes
     ok, encoded = cv2.imencode(extension, pixels)
     assert ok
     return encoded.tobytes()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid tiny PNG whose header claims width x height."""
-    data = bytearray(image_bytes(".png", size=8))
-    # IHDR data sits at bytes 16..29 and its CRC at 29..33, right after the 8-byte signature.
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 def write(path: Path, data: bytes) -> Path:

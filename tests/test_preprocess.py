@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -13,6 +11,7 @@ from PIL import Image
 
 from emolabel.errors import ImageError, ReasonCode
 from emolabel.settings import LimitSettings
+from tests.images import bomb_png
 from training.preprocess import (
     InputSpec,
     decode,
@@ -35,22 +34,6 @@ def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
 def red_square(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> Image.Image:
     colours = {"RGB": (255, 0, 0), "RGBA": (255, 0, 0, 255), "L": 128, "CMYK": (0, 255, 255, 0)}
     return Image.new(mode, size, colours[mode])
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_rgb_order_is_red_first() -> None:

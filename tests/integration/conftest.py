@@ -18,11 +18,9 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from emolabel.embedded import LocalWorker, start_local_worker, worker_environmen
 from emolabel.settings import LimitSettings, ScanSettings, Settings, WorkerSettings
 from producer.uris import path_to_uri
 from tests.conftest import run_cli
+from tests.images import bomb_png
 from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome
@@ -384,22 +383,6 @@ def noise(mode: str = "RGB", size: tuple[int, int] = (64, 56)) -> PillowImage.Im
     return PillowImage.effect_noise(size, 50).convert(mode)
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG of a few dozen bytes whose header claims width x height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def write_bytes(path: Path | bytes, content: bytes) -> None:
     with open(path, "wb") as handle:  # noqa: PTH123 (bytes paths: names that are not UTF-8)
         handle.write(content)
@@ -501,20 +484,6 @@ def outside_dir(tmp_path: Path) -> Path:
 # --- S3 --------------------------------------------------------------------------------------
 
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible HTTP server (moto) on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
