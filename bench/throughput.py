@@ -20,15 +20,23 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  batch of one; on the first --notebook-images images only (it is slow)
   (b) decode     the decode floor: preprocess.load_image (reduced-scale DCT decoding for large
                  JPEGs, plain decoding for crops) over every image in a thread pool of
-                 --decode-threads threads (default os.cpu_count()); no model
+                 --floor-threads threads (default: every usable CPU); no model
   (c) model      KerasRunner.predict alone on ready uint8 batches of --batch-size, made from the
-                 first --model-images decoded images (whole batches, repeated when fewer)
+                 first --model-images decoded images (whole batches, repeated when fewer), in one
+                 process with the framework's default threads (one per CPU)
+  (c') model     the same batches in the worker's layout: as many spawned processes as (d) runs,
+                 each with (d)'s model threads, all started together; images/s over the span
+                 from the first start to the last finish. The faster of (c) and (c') is the
+                 model's limit on these cores.
   (d) emolabel   the product end to end: a fresh EMOLABEL_HOME under OUT, the embedded Redis
-                 (ensure_redis), a real Celery worker (start_local_worker, concurrency 1,
-                 worker.batch_size / decode_threads and scan.chunk_size as given), a benchmark
+                 (ensure_redis), a real Celery worker (start_local_worker; processes, model and
+                 decode threads as the settings resolve them unless --concurrency,
+                 --model-threads, --decode-threads say otherwise; worker.batch_size and
+                 scan.chunk_size / chunk_bytes as given), a benchmark
                  model registered active in SQLite, the real producer (run_scan over the folder,
-                 as `emolabel scan` does). The worker first labels a small warm-up job (model
-                 load, tracing); then the clock runs from the first publish until job_counts
+                 as `emolabel scan` does). Every worker process loads the model when it starts;
+                 the bench waits until each has, and the worker labels a small warm-up job;
+                 then the clock runs from the first publish until job_counts
                  shows nothing pending, every result committed to the database.
 
 (a)-(c) run in one spawned process (TensorFlow is never imported by this one); (d) runs here.
@@ -40,7 +48,8 @@ starts), RSS sampled every 0.5 s and noted at 10%, 50% and 100% of the images: f
 100% figure is the 10% one. The worker's log gives the chunks' stage seconds (decode is summed
 over threads) and the time between chunks (write, ack, next message: the model idles).
 
-Ratios: (d)/(b), (d)/(c), (d)/(a), and (d) over the shared-core bound 1/(1/b + 1/c): decoding
+Ratios: (d)/(b), (d)/(c), (d)/(c'), (d)/(a), and (d) over the shared-core bound
+1/(1/b + 1/max(c, c')): decoding
 and the model each use every core, so one pipeline doing both cannot go faster than that.
 The load average is recorded before and after every phase; on a shared machine images/s are only
 as good as the CPU that was free, so CPU ms per image (all threads; the worker's processes for
@@ -77,6 +86,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from emolabel.errors import ConfigError, EmolabelError
+from emolabel.resources import available_cpus, worker_layout
+from emolabel.settings import ScanSettings, WorkerSettings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -480,26 +491,33 @@ def decode_floor_phase(
     return result, kept
 
 
+def ready_batches(
+    decoded: Sequence[NDArray[np.uint8]], size: int, model_images: int
+) -> list[NDArray[np.uint8]]:
+    """Whole batches of `size` from the first `model_images` images (repeated when fewer)."""
+    pixels = np.stack(decoded)
+    batches = max(1, math.ceil(min(model_images, len(decoded)) / size))
+    return [
+        np.ascontiguousarray(pixels[np.arange(index * size, (index + 1) * size) % len(pixels)])
+        for index in range(batches)
+    ]
+
+
 def model_phase(
     runner: Any, decoded: Sequence[NDArray[np.uint8]], spec: LocalSpec
 ) -> dict[str, Any]:
     """(c): KerasRunner.predict on whole ready batches (the first one, untimed, traces)."""
     if not decoded:
         return {"phase": "model", "images": 0, "images_per_s": 0.0, "note": "nothing decoded"}
-    pixels = np.stack(decoded)
-    size = spec.batch_size
-    batches = max(1, math.ceil(min(spec.model_images, len(decoded)) / size))
-    ready = [
-        np.ascontiguousarray(pixels[np.arange(index * size, (index + 1) * size) % len(pixels)])
-        for index in range(batches)
-    ]
+    ready = ready_batches(decoded, spec.batch_size, spec.model_images)
+    size, batches = spec.batch_size, len(ready)
     runner.predict(ready[0])
     result: dict[str, Any] = {
         "phase": "model",
         "images": batches * size,
         "batches": batches,
         "batch_size": size,
-        "distinct_images": len(pixels),
+        "distinct_images": len(decoded),
     }
     with _measured(result):
         for batch in ready:
@@ -526,6 +544,90 @@ def notebook_phase(model: Any, paths: Sequence[Path]) -> dict[str, Any]:
     with _measured(result):
         result["images"] = sum(one(path) for path in paths)
     return result
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """(c'): the model alone in the worker's layout, `processes` x `threads`, at the same time."""
+
+    sets: list[tuple[str, list[str]]]
+    artifact_dir: str
+    batch_size: int
+    model_images: int
+    processes: int
+    threads: int
+
+
+def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
+    """One model process of (c'): same batches as (c), timed between shared barriers."""
+    from emolabel.runtime import load_keras
+
+    load_keras(threads=spec.threads)
+    from emolabel.settings import LimitSettings
+    from training.artifacts import load_artifact
+    from training.preprocess import load_image
+    from worker.model_runner import KerasRunner
+
+    artifact_dir = Path(spec.artifact_dir)
+    artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
+    runner = KerasRunner(artifact, spec.batch_size)
+    limits = LimitSettings()
+    for name, texts in spec.sets:
+        decoded = [
+            load_image(Path(text).read_bytes(), artifact.spec, limits)
+            for text in texts[: spec.model_images]
+        ]
+        ready = ready_batches(decoded, spec.batch_size, spec.model_images)
+        size, batches = spec.batch_size, len(ready)
+        runner.predict(ready[0])
+        barrier.wait()
+        cpu, started = time.process_time(), time.perf_counter()
+        for batch in ready:
+            runner.predict(batch)
+        finished = time.perf_counter()
+        results.put((name, started, finished, time.process_time() - cpu, batches * size))
+        barrier.wait()
+
+
+def model_layout_phase(spec: LayoutSpec) -> dict[str, dict[str, Any]]:
+    """(c'): `processes` spawned model processes of `threads` threads each, started together.
+
+    Images/s is every process's images over the span from the first start to the last finish
+    (perf_counter is the system-wide monotonic clock on Linux, so the processes' times compare).
+    """
+    context = get_context("spawn")
+    barrier = context.Barrier(spec.processes)
+    results = context.Queue()
+    children = [
+        context.Process(target=_layout_child, args=(spec, barrier, results), daemon=True)
+        for _ in range(spec.processes)
+    ]
+    load_before = _load()
+    for child in children:
+        child.start()
+    rows = [results.get(timeout=600) for _ in range(spec.processes * len(spec.sets))]
+    for child in children:
+        child.join(timeout=60)
+    measured: dict[str, dict[str, Any]] = {}
+    for name, _ in spec.sets:
+        mine = [row for row in rows if row[0] == name]
+        seconds = max(row[2] for row in mine) - min(row[1] for row in mine)
+        images = sum(row[4] for row in mine)
+        cpu = sum(row[3] for row in mine)
+        measured[name] = {
+            "phase": "model_layout",
+            "processes": spec.processes,
+            "threads": spec.threads,
+            "images": images,
+            "batch_size": spec.batch_size,
+            "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu, 2),
+            "images_per_s": round(images / max(seconds, 1e-9), 2),
+            "cpu_ms_per_image": round(1000 * cpu / max(1, images), 3),
+            "load_before": load_before,
+            "load_after": _load(),
+        }
+    return measured
 
 
 def _in_child(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -829,6 +931,7 @@ def run_job(
             sessions=sessions,
             publish=watch.publisher(celery_publisher(app, settings.queue)),
             chunk_size=settings.scan.chunk_size,
+            chunk_bytes=settings.scan.chunk_bytes,
             model_version=model_version,
         )
     finally:
@@ -946,11 +1049,12 @@ def end_to_end(
         database_url=None,
         broker_url=None,
         worker=WorkerSettings(
-            concurrency=arguments.concurrency,
+            concurrency=arguments.layout.processes,
             batch_size=arguments.batch_size,
-            decode_threads=arguments.decode_threads,
+            decode_threads=arguments.layout.decode_threads,
+            model_threads=arguments.layout.model_threads,
         ),
-        scan=ScanSettings(chunk_size=arguments.chunk_size),
+        scan=ScanSettings(chunk_size=arguments.chunk_size, chunk_bytes=arguments.chunk_bytes),
     )
     redis_server = ensure_redis(settings)
     result: dict[str, Any] = {
@@ -958,10 +1062,12 @@ def end_to_end(
         "broker": "embedded redis-server (unix socket, appendonly everysec)",
         "database": "SQLite (WAL) in home",
         "worker": {
-            "concurrency": arguments.concurrency,
+            "concurrency": arguments.layout.processes,
+            "model_threads": arguments.layout.model_threads,
             "batch_size": arguments.batch_size,
-            "decode_threads": arguments.decode_threads,
+            "decode_threads": arguments.layout.decode_threads,
             "chunk_size": arguments.chunk_size,
+            "chunk_bytes": arguments.chunk_bytes,
         },
         "redis_server": _redis_version(redis_server.url),
     }
@@ -975,7 +1081,7 @@ def end_to_end(
             ).version
         started = time.perf_counter()
         with start_local_worker(
-            settings, concurrency=arguments.concurrency, timeout=arguments.timeout
+            settings, concurrency=arguments.layout.processes, timeout=arguments.timeout
         ) as worker:
             result["worker_start_seconds"] = round(time.perf_counter() - started, 2)
             warm_root = _warm_up_folder(home / "warm-up", sets)
@@ -983,10 +1089,14 @@ def end_to_end(
                 settings, sessions, worker, warm_root,
                 expected=_count_files(warm_root), model_version=version, timeout=arguments.timeout,
             )  # fmt: skip
+            ready = _wait_for_ready_children(
+                worker.logfile, version, arguments.layout.processes, arguments.timeout
+            )
             result["warm_up"] = {
                 "images": warm["images"],
                 "seconds": warm["seconds"],
-                "note": "model load and tracing in the pool process; not part of any figure",
+                "model_ready_seconds": ready,
+                "note": "model load and tracing in every pool process; not part of any figure",
             }
             result["sets"] = {}
             for image_set in sets:
@@ -1007,6 +1117,21 @@ def end_to_end(
         engine.dispose()
         redis_server.stop()
     return result
+
+
+def _wait_for_ready_children(
+    logfile: Path, version: str, processes: int, timeout: float
+) -> list[float]:
+    """Wait until every pool process has logged its model ready (loaded, traced, run once)."""
+    pattern = re.compile(rf"model {re.escape(version)} ready in ([0-9.]+) s")
+    deadline = time.monotonic() + timeout
+    while True:
+        seconds = [float(m.group(1)) for m in pattern.finditer(logfile.read_text(errors="replace"))]
+        if len(seconds) >= processes:
+            return seconds
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(seconds)} of {processes} worker processes loaded a model")
+        time.sleep(POLL_SECONDS)
 
 
 def _warm_up_folder(folder: Path, sets: Sequence[ImageSet]) -> Path:
@@ -1093,10 +1218,13 @@ def ratios(phases: dict[str, Any]) -> dict[str, float | None]:
         return round(end_to_end_rate / rate, 3) if rate else None
 
     decode_rate, model_rate = phases["decode"]["images_per_s"], phases["model"]["images_per_s"]
+    # The faster of the two model-alone figures is the model's limit on these cores.
+    model_rate = max(model_rate, phases.get("model_layout", {}).get("images_per_s", 0.0))
     bound = 1 / (1 / decode_rate + 1 / model_rate) if decode_rate and model_rate else None
     return {
         "d_over_b": over("decode"),
         "d_over_c": over("model"),
+        "d_over_c_layout": over("model_layout") if "model_layout" in phases else None,
         "d_over_a": over("notebook"),
         "shared_core_bound_images_per_s": None if bound is None else round(bound, 2),
         "d_over_shared_core_bound": None if bound is None else round(end_to_end_rate / bound, 3),
@@ -1107,6 +1235,7 @@ PHASE_LABELS = {
     "notebook": "(a) notebook loop",
     "decode": "(b) decode floor",
     "model": "(c) model alone",
+    "model_layout": "(c') model, layout",
     "emolabel": "(d) emolabel e2e",
 }
 
@@ -1120,7 +1249,9 @@ def print_table(report: dict[str, Any]) -> None:
     print(header)
     print("-" * (len(header) + 20))
     for name, result in report["sets"].items():
-        for phase in ("notebook", "decode", "model", "emolabel"):
+        for phase in ("notebook", "decode", "model", "model_layout", "emolabel"):
+            if phase not in result["phases"]:
+                continue
             row = result["phases"][phase]
             cpu = row.get("cpu_seconds", row.get("worker_cpu_seconds"))
             per_image = row.get("cpu_ms_per_image")
@@ -1136,7 +1267,8 @@ def print_table(report: dict[str, Any]) -> None:
         ratio = result["ratios"]
         print(
             f"{name}: (d)/(b) {_ratio(ratio['d_over_b'])}  (d)/(c) {_ratio(ratio['d_over_c'])}"
-            f"  (d)/(a) {_ratio(ratio['d_over_a'])}   (d) / shared-core bound 1/(1/b+1/c)"
+            f"  (d)/(c') {_ratio(ratio.get('d_over_c_layout'))}"
+            f"  (d)/(a) {_ratio(ratio['d_over_a'])}   (d) / shared-core bound 1/(1/b+1/max(c,c'))"
             f" {ratio['shared_core_bound_images_per_s']} img/s:"
             f" {_ratio(ratio['d_over_shared_core_bound'])}"
         )
@@ -1196,6 +1328,8 @@ def _note(phase: str, row: dict[str, Any]) -> str:
         return f"{row['threads']} threads, {row['failed']} failed"
     if phase == "model":
         return f"{row['batches']} batches of {row['batch_size']}"
+    if phase == "model_layout":
+        return f"{row['processes']} processes x {row['threads']} threads, at once"
     return f"{row['chunks']} chunks, {row['failed']} failed; scan {row['scan_seconds']} s"
 
 
@@ -1243,15 +1377,28 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="model batch, (c) and (d)")
     parser.add_argument("--chunk-size", type=int, default=256, help="URIs per queue message in (d)")
     parser.add_argument(
-        "--decode-threads", type=int, default=os.cpu_count() or 1,
-        help="decode threads in (b) and in the worker (default: os.cpu_count())",
+        "--chunk-bytes", type=int, default=ScanSettings().chunk_bytes,
+        help="a chunk also closes at this many bytes in (d) (default: the settings')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--floor-threads", type=int, default=available_cpus(),
+        help="decode threads in (b), the floor (default: every usable CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-threads", type=int, default=0,
+        help="decode threads per worker process in (d) (default 0: the settings' auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model-threads", type=int, default=0,
+        help="model threads per worker process in (c') and (d) (default 0: the settings' auto)",
     )  # fmt: skip
     parser.add_argument(
         "--notebook-images", type=int, default=100, help="images the slow loop (a) runs on"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="worker processes in (d) (default: 1)"
-    )
+        "--concurrency", type=int, default=0,
+        help="worker processes in (c') and (d) (default 0: the settings' auto)",
+    )  # fmt: skip
     parser.add_argument(
         "--model-images", type=int, default=1024,
         help="decoded images that (c) makes its batches from (at most)",
@@ -1270,9 +1417,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         value = getattr(arguments, option)
         if value is not None and value < 1:
             parser.error(f"--{option} must be at least 1")
-    for option in ("batch_size", "chunk_size", "decode_threads", "notebook_images", "model_images"):
+    positive = ("batch_size", "chunk_size", "chunk_bytes", "floor_threads", "notebook_images")
+    for option in (*positive, "model_images"):
         if getattr(arguments, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    for option in ("concurrency", "decode_threads", "model_threads"):
+        if getattr(arguments, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must be 0 (auto) or more")
+    arguments.layout = worker_layout(
+        WorkerSettings(
+            concurrency=arguments.concurrency,
+            decode_threads=arguments.decode_threads,
+            model_threads=arguments.model_threads,
+        )
+    )
     return arguments
 
 
@@ -1311,10 +1469,26 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             sets=[(image_set.name, [str(path) for path in image_set.paths]) for image_set in sets],
             models_dir=str(run_dir / "models"),
             batch_size=arguments.batch_size,
-            decode_threads=arguments.decode_threads,
+            decode_threads=arguments.floor_threads,
             notebook_images=arguments.notebook_images,
             model_images=arguments.model_images,
         ),
+    )
+    layout = arguments.layout
+    print(
+        f"phase (c'): the model alone in the worker's layout, {layout.processes} process(es)"
+        f" x {layout.model_threads} thread(s) ...",
+        flush=True,
+    )
+    in_layout = model_layout_phase(
+        LayoutSpec(
+            sets=[(image_set.name, [str(path) for path in image_set.paths]) for image_set in sets],
+            artifact_dir=local["artifact"],
+            batch_size=arguments.batch_size,
+            model_images=arguments.model_images,
+            processes=layout.processes,
+            threads=layout.model_threads,
+        )
     )
     print("phase (d): Redis, a worker, warm-up, then the timed jobs ...", flush=True)
     e2e = end_to_end(
@@ -1343,7 +1517,11 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
         "load_after": _load(),
     }
     for image_set in sets:
-        phases = {**local["sets"][image_set.name], "emolabel": e2e["sets"][image_set.name]}
+        phases = {
+            **local["sets"][image_set.name],
+            "model_layout": in_layout[image_set.name],
+            "emolabel": e2e["sets"][image_set.name],
+        }
         report["sets"][image_set.name] = {"phases": phases, "ratios": ratios(phases)}
     if not arguments.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -573,47 +573,52 @@ def _upsert_results(
 ) -> int:
     latest = {(row.image_id, row.model_version): row for row in results}
     ordered = [latest[key] for key in sorted(latest)]
+    # One statement executed with a list of rows: it compiles once and is cached. A multi-row
+    # `.values([...])` (with a fingerprint subquery per row) recompiled on every chunk and was
+    # most of a worker's write time (bench/RESULTS.md).
+    insert = _insert(session, RESULTS)
+    new = insert.excluded
+    statement = insert.on_conflict_do_update(
+        index_elements=["image_id", "model_version"],
+        set_={
+            column: new[column]
+            for column in ("label", "confidence", "scores", "fingerprint", "job_id", "created_at")
+        },
+        where=RESULTS.c.fingerprint != new.fingerprint,
+    ).returning(RESULTS.c.image_id)
     written = 0
     for batch in _batches(session, ordered, parameters_per_item=9):
-        statement = _insert(session, RESULTS).values(
-            [
-                {
-                    "image_id": row.image_id,
-                    "model_version": row.model_version,
-                    "label": row.label,
-                    "confidence": float(row.confidence),
-                    "scores": {str(name): float(score) for name, score in row.scores.items()},
-                    "fingerprint": (
-                        row.fingerprint
-                        if row.fingerprint is not None
-                        else select(IMAGES.c.fingerprint)
-                        .where(IMAGES.c.id == row.image_id)
-                        .scalar_subquery()
-                    ),
-                    "job_id": job_id,
-                    "created_at": now,
-                }
-                for row in batch
-            ]
+        fingerprints = _fingerprints(
+            session, [row.image_id for row in batch if row.fingerprint is None]
         )
-        new = statement.excluded
-        statement = statement.on_conflict_do_update(
-            index_elements=["image_id", "model_version"],
-            set_={
-                column: new[column]
-                for column in (
-                    "label",
-                    "confidence",
-                    "scores",
-                    "fingerprint",
-                    "job_id",
-                    "created_at",
-                )
-            },
-            where=RESULTS.c.fingerprint != new.fingerprint,
-        )
-        written += len(session.execute(statement.returning(RESULTS.c.image_id)).all())
+        parameters = [
+            {
+                "image_id": row.image_id,
+                "model_version": row.model_version,
+                "label": row.label,
+                "confidence": float(row.confidence),
+                "scores": {str(name): float(score) for name, score in row.scores.items()},
+                "fingerprint": (
+                    row.fingerprint if row.fingerprint is not None else fingerprints[row.image_id]
+                ),
+                "job_id": job_id,
+                "created_at": now,
+            }
+            for row in batch
+        ]
+        written += len(session.execute(statement, parameters).all())
     return written
+
+
+def _fingerprints(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
+    if not image_ids:
+        return {}
+    query = select(IMAGES.c.id, IMAGES.c.fingerprint).where(IMAGES.c.id.in_(image_ids))
+    found = {image_id: fingerprint for image_id, fingerprint in session.execute(query)}
+    missing = [image_id for image_id in image_ids if image_id not in found]
+    if missing:
+        raise NotFoundError(f"no images with ids {missing[:10]}")
+    return found
 
 
 def _mark_labeled(

@@ -248,7 +248,7 @@ def start_local_worker(
         sys.executable, "-m", "celery", "-A", "worker", "worker",
         "--loglevel", "INFO",
         "-Q", settings.queue,
-        "--concurrency", str(concurrency or settings.worker.concurrency),
+        *(["--concurrency", str(concurrency)] if concurrency else []),
         "--hostname", node_template,
         "--pidfile", str(pidfile),
         "--logfile", str(logfile),

@@ -13,10 +13,13 @@ import importlib
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 
 from emolabel.errors import ConfigError
+
+_import_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -34,13 +37,23 @@ def native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def load_keras(backend: str | None = None) -> ModuleType:
+def load_keras(backend: str | None = None, threads: int | None = None) -> ModuleType:
     """Import Keras once, quietly, on `backend` (tensorflow, jax or torch); later calls are free.
 
     Keras reads its backend from the environment at first import and cannot switch afterwards,
     so this is the one place that writes `KERAS_BACKEND`, before that import. On TensorFlow,
     GPU memory growth is switched on so that one process per GPU does not grab all memory.
+    `threads` caps the CPU threads of one op and of concurrent ops (TensorFlow's intra- and
+    inter-op pools; on JAX, one thread means XLA's single-threaded CPU runtime); None leaves the
+    framework's default of one per CPU. It only takes effect on the first import.
     """
+    # A worker child preloads its model in a thread; "keras" sits in sys.modules half-imported
+    # while that runs, so a second caller must wait for the first import to finish.
+    with _import_lock:
+        return _load_keras(backend, threads)
+
+
+def _load_keras(backend: str | None, threads: int | None) -> ModuleType:
     if "keras" in sys.modules:
         keras = sys.modules["keras"]
         if backend is not None and keras.backend.backend() != backend:
@@ -51,11 +64,26 @@ def load_keras(backend: str | None = None) -> ModuleType:
         return keras
     if backend is not None:
         os.environ["KERAS_BACKEND"] = backend
+    if threads == 1 and (backend or os.environ.get("KERAS_BACKEND")) == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
     with native_stderr_silenced():
         keras = importlib.import_module("keras")
         if keras.backend.backend() == "tensorflow":
             _tensorflow_memory_growth()
+            if threads is not None:
+                _tensorflow_threads(threads)
     return keras
+
+
+def _tensorflow_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already ran an op in this process: its pools are fixed
+        return
 
 
 def _tensorflow_memory_growth() -> None:

@@ -77,12 +77,26 @@ class LimitSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """How a Celery worker consumes chunks; delivery guarantees depend on these."""
 
-    concurrency: int = Field(1, ge=1, le=256, description="Worker processes per `emolabel worker`.")
+    concurrency: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Worker processes per `emolabel worker`; 0: one per GPU, else per CPU "
+        "(at most one per 2 GiB of available memory).",
+    )
     prefetch_multiplier: int = Field(
         1, ge=1, description="Messages reserved per process; 1 keeps chunks with idle workers."
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
-    decode_threads: int = Field(2, ge=1, le=64, description="Threads reading and decoding images.")
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Threads per process reading and decoding; 0: CPUs / processes, at least 2.",
+    )
+    model_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads per process for the model; 0: CPUs / processes."
+    )
     task_time_limit: int = Field(
         900, ge=10, description="Seconds a chunk may run before its process is replaced."
     )
@@ -107,6 +121,11 @@ class ScanSettings(BaseModel):
     """How the producer walks a source and publishes chunks."""
 
     chunk_size: int = Field(256, ge=1, le=10_000, description="Image URIs per queue message.")
+    chunk_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="A chunk also closes once its files add up to this many bytes (big photos).",
+    )
     follow_symlinks: bool = Field(
         True, description="Resolve links inside the root (never outside it) to report them."
     )

@@ -11,7 +11,8 @@
             unchanged since           -> skipped `already_failed` (unless force or --where)
           not matching every --where  -> skipped `not_selected`
           else                        -> pending, into the next chunk
-        record the ledger rows and each full chunk (status pending), COMMIT, then publish each
+        record the ledger rows and each full chunk (`chunk_size` images, or fewer that add up to
+        `chunk_bytes`) (status pending), COMMIT, then publish each
         chunk and mark it published, COMMIT
       the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
 
@@ -35,6 +36,7 @@ import datetime as dt
 import logging
 import math
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +52,7 @@ from db.models import ChunkStatus, ItemState, Job
 from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
 from emolabel.errors import ConfigError, EmolabelError
 from producer import ledger_queries
-from producer.chunking import chunked
+from producer.chunking import chunked, cut_chunks
 from producer.entries import Entry, Source
 from producer.uris import display_name
 
@@ -282,6 +284,7 @@ class ScanSummary:
 class _Pending:
     image_id: int
     uri: str
+    size_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +303,7 @@ class _Scan:
         sessions: sessionmaker[Session],
         publish: Publisher,
         chunk_size: int,
+        chunk_bytes: int,
         model_version: str | None,
         force: bool,
         where: Sequence[Selection],
@@ -308,6 +312,7 @@ class _Scan:
         self.sessions = sessions
         self.publish = publish
         self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
         self.model_version = model_version
         self.force = force
         self.where = where
@@ -327,11 +332,15 @@ class _Scan:
         with self.sessions() as session, session.begin():
             ids = repository.upsert_images(session=session, rows=[_image_row(e) for e in entries])
             items, pending = self._decide(session, entries, ids)
-            waiting = self.waiting + pending
-            full = len(waiting) - len(waiting) % self.chunk_size
-            chunks, inserted = self._record(session, items, waiting[:full])
+            closed, still_open = cut_chunks(
+                self.waiting + pending,
+                size=self.chunk_size,
+                max_bytes=self.chunk_bytes,
+                weight=lambda member: member.size_bytes,
+            )
+            chunks, inserted = self._record(session, items, closed)
         # The state moves on only once the transaction committed.
-        self.waiting = waiting[full:]
+        self.waiting = still_open
         self._committed(entries, items, chunks, inserted)
 
     def add_remainder(self) -> None:
@@ -340,7 +349,7 @@ class _Scan:
             return
         items: list[JobItemRow] = []
         with self.sessions() as session, session.begin():
-            chunks, inserted = self._record(session, items, self.waiting)
+            chunks, inserted = self._record(session, items, [self.waiting])
         self.waiting = []
         self._committed([], items, chunks, inserted)
 
@@ -409,18 +418,18 @@ class _Scan:
             elif image_id not in selected:
                 items.append(_skipped(image_id, NOT_SELECTED))
             else:
-                pending.append(_Pending(image_id, entry.uri))
+                pending.append(_Pending(image_id, entry.uri, entry.size_bytes))
         return items, pending
 
     def _record(
-        self, session: Session, items: list[JobItemRow], pending: list[_Pending]
+        self, session: Session, items: list[JobItemRow], groups: list[list[_Pending]]
     ) -> tuple[list[_Chunk], int]:
-        """Cut `pending` into the next chunks, add their rows to `items` and record it all.
+        """Number `groups` as the next chunks, add their rows to `items` and record it all.
 
         Returns the chunks and how many ledger rows were new.
         """
         chunks: list[_Chunk] = []
-        for members in chunked(pending, self.chunk_size):
+        for members in groups:
             index = self.next_chunk + len(chunks)
             items.extend(JobItemRow(member.image_id, chunk_index=index) for member in members)
             chunks.append(_Chunk(index, [member.uri for member in members]))
@@ -452,6 +461,7 @@ def run_scan(
     publish: Publisher,
     chunk_size: int,
     model_version: str | None,
+    chunk_bytes: int | None = None,
     force: bool = False,
     where: Sequence[Selection] = (),
     options: Mapping[str, Any] | None = None,
@@ -459,12 +469,16 @@ def run_scan(
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
 
+    A chunk closes earlier once its files add up to `chunk_bytes` (None: no byte budget).
+
     With `model_version` None nothing counts as already labeled. `force` enqueues images already
     labeled by `model_version`; `where` keeps only the images that match every selection.
     Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
     if model_version is None and any(
         s.kind is SelectionKind.MODEL_OTHER_THAN and s.version is None for s in where
     ):
@@ -473,6 +487,7 @@ def run_scan(
     job_options = {
         **(options or {}),
         "chunk_size": chunk_size,
+        "chunk_bytes": chunk_bytes,
         "force": force,
         "where": [str(selection) for selection in where],
     }
@@ -486,6 +501,7 @@ def run_scan(
         sessions=sessions,
         publish=publish,
         chunk_size=chunk_size,
+        chunk_bytes=chunk_bytes if chunk_bytes is not None else sys.maxsize,
         model_version=model_version,
         force=force,
         where=where,

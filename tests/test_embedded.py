@@ -344,4 +344,4 @@ def test_local_worker_starts_answers_ping_and_stops(settings: Settings, home: Pa
 def test_local_worker_that_cannot_start_reports_its_log(settings: Settings) -> None:
     ensure_redis(settings)
     with pytest.raises(ConfigError, match=r"(?s)exited with status \d+.*worker\.concurrency"):
-        start_local_worker(settings, extra_env={"EMOLABEL_WORKER__CONCURRENCY": "0"}, timeout=60)
+        start_local_worker(settings, extra_env={"EMOLABEL_WORKER__CONCURRENCY": "-1"}, timeout=60)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.chunking import chunked
+from producer.chunking import chunked, cut_chunks
 from producer.sniff import HEAD_BYTES, sniff_image_type
 from producer.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
 
@@ -116,6 +116,21 @@ def test_display_name_is_readable() -> None:
     assert display_name(path_to_uri("/p/café 1.jpg")) == "/p/café 1.jpg"
     assert display_name(s3_uri("b", "k/café 100%.jpg")) == "s3://b/k/café 100%.jpg"
     assert display_name("https://example.org/x.jpg") == "https://example.org/x.jpg"
+
+
+def test_cut_chunks_closes_at_the_count_or_before_the_byte_budget_is_passed() -> None:
+    def sizes(*values: int) -> tuple[list[list[int]], list[int]]:
+        return cut_chunks(list(values), size=3, max_bytes=10, weight=lambda value: value)
+
+    # By count: three small items close a chunk; what is left stays open.
+    assert sizes(1, 1, 1, 1) == ([[1, 1, 1]], [1])
+    # By bytes: 6 + 5 > 10 closes [6] before the 5; exactly 10 still fits.
+    assert sizes(6, 5, 5, 2) == ([[6], [5, 5]], [2])
+    # An item over the budget travels alone, never dropped or split.
+    assert sizes(2, 50, 3) == ([[2], [50]], [3])
+    assert sizes() == ([], [])
+    with pytest.raises(ValueError, match="at least 1"):
+        cut_chunks([1], size=1, max_bytes=0, weight=lambda value: value)
 
 
 def test_chunked_cuts_in_order_with_a_short_tail() -> None:

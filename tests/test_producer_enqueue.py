@@ -364,6 +364,7 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
     assert started.options == {
         "follow_symlinks": True,
         "chunk_size": 7,
+        "chunk_bytes": None,
         "force": False,
         "where": [],
     }
@@ -386,6 +387,36 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
     with sessions() as session:
         raw = session.scalar(select(Image.name_bytes).where(Image.uri == images[-1]))
     assert raw is not None and raw.endswith(b"/caf\xe9.jpg")
+
+
+def test_a_byte_budget_closes_chunks_of_big_files_early(
+    sessions: sessionmaker[Session],
+    publish: Publisher,
+    broker: redis.Redis,
+    queue: str,
+    tmp_path: Path,
+) -> None:
+    root = tmp_path.resolve() / "archive"
+    images = make_archive(root)
+    sizes = {uri: os.stat(uri_to_path(uri)).st_size for uri in images}  # noqa: PTH116 (bytes)
+    budget = 3 * max(sizes[uri] for uri in images)
+
+    summary = run_scan(
+        folder(root), sessions=sessions, publish=publish, chunk_size=7, chunk_bytes=budget,
+        model_version="v1",
+    )  # fmt: skip
+
+    sent = messages(broker, queue)
+    assert [uri for m in sent for uri in m.uris] == images  # each once, in walk order
+    assert all(sum(sizes[uri] for uri in m.uris) <= budget for m in sent)
+    assert all(1 <= len(m.uris) <= 7 for m in sent)
+    # Every chunk but the last closed because the next file would not fit, or at 7 files.
+    for message, following in itertools.pairwise(sent):
+        total = sum(sizes[uri] for uri in message.uris)
+        assert len(message.uris) == 7 or total + sizes[following.uris[0]] > budget
+    assert len(sent) > math.ceil(IMAGE_COUNT / 7)  # the budget cut some chunks short
+    assert counts(sessions, summary.job_id).balanced
+    assert job(sessions, summary.job_id).options["chunk_bytes"] == budget
 
 
 def test_rescans_skip_labeled_images_until_they_change_or_are_forced(

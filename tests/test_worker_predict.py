@@ -41,3 +41,25 @@ def test_outcomes_in_order_with_reasons(
     assert len(labeled) == 10
     assert all(outcome.prediction.label in {"happy", "sad"} for outcome in labeled)  # type: ignore[union-attr]
     assert times.predict > 0 and times.decode > 0
+
+
+def test_a_short_batch_is_padded_to_a_small_compiled_shape_with_the_same_scores(
+    tiny_model: TrainOutcome,
+) -> None:
+    import numpy as np
+
+    from worker.model_runner import padded_sizes
+
+    assert padded_sizes(64) == (8, 16, 32, 64)
+    assert padded_sizes(8) == (8,) and padded_sizes(5) == (5,) and padded_sizes(12) == (8, 12)
+    runner = KerasRunner.from_path(tiny_model.artifact_dir, 32)
+    images = np.random.default_rng(0).integers(0, 256, (32, *runner.spec.shape), dtype=np.uint8)
+
+    whole = runner.predict(images)
+    short = runner.predict(images[:3])  # padded to 8, not to 32
+    split = runner.predict(images[:20])  # one batch of 20, padded to 32
+
+    assert sorted(runner._calls) == [8, 32]  # each shape compiled once, none per call
+    np.testing.assert_allclose(short, whole[:3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split, whole[:20], rtol=1e-5, atol=1e-6)
+    assert runner.predict(images[:0]).shape == (0, len(runner.class_names))

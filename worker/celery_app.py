@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.schedules import crontab
 
+from emolabel.resources import worker_layout
 from emolabel.settings import Settings
 
 LABEL_CHUNK = "emolabel.label_chunk"
@@ -81,7 +82,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_on_failure=True,
         task_acks_on_timeout=False,
         worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
-        worker_concurrency=settings.worker.concurrency,
+        worker_concurrency=worker_layout(settings.worker).processes,
         task_time_limit=settings.worker.task_time_limit,
         # No soft limit: nothing would use it, and the exception it raises anywhere (inside an
         # import of Keras, say) failed the task, acknowledged the chunk and lost its images.

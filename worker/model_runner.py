@@ -1,8 +1,9 @@
 """A loaded artifact behind the `ModelRunner` seam: what the worker calls to predict a batch.
 
 `model.predict` pays Python and tracing overhead on every call and retraces for every new batch
-shape. The runner instead compiles one function for one fixed batch shape (uint8 in, scores out,
-the artifact's pixel scaling inside) and pads the last partial batch, so a worker never retraces.
+shape. The runner instead compiles one function per fixed batch shape (uint8 in, scores out, the
+artifact's pixel scaling inside): the batch size, and powers of two below it that a short last
+batch is padded up to. So a worker traces each shape once, never per call.
 TensorFlow gets a `tf.function`, JAX a `jax.jit` over the model's stateless call; any other
 backend falls back to `predict_on_batch`.
 """
@@ -62,6 +63,16 @@ def _compile(model: Any, spec: InputSpec, batch_size: int) -> BatchFunction:
     return eager
 
 
+def padded_sizes(batch_size: int, smallest: int = 8) -> tuple[int, ...]:
+    """Batch shapes a runner compiles: powers of two from `smallest` below `batch_size`, and it."""
+    sizes = []
+    size = smallest
+    while size < batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, batch_size)
+
+
 class KerasRunner:
     """Predicts with one artifact; its version, classes and input come from the metadata."""
 
@@ -71,8 +82,22 @@ class KerasRunner:
         self.spec: InputSpec = artifact.spec
         self.class_names: Sequence[str] = artifact.metadata.class_names
         self.batch_size = batch_size
-        self._call = _compile(artifact.model, self.spec, batch_size)
-        self._padding = np.zeros((batch_size, *self.spec.shape), dtype=np.uint8)
+        # A short batch (a chunk's last, a small chunk of big photos) is padded to the smallest
+        # of these sizes that holds it, not to a whole batch: at most twice its own size of work.
+        # Each size is compiled once, on first use, so a worker traces at most a handful.
+        self.shapes = padded_sizes(batch_size)
+        self._calls: dict[int, BatchFunction] = {}
+
+    def _call(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
+        size = len(batch)
+        call = self._calls.get(size)
+        if call is None:
+            call = self._calls[size] = _compile(self.artifact.model, self.spec, size)
+        return call(batch)
+
+    def warm_up(self) -> None:
+        """Trace and run the full-batch call once, so the first real batch does not pay for it."""
+        self._call(np.zeros((self.batch_size, *self.spec.shape), dtype=np.uint8))
 
     @classmethod
     def from_path(cls, directory: Path, batch_size: int) -> KerasRunner:
@@ -86,9 +111,10 @@ class KerasRunner:
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             count = len(batch)
-            if count < self.batch_size:
-                # Pad to the compiled shape: a new shape would mean a new trace.
-                padded = self._padding.copy()
+            size = next(size for size in self.shapes if size >= count)
+            if size > count:
+                # Pad to a compiled shape: any other shape would mean a new trace.
+                padded = np.zeros((size, *self.spec.shape), dtype=np.uint8)
                 padded[:count] = batch
                 batch = padded
             outputs.append(self._call(np.ascontiguousarray(batch))[:count])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
+from emolabel.resources import worker_layout
 from emolabel.settings import Settings
 from worker.model_runner import KerasRunner
 from worker.reading import Reader
@@ -42,9 +44,19 @@ class ProcessState:
             if self._runner is None or self._runner.version != version:
                 from emolabel.runtime import load_keras
 
-                load_keras(self.settings.keras_backend)
+                worker = self.settings.worker
+                threads = worker_layout(worker).model_threads
+                started = time.perf_counter()
+                load_keras(self.settings.keras_backend, threads=threads)
                 logger.info("loading model %s from %s", version, artifact_path)
-                runner = KerasRunner.from_path(Path(artifact_path), self.settings.worker.batch_size)
+                runner = KerasRunner.from_path(Path(artifact_path), worker.batch_size)
+                runner.warm_up()
+                logger.info(
+                    "model %s ready in %.2f s (%d model threads)",
+                    version,
+                    time.perf_counter() - started,
+                    threads,
+                )
                 if runner.version != version:
                     logger.warning(
                         "artifact at %s says version %s, registry says %s",
@@ -76,10 +88,39 @@ def process_state(settings: Settings) -> ProcessState:
                     s3=settings.s3,
                 ),
                 pool=ThreadPoolExecutor(
-                    settings.worker.decode_threads, thread_name_prefix="emolabel-decode"
+                    worker_layout(settings.worker).decode_threads,
+                    thread_name_prefix="emolabel-decode",
                 ),
             )
         return _state
+
+
+def preload_active_model(settings: Settings) -> threading.Thread:
+    """Load the registry's active model in the background, as soon as a child process starts.
+
+    The first chunk otherwise pays for importing the framework, loading and tracing (seconds),
+    while the queue waits. A background thread keeps the child's start within Celery's start-up
+    timeout; a chunk that arrives meanwhile waits on the runner lock. Any failure is only logged:
+    the first chunk then loads the model itself, and reports the error against the chunk.
+    """
+
+    def load() -> None:
+        from emolabel.registry import ensure_active_model
+
+        try:
+            state = process_state(settings)
+            with state.sessions.begin() as session:
+                active = ensure_active_model(
+                    session=session, models_dir=settings.models_dir, name=settings.model_name
+                )
+                version, artifact_path = active.version, active.artifact_path
+            state.runner(version, artifact_path)
+        except Exception as error:
+            logger.info("model not preloaded (%s); the first chunk loads it", error)
+
+    thread = threading.Thread(target=load, name="emolabel-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def forget_inherited_state() -> None:

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from emolabel.errors import ConfigError, ModelError
@@ -23,18 +23,33 @@ logger = logging.getLogger(__name__)
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError, ModelError, ConfigError)
 
 
+@celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _note_pool_size(sender: Any, instance: Any, **_: Any) -> None:
+    """Record the pool size the worker really runs (`--concurrency` wins over the settings).
+
+    Runs in the main process before the pool forks, so every child sizes its model and decode
+    threads (`emolabel.resources.worker_layout`) from the number of processes sharing the CPUs.
+    """
+    settings = getattr(instance.app, "emolabel_settings", None)
+    if settings is not None and instance.concurrency:
+        settings.worker.concurrency = int(instance.concurrency)
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _fresh_child(**_: Any) -> None:
     from billiard.process import current_process
     from celery import current_app
 
     from emolabel.runtime import pin_gpu
-    from worker.state import forget_inherited_state
+    from worker.state import forget_inherited_state, preload_active_model
 
     forget_inherited_state()
     settings = getattr(current_app, "emolabel_settings", None)
-    if settings is not None and settings.worker.gpus:
+    if settings is None:
+        return
+    if settings.worker.gpus:
         pin_gpu(int(getattr(current_process(), "index", 0) or 0), settings.worker.gpus)
+    preload_active_model(settings)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

@@ -148,6 +148,7 @@ def _scan(
             sessions=sessions,
             publish=publish,
             chunk_size=settings.scan.chunk_size,
+            chunk_bytes=settings.scan.chunk_bytes,
             model_version=version,
             force=force,
             where=selections,
@@ -225,7 +226,9 @@ def run_worker(
 
     queues = f"{settings.queue},{retrain_queue(settings)}"
     arguments = ["worker", f"--loglevel={loglevel}", f"--queues={queues}"]
-    processes = concurrency or settings.worker.gpus or settings.worker.concurrency
+    from emolabel.resources import worker_layout
+
+    processes = concurrency or worker_layout(settings.worker).processes
     arguments.append(f"--concurrency={processes}")
     if hostname:
         arguments.append(f"--hostname={hostname}")
