@@ -63,3 +63,21 @@ def test_a_short_batch_is_padded_to_a_small_compiled_shape_with_the_same_scores(
     np.testing.assert_allclose(short, whole[:3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(split, whole[:20], rtol=1e-5, atol=1e-6)
     assert runner.predict(images[:0]).shape == (0, len(runner.class_names))
+
+
+@pytest.mark.parametrize(("scale", "offset"), [(1.0, 0.0), (2 / 255, -1.0)])
+def test_the_compiled_call_scales_pixels_as_the_artifact_says(
+    tiny_model: TrainOutcome, scale: float, offset: float
+) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from training.preprocess import to_model_input
+
+    runner = KerasRunner.from_path(tiny_model.artifact_dir, 8)
+    runner.spec = dataclasses.replace(runner.spec, pixel_scale=scale, pixel_offset=offset)
+    images = np.random.default_rng(1).integers(0, 256, (8, *runner.spec.shape), dtype=np.uint8)
+
+    expected = np.asarray(runner.artifact.model(to_model_input(images, runner.spec)))
+    np.testing.assert_allclose(runner._call(images), expected, rtol=1e-5, atol=1e-6)
