@@ -73,3 +73,32 @@ def test_directory_missing_and_large(tree: Path) -> None:
     assert reason(reader, path_to_uri(tree / "dir.jpg"), tree) == ReasonCode.NOT_A_FILE
     assert reason(reader, path_to_uri(tree / "gone.jpg"), tree) == ReasonCode.MISSING
     assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == ReasonCode.TOO_LARGE
+
+
+@pytest.mark.parametrize("expected", [0, 10, 100, 5000])
+def test_read_all_reads_the_whole_file_whatever_size_fstat_gave(
+    tmp_path: Path, expected: int
+) -> None:
+    from worker.reading import _read_all
+
+    path = tmp_path / "grows.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes: more than fstat "said" for most
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        assert _read_all(descriptor, 1 << 20, expected=expected) == path.read_bytes()
+    finally:
+        os.close(descriptor)
+
+
+def test_read_all_refuses_a_file_that_grew_over_the_limit(tmp_path: Path) -> None:
+    from emolabel.errors import ImageTooLarge
+    from worker.reading import _read_all
+
+    path = tmp_path / "grew.bin"
+    path.write_bytes(b"x" * 100)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ImageTooLarge, match="grew over the byte limit"):
+            _read_all(descriptor, 50, expected=40)  # fstat said 40, the file now holds 100
+    finally:
+        os.close(descriptor)
