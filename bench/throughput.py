@@ -1095,7 +1095,7 @@ def end_to_end(
             result["warm_up"] = {
                 "images": warm["images"],
                 "seconds": warm["seconds"],
-                "model_ready_seconds": ready,
+                "model_ready": ready,
                 "note": "model load and tracing in every pool process; not part of any figure",
             }
             result["sets"] = {}
@@ -1121,12 +1121,16 @@ def end_to_end(
 
 def _wait_for_ready_children(
     logfile: Path, version: str, processes: int, timeout: float
-) -> list[float]:
+) -> list[dict[str, float]]:
     """Wait until every pool process has logged its model ready (loaded, traced, run once)."""
-    pattern = re.compile(rf"model {re.escape(version)} ready in ([0-9.]+) s")
+    ready = rf"model {re.escape(version)} ready in ([0-9.]+) s \((\d+) model threads\)"
+    pattern = re.compile(ready)
     deadline = time.monotonic() + timeout
     while True:
-        seconds = [float(m.group(1)) for m in pattern.finditer(logfile.read_text(errors="replace"))]
+        seconds = [
+            {"seconds": float(match.group(1)), "model_threads": int(match.group(2))}
+            for match in pattern.finditer(logfile.read_text(errors="replace"))
+        ]
         if len(seconds) >= processes:
             return seconds
         if time.monotonic() > deadline:

@@ -79,6 +79,11 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
             worker["model_threads"],
         )
         assert len(memory["pool_vm_hwm_mib"]) == worker["concurrency"]
+    # Each pool process sized its model threads from the pool it really runs in (its own log).
+    ready = report["end_to_end"]["warm_up"]["model_ready"]
+    assert [process["model_threads"] for process in ready] == [
+        report["end_to_end"]["worker"]["model_threads"]
+    ] * report["end_to_end"]["worker"]["concurrency"]
 
     environment_report = report["environment"]
     for package in ("python", "numpy", "opencv", "keras", "tensorflow"):
