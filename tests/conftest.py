@@ -1,16 +1,21 @@
-"""Shared fixtures: generated data and one tiny model trained once per test session."""
+"""Shared fixtures: generated data, one tiny model trained once per test session, and the
+services (the test Redis, a queue per test, PostgreSQL databases made and dropped)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import redis
 
 from emolabel.settings import LimitSettings, TrainSettings
+from tests.services import TEST_REDIS_URL, forget_queue
+from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome, train_model
 
@@ -67,3 +72,30 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """Makes databases on the test PostgreSQL server; drops them all at the end of the session."""
+    server = PostgresServer(POSTGRES_ADMIN_URL)
+    yield server
+    server.drop_databases()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.ConnectionError as error:
+        pytest.fail(f"Redis at {TEST_REDIS_URL} is unreachable ({error}); start it", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue(broker: redis.Redis) -> Iterator[str]:
+    """A queue of this test's own; its keys and its unacknowledged messages go afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    forget_queue(broker, name)

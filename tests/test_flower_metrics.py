@@ -26,7 +26,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from emolabel.settings import (
     WorkerSettings,
 )
 from tests.conftest import REPO, run_cli
+from tests.services import TEST_REDIS_URL
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome
 from worker.metrics import BrokerCollector, record_chunk, start_metrics_server
@@ -62,7 +62,6 @@ CLASSES = ("happy", "sad")
 PER_CLASS = 12  # 24 faces + 2 files that fail: 4 chunks of 8 (the last one short)
 CHUNK_SIZE = 8
 FAILING_FILES = 2
-TEST_REDIS_URL = os.environ.get("EMOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 JOB_TIMEOUT = 240.0
 STARTUP_TIMEOUT = 60.0
 EVENT_TIMEOUT = 30.0
@@ -305,17 +304,11 @@ def test_metrics_port_zero_serves_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_queue_depth_is_read_from_redis_at_scrape_time() -> None:
-    client = redis.Redis.from_url(TEST_REDIS_URL, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.ConnectionError as error:
-        pytest.fail(f"Redis at {TEST_REDIS_URL} is unreachable ({error}); start it", pytrace=False)
-    queue = f"metrics-{uuid.uuid4().hex[:12]}"
+def test_queue_depth_is_read_from_redis_at_scrape_time(broker: redis.Redis, queue: str) -> None:
     keys = [queue, f"{queue}\x06\x163"]  # priority 0 and kombu's list for priority step 3
     try:
-        client.rpush(keys[0], "a", "b", "c")
-        client.rpush(keys[1], "d")
+        broker.rpush(keys[0], "a", "b", "c")
+        broker.rpush(keys[1], "d")
         collector = BrokerCollector(TEST_REDIS_URL, [queue, f"{queue}-empty"], batch_size=32)
         scraped = {
             (sample.name, frozenset(sample.labels.items())): sample.value
@@ -323,8 +316,7 @@ def test_queue_depth_is_read_from_redis_at_scrape_time() -> None:
             for sample in family.samples
         }
     finally:
-        client.delete(*keys)
-        client.close()
+        broker.delete(*keys)
     assert value(scraped, "emolabel_queue_depth", queue=queue) == 4
     assert value(scraped, "emolabel_queue_depth", queue=f"{queue}-empty") == 0
     assert ("emolabel_queue_depth", frozenset({("queue", f"{queue}-empty")})) in scraped

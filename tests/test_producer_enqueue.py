@@ -52,10 +52,10 @@ from producer.enqueue import (
 from producer.entries import Entry, SkipReason
 from producer.sources import FolderSource
 from producer.uris import path_to_uri, uri_to_path
-from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
+from tests.services import TEST_REDIS_URL
+from tests.test_db import PostgresServer
 from worker.celery_app import LABEL_CHUNK, make_celery
 
-BROKER_URL = os.environ.get("EMOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 MiB = 1024 * 1024
 IMAGE_COUNT = 50
@@ -76,13 +76,6 @@ BACKENDS = [
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(POSTGRES_ADMIN_URL)
-    yield server
-    server.drop_databases()
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def sessions(
     request: pytest.FixtureRequest,
@@ -100,29 +93,9 @@ def sessions(
     engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as error:
-        pytest.fail(f"Redis at {BROKER_URL} is unreachable ({error}); start it", pytrace=False)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def queue(broker: redis.Redis) -> Iterator[str]:
-    """A queue of this test's own, deleted afterwards with kombu's bindings for it."""
-    name = f"test-{uuid.uuid4().hex}"
-    yield name
-    for key in broker.scan_iter(match=f"*{name}*"):
-        broker.delete(key)
-
-
 @pytest.fixture
 def celery_app(queue: str) -> Iterator[Celery]:
-    app = make_celery(Settings(broker_url=BROKER_URL, queue=queue))
+    app = make_celery(Settings(broker_url=TEST_REDIS_URL, queue=queue))
     yield app
     app.close()
 
@@ -771,7 +744,7 @@ import sys
 from emolabel.settings import Settings
 from producer.enqueue import celery_publisher, run_scan
 from worker.celery_app import make_celery
-app = make_celery(Settings(broker_url={BROKER_URL!r}, queue={queue!r}))
+app = make_celery(Settings(broker_url={TEST_REDIS_URL!r}, queue={queue!r}))
 celery_publisher(app, {queue!r})(1, 0, ["file:///a.jpg"])
 loaded = sorted(m for m in ("tensorflow", "keras", "cv2", "worker.tasks") if m in sys.modules)
 assert not loaded, loaded

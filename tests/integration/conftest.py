@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import redis
 from PIL import Image as PillowImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,11 +39,11 @@ from emolabel.settings import LimitSettings, ScanSettings, Settings, WorkerSetti
 from producer.uris import path_to_uri
 from tests.conftest import run_cli
 from tests.images import bomb_png
-from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
+from tests.services import TEST_REDIS_URL
+from tests.test_db import PostgresServer
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome
 
-BROKER_URL = os.environ.get("EMOLABEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 MiB = 1024 * 1024
 CLASSES = ("happy", "sad")
 # Seconds: a job of a few dozen small images takes well under this on two cores.
@@ -56,13 +53,6 @@ BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="
 
 
 # --- services --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer(POSTGRES_ADMIN_URL)
-    yield server
-    server.drop_databases()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -81,37 +71,6 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(database_url)
     yield make_sessionmaker(engine)
     engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(BROKER_URL, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.ConnectionError as error:
-        pytest.fail(f"Redis at {BROKER_URL} is unreachable ({error}); start it", pytrace=False)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def queue(broker: redis.Redis) -> Iterator[str]:
-    """A queue of this test's own; its keys and its unacknowledged messages go afterwards."""
-    name = f"it-{uuid.uuid4().hex[:12]}"
-    yield name
-    forget_queue(broker, name)
-
-
-def forget_queue(client: redis.Redis, name: str) -> None:
-    """Delete a queue's keys and the messages of it that kombu still holds as unacknowledged."""
-    for key in client.scan_iter(match=f"*{name}*"):
-        client.delete(key)
-    for tag, payload in client.hscan_iter("unacked"):
-        with contextlib.suppress(ValueError, TypeError):
-            _message, _exchange, routing_key = json.loads(payload)
-            if routing_key == name:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)
 
 
 # --- settings and workers --------------------------------------------------------------------
@@ -135,7 +94,7 @@ def make_settings(
             "models_dir": models_dir,
             "model_name": tiny_model.artifact_dir.parent.name,
             "database_url": database_url,
-            "broker_url": BROKER_URL,
+            "broker_url": TEST_REDIS_URL,
             "queue": queue,
             "worker": WorkerSettings(
                 concurrency=1, decode_threads=2, batch_size=16, max_attempts=3
