@@ -1,8 +1,9 @@
 """Per-process worker state: database engine, file reader, decode pool and the loaded model.
 
-Created lazily in the child process on its first task, never in the parent (TensorFlow and
-database connections do not survive fork). The model is loaded once per process behind a lock
-and reloaded only when the registry's active version changes.
+Created in the child process, never in the parent (TensorFlow and database connections do not
+survive fork): when the child starts, by `preload_active_model`, or else on its first task. The
+model is loaded once per process behind a lock and reloaded only when the registry's active
+version changes.
 """
 
 from __future__ import annotations
