@@ -39,7 +39,14 @@ def export_digits(root: Path) -> int:
 
 
 def flat_pixels(paths: list[Path]) -> np.ndarray:
-    return np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).reshape(-1) / 255.0 for p in paths])
+    """Each (written by this script, so readable) image as one row of pixels in [0, 1]."""
+    rows = []
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise OSError(f"cannot read {path}")
+        rows.append(image.reshape(-1) / 255.0)
+    return np.stack(rows)
 
 
 def main() -> None:
