@@ -3,7 +3,7 @@
 Measured on the 2-core bench machine (bench/RESULTS.md): one single-threaded model process per
 CPU labels face crops faster than one process whose framework spreads every op over all CPUs,
 because a multi-threaded op waits for its slowest thread and the decode threads keep taking
-cores from it. A model process holds ~1.4 GB (framework, weights, a batch of activations), so the
+cores from it. A model process holds ~1.3 GiB (framework, weights, a batch of activations), so the
 automatic process count is also capped by the memory available.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from emolabel.settings import WorkerSettings
 
 GiB = 1024**3
-# Resident memory budgeted per automatic worker process (peak measured at batch 64: 1.42 GiB).
+# Resident memory budgeted per automatic worker process (VmHWM measured at batch 64: 1.25-1.31 GiB).
 MEMORY_PER_PROCESS = 2 * GiB
 
 

@@ -23,10 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from emolabel.settings import (
     WorkerSettings,
 )
 from tests.conftest import REPO, run_cli
-from tests.services import TEST_REDIS_URL
+from tests.services import TEST_REDIS_URL, wait_for
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome
 from worker.metrics import BrokerCollector, record_chunk, start_metrics_server
@@ -93,18 +92,6 @@ def http_get(
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as error:
         return int(error.code), error.read()
-
-
-def wait_for(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def answering(url: str) -> bool:

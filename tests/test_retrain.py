@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from emolabel.embedded import ensure_redis, start_local_worker
 from emolabel.registry import register_artifact
 from emolabel.settings import Settings, TrainSettings
 from tests.conftest import run_cli
+from tests.services import wait_for
 from training.sample_data import generate_sample_data
 from training.train import train_model
 from worker.celery_app import RETRAIN, make_celery, retrain_queue
@@ -85,7 +85,9 @@ def test_gate_rollback_and_hot_swap(
                "EMOLABEL_MODEL_NAME": "faces", "EMOLABEL_QUEUE": settings.queue}  # fmt: skip
         first = run_cli(["scan", str(archive / "a")], env=env)
         assert first.returncode == 0, first.stderr
-        wait_for(lambda: results_by(sessions, weak.metadata.version) == 8, 120)
+        wait_for(
+            lambda: results_by(sessions, weak.metadata.version) == 8, timeout=120, interval=0.5
+        )
 
         # 1. A better challenger, through a real worker consuming the retrain queue.
         sent = app.send_task(RETRAIN, queue=retrain_queue(settings))
@@ -93,7 +95,7 @@ def test_gate_rollback_and_hot_swap(
             settings.model_copy(update={"queue": retrain_queue(settings)}), name="retrain"
         )
         with retrainer:
-            wait_for(lambda: runs(sessions) >= 1, 600)
+            wait_for(lambda: runs(sessions) >= 1, timeout=600, interval=0.5)
             promoted_run = latest_run(sessions)
             assert promoted_run.decision == "promoted", promoted_run.reason
             assert promoted_run.champion_version == weak.metadata.version
@@ -105,7 +107,7 @@ def test_gate_rollback_and_hot_swap(
             app.send_task(
                 RETRAIN, kwargs={"data_dir": str(shuffled)}, queue=retrain_queue(settings)
             )
-            wait_for(lambda: runs(sessions) >= 2, 600)
+            wait_for(lambda: runs(sessions) >= 2, timeout=600, interval=0.5)
         rejected_run = latest_run(sessions)
         assert rejected_run.decision == "rejected"
         assert "does not beat" in rejected_run.reason or "recall" in rejected_run.reason
@@ -119,7 +121,7 @@ def test_gate_rollback_and_hot_swap(
         generate_sample_data(archive / "b", ["happy", "sad"], 4, seed=22, min_size=64, max_size=80)
         second = run_cli(["scan", str(archive / "b")], env=env)
         assert second.returncode == 0, second.stderr
-        wait_for(lambda: results_by(sessions, better) == 8, 120)
+        wait_for(lambda: results_by(sessions, better) == 8, timeout=120, interval=0.5)
         assert worker.process.poll() is None, "the worker was not restarted"
 
         # 4. Rollback restores the previous version.
@@ -151,12 +153,3 @@ def runs(sessions) -> int:  # type: ignore[no-untyped-def]
 def latest_run(sessions) -> RetrainRun:  # type: ignore[no-untyped-def]
     with sessions() as session:
         return session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc())).first()
-
-
-def wait_for(condition, seconds: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"condition not met within {seconds}s")

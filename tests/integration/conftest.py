@@ -196,20 +196,6 @@ def cli_scan(settings: Settings, source: str, *options: str) -> int:
 # --- waiting and reading the ledger ----------------------------------------------------------
 
 
-def wait_for(
-    condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = ""
-) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what or condition}")
-        time.sleep(interval)
-
-
 def counts(sessions: sessionmaker[Session], job_id: int) -> JobCounts:
     with sessions() as session:
         return job_counts(session=session, job_id=job_id)

@@ -38,12 +38,12 @@ from tests.integration.conftest import (
     cli_scan,
     ledger,
     results_per_image,
-    wait_for,
     wait_for_job,
     worker_log,
     worker_log_text,
     write_bytes,
 )
+from tests.services import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

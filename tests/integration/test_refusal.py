@@ -27,10 +27,10 @@ from tests.integration.conftest import (
     encode,
     ledger,
     noise,
-    wait_for,
     wait_for_job,
     write_bytes,
 )
+from tests.services import wait_for
 from worker.celery_app import LABEL_CHUNK, make_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
