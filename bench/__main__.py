@@ -9,6 +9,7 @@ BENCHMARKS = {
     "throughput": "bench.throughput",
     "producer": "bench.producer",
     "real-dataset": "bench.real_dataset",
+    "precision": "bench.precision",
 }
 
 

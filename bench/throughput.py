@@ -23,7 +23,8 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  --floor-threads threads (default: every usable CPU); no model
   (c) model      KerasRunner.predict alone on ready uint8 batches of --batch-size, made from the
                  first --model-images decoded images (whole batches, repeated when fewer), in one
-                 process with the framework's default threads (one per CPU)
+                 process with the framework's default threads (one per CPU), in
+                 --precision (float32 by default; (a) is always the notebooks' float32)
   (c') model     the same batches in the worker's layout: as many spawned processes as (d) runs,
                  each with (d)'s model threads, all started together; images/s over the span
                  from the first start to the last finish. The faster of (c) and (c') is the
@@ -88,6 +89,7 @@ from numpy.typing import NDArray
 from emolabel.errors import ConfigError, EmolabelError
 from emolabel.resources import available_cpus, worker_layout
 from emolabel.settings import ScanSettings, WorkerSettings
+from worker.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -355,6 +357,7 @@ class LocalSpec:
     decode_threads: int
     notebook_images: int
     model_images: int
+    precision: str = "float32"
 
 
 def _cpu_seconds() -> float:
@@ -417,8 +420,8 @@ def local_phases(spec: LocalSpec) -> dict[str, Any]:
 
     artifact_dir = build_model(Path(spec.models_dir))
     artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
-    runner = KerasRunner(artifact, spec.batch_size)
-    runtime = _runtime_threads()
+    runner = KerasRunner(artifact, spec.batch_size, spec.precision)  # type: ignore[arg-type]
+    runtime = {**_runtime_threads(), "model_precision": runner.precision}
     limits = LimitSettings()
     results: dict[str, Any] = {}
     for name, texts in spec.sets:
@@ -517,6 +520,7 @@ def model_phase(
         "images": batches * size,
         "batches": batches,
         "batch_size": size,
+        "precision": runner.precision,
         "distinct_images": len(decoded),
     }
     with _measured(result):
@@ -556,6 +560,7 @@ class LayoutSpec:
     model_images: int
     processes: int
     threads: int
+    precision: str = "float32"
 
 
 def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
@@ -570,7 +575,7 @@ def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
 
     artifact_dir = Path(spec.artifact_dir)
     artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
-    runner = KerasRunner(artifact, spec.batch_size)
+    runner = KerasRunner(artifact, spec.batch_size, spec.precision)  # type: ignore[arg-type]
     limits = LimitSettings()
     for name, texts in spec.sets:
         decoded = [
@@ -618,6 +623,7 @@ def model_layout_phase(spec: LayoutSpec) -> dict[str, dict[str, Any]]:
             "phase": "model_layout",
             "processes": spec.processes,
             "threads": spec.threads,
+            "precision": spec.precision,
             "images": images,
             "batch_size": spec.batch_size,
             "seconds": round(seconds, 3),
@@ -1053,6 +1059,7 @@ def end_to_end(
             batch_size=arguments.batch_size,
             decode_threads=arguments.layout.decode_threads,
             model_threads=arguments.layout.model_threads,
+            precision=arguments.precision,
         ),
         scan=ScanSettings(chunk_size=arguments.chunk_size, chunk_bytes=arguments.chunk_bytes),
     )
@@ -1064,6 +1071,7 @@ def end_to_end(
         "worker": {
             "concurrency": arguments.layout.processes,
             "model_threads": arguments.layout.model_threads,
+            "precision": arguments.precision,
             "batch_size": arguments.batch_size,
             "decode_threads": arguments.layout.decode_threads,
             "chunk_size": arguments.chunk_size,
@@ -1121,14 +1129,18 @@ def end_to_end(
 
 def _wait_for_ready_children(
     logfile: Path, version: str, processes: int, timeout: float
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Wait until every pool process has logged its model ready (loaded, traced, run once)."""
-    ready = rf"model {re.escape(version)} ready in ([0-9.]+) s \((\d+) model threads\)"
+    ready = rf"model {re.escape(version)} ready in ([0-9.]+) s \((\d+) model threads, (\w+)\)"
     pattern = re.compile(ready)
     deadline = time.monotonic() + timeout
     while True:
         seconds = [
-            {"seconds": float(match.group(1)), "model_threads": int(match.group(2))}
+            {
+                "seconds": float(match.group(1)),
+                "model_threads": int(match.group(2)),
+                "precision": match.group(3),
+            }
             for match in pattern.finditer(logfile.read_text(errors="replace"))
         ]
         if len(seconds) >= processes:
@@ -1331,7 +1343,7 @@ def _note(phase: str, row: dict[str, Any]) -> str:
     if phase == "decode":
         return f"{row['threads']} threads, {row['failed']} failed"
     if phase == "model":
-        return f"{row['batches']} batches of {row['batch_size']}"
+        return f"{row['batches']} batches of {row['batch_size']}, {row.get('precision', '')}"
     if phase == "model_layout":
         return f"{row['processes']} processes x {row['threads']} threads, at once"
     return f"{row['chunks']} chunks, {row['failed']} failed; scan {row['scan_seconds']} s"
@@ -1407,6 +1419,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model-images", type=int, default=1024,
         help="decoded images that (c) makes its batches from (at most)",
     )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="float32",
+        help="model arithmetic in (c), (c') and (d), as worker.precision; (a) stays float32",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated sets")
     parser.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds one job may take in (d)"
@@ -1476,6 +1492,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             decode_threads=arguments.floor_threads,
             notebook_images=arguments.notebook_images,
             model_images=arguments.model_images,
+            precision=arguments.precision,
         ),
     )
     layout = arguments.layout
@@ -1492,6 +1509,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             model_images=arguments.model_images,
             processes=layout.processes,
             threads=layout.model_threads,
+            precision=arguments.precision,
         )
     )
     print("phase (d): Redis, a worker, warm-up, then the timed jobs ...", flush=True)

@@ -37,6 +37,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_has_bfloat16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16); None if unknown.
+
+    Without either, oneDNN emulates bfloat16 and `worker.precision=bfloat16` is slower.
+    """
+    try:
+        with Path("/proc/cpuinfo").open(encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return None
+
+
 def available_memory() -> int | None:
     """Bytes available for new processes: Linux MemAvailable, within a cgroup v2 memory limit
     (a container's `--memory`, which /proc/meminfo does not show); None if unknown."""

@@ -37,6 +37,7 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
         "--kind", "both", "--crops", "20", "--photos", "3", "--photo-size", "800x600",
         "--batch-size", "16", "--chunk-size", "8", "--notebook-images", "5",
         "--out", str(out), "--cache", str(tmp_path / "images"), "--timeout", "90",
+        "--precision", "bfloat16",
     ]  # fmt: skip
     environment = {
         **{name: value for name, value in os.environ.items() if not name.startswith("EMOLABEL_")},
@@ -79,11 +80,14 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
             worker["model_threads"],
         )
         assert len(memory["pool_vm_hwm_mib"]) == worker["concurrency"]
-    # Each pool process sized its model threads from the pool it really runs in (its own log).
+    # Each pool process sized its model threads from the pool it really runs in (its own log),
+    # and serves the precision asked for: the setting reached the worker, not only (c).
     ready = report["end_to_end"]["warm_up"]["model_ready"]
-    assert [process["model_threads"] for process in ready] == [
-        report["end_to_end"]["worker"]["model_threads"]
-    ] * report["end_to_end"]["worker"]["concurrency"]
+    worker = report["end_to_end"]["worker"]
+    assert [(process["model_threads"], process["precision"]) for process in ready] == [
+        (worker["model_threads"], "bfloat16")
+    ] * worker["concurrency"]
+    assert report["runtime"]["model_precision"] == "bfloat16"
 
     environment_report = report["environment"]
     for package in ("python", "numpy", "opencv", "keras", "tensorflow"):

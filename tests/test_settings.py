@@ -35,6 +35,17 @@ def test_bad_values_become_one_config_error(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
 
 
+def test_precision_is_float32_unless_asked_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().worker.precision == "float32"
+    monkeypatch.setenv("EMOLABEL_WORKER__PRECISION", "bfloat16")
+    assert load_settings().worker.precision == "bfloat16"
+    monkeypatch.setenv("EMOLABEL_WORKER__PRECISION", "float16")
+    with pytest.raises(ConfigError, match=r"worker\.precision"):
+        load_settings()
+
+
 def test_split_must_sum_to_one() -> None:
     with pytest.raises(ConfigError, match="sum to 1"):
         load_settings(train={"split": (0.5, 0.2, 0.1)})

@@ -81,3 +81,46 @@ def test_the_compiled_call_scales_pixels_as_the_artifact_says(
 
     expected = np.asarray(runner.artifact.model(to_model_input(images, runner.spec)))
     np.testing.assert_allclose(runner._call(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_runner_computes_in_bfloat16_from_the_same_weights(
+    tiny_model: TrainOutcome,
+) -> None:
+    import numpy as np
+
+    exact = KerasRunner.from_path(tiny_model.artifact_dir, 8)
+    fast = KerasRunner.from_path(tiny_model.artifact_dir, 8, precision="bfloat16")
+    assert (exact.precision, fast.precision) == ("float32", "bfloat16")
+    policies = [layer.dtype_policy.name for layer in fast.model.layers]
+    # Input and the last layer stay float32: confidences come out of a float32 head.
+    assert policies[0] == policies[-1] == "float32"
+    assert set(policies[1:-1]) == {"mixed_bfloat16"}
+    for copied, original in zip(fast.model.weights, exact.model.weights, strict=True):
+        assert str(copied.dtype) == "float32"
+        np.testing.assert_array_equal(np.asarray(copied), np.asarray(original))
+
+    images = np.random.default_rng(2).integers(0, 256, (8, *exact.spec.shape), dtype=np.uint8)
+    scores_exact, scores_fast = exact.predict(images), fast.predict(images)
+    assert scores_fast.dtype == np.float32 and scores_fast.shape == scores_exact.shape
+    assert not np.array_equal(scores_fast, scores_exact)  # it really computed in bfloat16
+    np.testing.assert_allclose(scores_fast, scores_exact, atol=0.03)
+    assert exact.model is exact.artifact.model  # float32 serves the artifact itself
+
+
+def test_a_model_that_cannot_be_rebuilt_is_served_in_float32() -> None:
+    from emolabel.runtime import load_keras
+    from worker.precision import bfloat16_copy
+
+    keras = load_keras()
+
+    class Subclassed(keras.Model):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):  # type: ignore[no-untyped-def]
+            return self.dense(inputs)
+
+    model = Subclassed()
+    model(keras.ops.zeros((1, 4)))
+    assert bfloat16_copy(model) is None

@@ -5,7 +5,8 @@ shape. The runner instead compiles one function per fixed batch shape (uint8 in,
 artifact's pixel scaling inside): the batch size, and powers of two below it that a short last
 batch is padded up to. So a worker traces each shape once, never per call.
 TensorFlow gets a `tf.function`, JAX a `jax.jit` over the model's stateless call; any other
-backend falls back to `predict_on_batch`.
+backend falls back to `predict_on_batch`. With `precision="bfloat16"` the runner serves a
+bfloat16-computing copy of the model (`worker.precision`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from numpy.typing import NDArray
 from training.artifacts import Artifact, load_artifact
 from training.inference import class_scores
 from training.preprocess import InputSpec
+from worker.precision import Precision, bfloat16_copy
 
 BatchFunction = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
 
@@ -81,8 +83,16 @@ def padded_sizes(batch_size: int, smallest: int = 8) -> tuple[int, ...]:
 class KerasRunner:
     """Predicts with one artifact; its version, classes and input come from the metadata."""
 
-    def __init__(self, artifact: Artifact, batch_size: int) -> None:
+    def __init__(
+        self, artifact: Artifact, batch_size: int, precision: Precision = "float32"
+    ) -> None:
         self.artifact = artifact
+        self.model: Any = artifact.model
+        self.precision: Precision = "float32"
+        if precision == "bfloat16":
+            copy = bfloat16_copy(artifact.model)
+            if copy is not None:
+                self.model, self.precision = copy, "bfloat16"
         self.version: str = artifact.metadata.version
         self.spec: InputSpec = artifact.spec
         self.class_names: Sequence[str] = artifact.metadata.class_names
@@ -97,7 +107,7 @@ class KerasRunner:
         size = len(batch)
         call = self._calls.get(size)
         if call is None:
-            call = self._calls[size] = _compile(self.artifact.model, self.spec, size)
+            call = self._calls[size] = _compile(self.model, self.spec, size)
         return call(batch)
 
     def warm_up(self) -> None:
@@ -105,10 +115,12 @@ class KerasRunner:
         self._call(np.zeros((self.batch_size, *self.spec.shape), dtype=np.uint8))
 
     @classmethod
-    def from_path(cls, directory: Path, batch_size: int) -> KerasRunner:
+    def from_path(
+        cls, directory: Path, batch_size: int, precision: Precision = "float32"
+    ) -> KerasRunner:
         """Load the artifact in `directory` (`<models_dir>/<name>/<version>`)."""
         artifact = load_artifact(directory, directory.parent.parent, directory.parent.name)
-        return cls(artifact, batch_size)
+        return cls(artifact, batch_size, precision)
 
     def predict(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(N, H, W, C) uint8 -> (N, classes) scores, in fixed-size batches."""

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
-from emolabel.resources import worker_layout
+from emolabel.resources import cpu_has_bfloat16, worker_layout
 from emolabel.settings import Settings
 from worker.model_runner import KerasRunner
 from worker.reading import Reader
@@ -50,13 +50,18 @@ class ProcessState:
                 started = time.perf_counter()
                 load_keras(self.settings.keras_backend, threads=threads)
                 logger.info("loading model %s from %s", version, artifact_path)
-                runner = KerasRunner.from_path(Path(artifact_path), worker.batch_size)
+                if worker.precision == "bfloat16" and not worker.gpus and not cpu_has_bfloat16():
+                    logger.warning("this CPU has no bfloat16 units: bfloat16 will be slower")
+                runner = KerasRunner.from_path(
+                    Path(artifact_path), worker.batch_size, worker.precision
+                )
                 runner.warm_up()
                 logger.info(
-                    "model %s ready in %.2f s (%d model threads)",
+                    "model %s ready in %.2f s (%d model threads, %s)",
                     version,
                     time.perf_counter() - started,
                     threads,
+                    runner.precision,
                 )
                 if runner.version != version:
                     logger.warning(
