@@ -49,6 +49,8 @@ class ReasonCode(StrEnum):
     MISSING = "missing"
     OUTSIDE_ROOT = "outside_root"
     POISON = "poison"
+    # Our bug or an unforeseen library error, not the file's fault: a rescan sends it again.
+    INTERNAL_ERROR = "internal_error"
     NO_CLASS = "no_class"  # a training file that is not inside any class folder
     LABEL_CONFLICT = "label_conflict"  # the same content filed under two or more classes
 

@@ -111,7 +111,11 @@ class WorkerSettings(BaseModel):
         description="Seconds before Redis redelivers an unacknowledged chunk (> task_time_limit).",
     )
     max_attempts: int = Field(
-        3, ge=1, le=20, description="Deliveries of one image before it is recorded as poison."
+        3,
+        ge=1,
+        le=20,
+        description="Deliveries of one image before it is recorded as poison, and attempts at a "
+        "chunk that raises something unexpected before its images are recorded internal_error.",
     )
     gpus: int = Field(
         0, ge=0, le=64, description="GPUs on this machine: one worker process per GPU, pinned."

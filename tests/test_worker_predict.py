@@ -124,3 +124,27 @@ def test_a_model_that_cannot_be_rebuilt_is_served_in_float32() -> None:
     model = Subclassed()
     model(keras.ops.zeros((1, 4)))
     assert bfloat16_copy(model) is None
+
+
+def test_an_unexpected_error_on_one_image_is_recorded_against_it_alone(
+    tiny_model: TrainOutcome, sample_dir: Path
+) -> None:
+    paths = sorted((sample_dir / "happy").iterdir())[:4]
+    uris = [str(path) for path in paths]
+    broken = uris[1]
+
+    def read(uri: str) -> bytes:
+        # A reader surprise no file explains (say, an object store client's own exception).
+        if uri == broken:
+            raise RuntimeError("the storage client fell over")
+        return Path(uri).read_bytes()
+
+    runner = KerasRunner.from_path(tiny_model.artifact_dir, 4)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = label_images(
+            uris, read=read, runner=runner, limits=LimitSettings(), pool=pool, batch_size=4
+        )
+    assert [outcome.uri for outcome in outcomes] == uris
+    assert outcomes[1].prediction is None and outcomes[1].reason == "internal_error"
+    assert outcomes[1].message == "unexpected RuntimeError: the storage client fell over"
+    assert all(outcome.prediction is not None for outcome in outcomes[:1] + outcomes[2:])

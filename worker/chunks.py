@@ -130,6 +130,27 @@ def handle_chunk(
     return report
 
 
+def fail_chunk(
+    state: ProcessState, job_id: int, chunk_index: int, uris: Sequence[str], error: BaseException
+) -> ChunkReport:
+    """Record every image of a chunk as failed `internal_error`, after its last retry.
+
+    For an exception no image explains (a bug, a broken model that loads but cannot predict):
+    the job finishes with the error on record instead of waiting for a republish that would
+    fail the same way. `internal_error` is not a content failure, so a rescan sends them again.
+    """
+    message = f"chunk failed: unexpected {type(error).__name__}: {error}"[:2000]
+    reason = ReasonCode.INTERNAL_ERROR.value
+    outcomes = [ImageOutcome(uri, reason=reason, message=message) for uri in uris]
+    started = time.perf_counter()
+    _write(state, job_id, chunk_index, "", outcomes)
+    report = ChunkReport(job_id, chunk_index, len(uris), failed=len(uris), note=message)
+    report.failed_by_reason = {reason: len(uris)}
+    report.stage_seconds = {"write": round(time.perf_counter() - started, 4)}
+    report.seconds = report.stage_seconds["write"]
+    return report
+
+
 def _write(
     state: ProcessState,
     job_id: int,

@@ -54,7 +54,7 @@ CHUNK_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1
 CHUNK_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
 STAGE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 STAGES = ("decode", "predict", "waiting_for_decode", "write")
-CHUNK_RESULTS = ("written", "split", "skipped")
+CHUNK_RESULTS = ("written", "split", "skipped", "retried")
 UNSPECIFIED_REASON = "unspecified"
 BROKER_TIMEOUT = 2.0
 
@@ -94,7 +94,7 @@ def instruments() -> Instruments:
         chunks=Counter(
             "emolabel_chunks",
             "Chunk deliveries: written (outcomes stored), split (a process died in it), "
-            "skipped (unknown job, or already done).",
+            "skipped (unknown job, or already done), retried (an error; sent again later).",
             ["result"],
             registry=None,
         ),
@@ -193,6 +193,14 @@ def _record(report: Mapping[str, Any]) -> None:
     version = report.get("model_version")
     if version:
         mark_model(str(version))
+
+
+def record_retry() -> None:
+    """Count a chunk delivery that raised and will be retried; never raises on I/O."""
+    try:
+        instruments().chunks.labels(result="retried").inc()
+    except (OSError, ValueError) as error:
+        logger.warning("could not record a retry: %s", error)
 
 
 class BrokerCollector(Collector):

@@ -8,6 +8,7 @@ becomes an outcome with a reason, and the rest of the chunk goes on.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from emolabel.errors import ImageError, ReasonCode
 from emolabel.settings import LimitSettings
 from training.inference import Prediction, to_predictions
 from training.preprocess import InputSpec, load_image
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner(Protocol):
@@ -68,6 +71,16 @@ def _prepare(
         # A decoder or file system surprise on one image must not sink the chunk.
         outcome = ImageOutcome(
             uri, reason=ReasonCode.CORRUPT.value, message=f"decode failed: {error}"
+        )
+        return None, outcome, 0.0
+    except Exception as error:
+        # Anything else is our bug or a library's surprise, not the file's fault: record it
+        # against this image (a rescan sends it again) and let the rest of the chunk go on.
+        logger.exception("unexpected error on %s", uri)
+        outcome = ImageOutcome(
+            uri,
+            reason=ReasonCode.INTERNAL_ERROR.value,
+            message=f"unexpected {type(error).__name__}: {error}",
         )
         return None, outcome, 0.0
     return pixels, None, time.perf_counter() - started

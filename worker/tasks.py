@@ -1,7 +1,10 @@
 """The Celery task: a thin shell around `worker.chunks.handle_chunk`.
 
-Retries only what is transient (database or broker connections) with capped exponential
-backoff; a bad image is data, recorded by `handle_chunk`, never an exception here.
+Retries what is transient (database, broker or model away) with capped exponential backoff,
+for as long as it takes. Anything else unexpected is retried `worker.max_attempts` times in all,
+then every image of the chunk is recorded as failed `internal_error` (`fail_chunk`), so the job
+finishes with the error on record. A bad image is data, recorded by `handle_chunk`, never an
+exception here.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from emolabel.errors import ConfigError, ModelError
@@ -18,9 +24,21 @@ from worker.celery_app import LABEL_CHUNK, RETRAIN
 
 logger = logging.getLogger(__name__)
 
+# Backoff doubles from 1 s to 60 s: seven retries are about two minutes of a chunk not going on.
+STALLED_AFTER_RETRIES = 7
+
 # Retried with backoff rather than acknowledged as failed: a chunk must not be lost because the
 # database, the broker or the model (being promoted, on a share that is remounting) is away.
-TRANSIENT = (OperationalError, InterfaceError, ConnectionError, ModelError, ConfigError)
+TRANSIENT = (
+    OperationalError,
+    InterfaceError,
+    ConnectionError,
+    BrokerError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    ModelError,
+    ConfigError,
+)
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
@@ -65,7 +83,7 @@ def _serve_metrics(sender: Any, **_: Any) -> None:
 @shared_task(name=LABEL_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> dict[str, Any]:
     """Label one chunk of image URIs of a job; returns counts and timings (shown in Flower)."""
-    from worker.chunks import handle_chunk
+    from worker.chunks import fail_chunk, handle_chunk
     from worker.state import process_state
 
     settings = self.app.emolabel_settings
@@ -84,11 +102,36 @@ def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> d
             publish=publish,
         )
     except TRANSIENT as error:
+        from worker.metrics import record_retry
+
+        record_retry()
         countdown = min(60, 2 ** min(self.request.retries, 6))
-        logger.warning(
-            "chunk %s/%s: transient error, retry in %ss: %s", job_id, chunk_index, countdown, error
-        )
+        # Retried for as long as it takes (nothing is lost), but not quietly: after a few
+        # minutes of it the log says ERROR, and emolabel_chunks_total{result="retried"} climbs.
+        level = logging.ERROR if self.request.retries >= STALLED_AFTER_RETRIES else logging.WARNING
+        logger.log(
+            level,
+            "chunk %s/%s: transient error (retry %s), retry in %ss: %s",
+            job_id, chunk_index, self.request.retries + 1, countdown, error,
+        )  # fmt: skip
         raise self.retry(exc=error, countdown=countdown) from None
+    except Exception as error:
+        from worker.metrics import record_retry
+
+        attempt = self.request.retries + 1
+        if attempt < settings.worker.max_attempts:
+            record_retry()
+            logger.exception(
+                "chunk %s/%s: unexpected error (attempt %s of %s), retrying",
+                job_id, chunk_index, attempt, settings.worker.max_attempts,
+            )  # fmt: skip
+            raise self.retry(exc=error, countdown=min(60, 2**attempt)) from None
+        logger.exception(
+            "chunk %s/%s: unexpected error on the last of %s attempts: recording its %s images "
+            "as failed (internal_error)",
+            job_id, chunk_index, attempt, len(uris),
+        )  # fmt: skip
+        report = fail_chunk(process_state(settings), job_id, chunk_index, uris, error)
     # Imported late: prometheus_client fixes its multiprocess mode at import.
     from worker.metrics import record_chunk
 
