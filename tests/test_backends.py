@@ -22,15 +22,19 @@ from pathlib import Path
 from emolabel.runtime import load_keras
 keras = load_keras(sys.argv[1])
 from worker.model_runner import KerasRunner
-runner = KerasRunner.from_path(Path(sys.argv[2]), 4)
+runner = KerasRunner.from_path(Path(sys.argv[2]), 4, sys.argv[3])
 images = np.random.default_rng(0).integers(0, 255, (7, *runner.spec.shape), dtype=np.uint8)
-print(json.dumps({"backend": keras.backend.backend(), "scores": runner.predict(images).tolist()}))
+print(json.dumps({
+    "backend": keras.backend.backend(),
+    "precision": runner.precision,
+    "scores": runner.predict(images).tolist(),
+}))
 """
 
 
-def scores_on(backend: str, artifact: Path) -> tuple[str, np.ndarray]:
+def scores_on(backend: str, artifact: Path, precision: str = "float32") -> tuple[str, np.ndarray]:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, backend, str(artifact)],
+        [sys.executable, "-c", SCRIPT, backend, str(artifact), precision],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -38,6 +42,7 @@ def scores_on(backend: str, artifact: Path) -> tuple[str, np.ndarray]:
         check=True,
     )
     document = json.loads(result.stdout.strip().splitlines()[-1])
+    assert document["precision"] == precision
     return document["backend"], np.asarray(document["scores"])
 
 
@@ -48,6 +53,13 @@ def test_tensorflow_and_jax_agree(tiny_model: TrainOutcome) -> None:
     assert on_tf.shape == (7, 2)
     np.testing.assert_allclose(on_tf, on_jax, atol=1e-4)
     np.testing.assert_allclose(on_tf.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bfloat16_serves_on_jax_too(tiny_model: TrainOutcome) -> None:
+    _, exact = scores_on("jax", tiny_model.artifact_dir)
+    _, fast = scores_on("jax", tiny_model.artifact_dir, "bfloat16")
+    assert not np.array_equal(exact, fast)  # computed in bfloat16, not silently float32
+    np.testing.assert_allclose(fast, exact, atol=0.03)
 
 
 def test_compiled_runner_matches_plain_predict(tiny_model: TrainOutcome) -> None:
