@@ -111,6 +111,22 @@ def test_sigmoid_head_needs_two_classes() -> None:
         )
 
 
+def test_a_class_name_must_fit_the_results_label_column() -> None:
+    from db.models import NAME_LENGTH
+    from training.artifacts import MAX_CLASS_NAME
+
+    assert MAX_CLASS_NAME == NAME_LENGTH
+    for name in ("", "x" * (NAME_LENGTH + 1)):
+        with pytest.raises(ValueError, match="1 to 128 characters"):
+            ModelMetadata(
+                name="m",
+                version="v",
+                class_names=["a", name],
+                head="sigmoid",
+                input=InputMetadata(height=8, width=8, color_mode="rgb"),
+            )
+
+
 def test_model_shape_follows_the_seeds() -> None:
     model = make_model((256, 256, 3), 6)
     kinds = [type(layer).__name__ for layer in model.layers]

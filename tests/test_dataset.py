@@ -88,6 +88,13 @@ def test_class_with_only_nested_files_counts(tmp_path: Path) -> None:
     assert discover_classes(tmp_path) == ["happy", "sad"]
 
 
+def test_a_class_folder_name_too_long_for_a_label_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "happy" / "a.png", png(0))
+    write(tmp_path / ("s" * 129) / "a.png", png(1))
+    with pytest.raises(DataError, match="over 128 characters"):
+        discover_classes(tmp_path)
+
+
 def test_missing_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         discover_classes(tmp_path / "nope")

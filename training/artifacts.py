@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
 SCHEMA_VERSION = 1
+# Every result row stores a class name in `results.label` (db.models.NAME_LENGTH characters).
+MAX_CLASS_NAME = 128
 
 Head = Literal["sigmoid", "softmax"]
 
@@ -73,6 +75,8 @@ class ModelMetadata(BaseModel):
     def _head_matches_classes(self) -> ModelMetadata:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class names must be unique")
+        if any(not 0 < len(name) <= MAX_CLASS_NAME for name in self.class_names):
+            raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME} characters long")
         if self.head == "sigmoid" and len(self.class_names) != 2:
             raise ValueError("a sigmoid head serves exactly two classes")
         return self

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from emolabel.errors import DataError, ReasonCode
+from training.artifacts import MAX_CLASS_NAME
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, Finding
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ def discover_classes(root: Path) -> list[str]:
     if len(class_names) < 2:
         raise DataError(
             f"found 1 class '{class_names[0]}'; need at least 2 folders, one per class, in {root}"
+        )
+    too_long = [name for name in class_names if len(name) > MAX_CLASS_NAME]
+    if too_long:
+        # Refused now, not when the trained model is saved or its first labels are written.
+        raise DataError(
+            f"class folder name(s) over {MAX_CLASS_NAME} characters in {root}: "
+            + ", ".join(f"'{name[:40]}...'" for name in too_long)
         )
     empty = [name for name in class_names if not _has_visible_file(root / name)]
     if empty:

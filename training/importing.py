@@ -14,6 +14,7 @@ from pathlib import Path
 
 from emolabel.errors import ModelError
 from training.artifacts import (
+    MAX_CLASS_NAME,
     Head,
     InputMetadata,
     ModelMetadata,
@@ -66,6 +67,11 @@ def import_model(
     names = [name_.strip() for name_ in class_names if name_.strip()]
     if len(names) < 2:
         raise ModelError("--classes needs at least two comma-separated names")
+    too_long = [name_ for name_ in names if len(name_) > MAX_CLASS_NAME]
+    if too_long:
+        raise ModelError(
+            f"class names must be at most {MAX_CLASS_NAME} characters: {too_long[0]!r}"
+        )
     model = load_keras_model(source)
     input_shape = tuple(model.inputs[0].shape)
     if len(model.inputs) != 1 or len(input_shape) != 4:
