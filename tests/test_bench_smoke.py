@@ -67,7 +67,8 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
             ("d_over_a", "notebook"),
         ):
             expected = end_to_end["images_per_s"] / phases[denominator]["images_per_s"]
-            assert ratios[key] == pytest.approx(expected, rel=1e-2), (name, key)
+            # The harness rounds ratios to 3 decimals: a small one is off by up to 5e-4.
+            assert ratios[key] == pytest.approx(expected, rel=1e-2, abs=5e-4), (name, key)
         memory = end_to_end["memory"]
         assert memory["main_vm_hwm_mib"] > 0 and memory["pool_vm_hwm_mib"], memory
         assert [point["percent"] for point in memory["checkpoints"]][-1] == 100

@@ -111,8 +111,8 @@ def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> d
         level = logging.ERROR if self.request.retries >= STALLED_AFTER_RETRIES else logging.WARNING
         logger.log(
             level,
-            "chunk %s/%s: transient error (retry %s), retry in %ss: %s",
-            job_id, chunk_index, self.request.retries + 1, countdown, error,
+            "chunk %s/%s: transient error, retry in %ss (retry %s): %s",
+            job_id, chunk_index, countdown, self.request.retries + 1, error,
         )  # fmt: skip
         raise self.retry(exc=error, countdown=countdown) from None
     except Exception as error:
