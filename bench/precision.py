@@ -29,11 +29,11 @@ from numpy.typing import NDArray
 
 def _images(folder: Path, artifact: Any) -> tuple[NDArray[np.uint8], NDArray[np.int64], int]:
     """Every usable image of a folder-per-class set, decoded as the worker does, and its class."""
-    from emolabel.errors import ImageError
+    from emolabel.errors import DataError
     from emolabel.settings import LimitSettings
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
-    from training.preprocess import load_image_file
+    from training.evaluate import load_labeled_images
 
     limits = LimitSettings()
     known = list(artifact.metadata.class_names)
@@ -42,19 +42,16 @@ def _images(folder: Path, artifact: Any) -> tuple[NDArray[np.uint8], NDArray[np.
     if unknown:
         raise SystemExit(f"error: {folder} has classes the model does not know: {unknown}")
     examples, _ = examples_from_report(scan_dataset(folder, limits), classes)
-    images: list[NDArray[np.uint8]] = []
-    labels: list[int] = []
-    skipped = 0
-    for example in examples:
-        try:
-            images.append(load_image_file(example.path, artifact.spec, limits))
-        except (ImageError, OSError):
-            skipped += 1
-            continue
-        labels.append(known.index(example.class_name))
-    if not images:
-        raise SystemExit(f"error: no usable image in {folder}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
+    try:
+        images, labels, unusable = load_labeled_images(
+            artifact,
+            [example.path for example in examples],
+            [known.index(example.class_name) for example in examples],
+            limits,
+        )
+    except DataError:
+        raise SystemExit(f"error: no usable image in {folder}") from None
+    return images, np.asarray(labels, dtype=np.int64), len(unusable)
 
 
 def _timed(runner: Any, images: NDArray[np.uint8], batch_size: int) -> dict[str, float]:

@@ -89,7 +89,7 @@ from numpy.typing import NDArray
 
 from emolabel.errors import ConfigError, EmolabelError
 from emolabel.resources import available_cpus, worker_layout
-from emolabel.settings import ScanSettings, WorkerSettings
+from emolabel.settings import Precision, ScanSettings, WorkerSettings
 from worker.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -361,7 +361,7 @@ class LocalSpec:
     decode_threads: int
     notebook_images: int
     model_images: int
-    precision: str = "float32"
+    precision: Precision = "float32"
 
 
 def _cpu_seconds() -> float:
@@ -424,7 +424,7 @@ def local_phases(spec: LocalSpec) -> dict[str, Any]:
 
     artifact_dir = build_model(Path(spec.models_dir))
     artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
-    runner = KerasRunner(artifact, spec.batch_size, spec.precision)  # type: ignore[arg-type]
+    runner = KerasRunner(artifact, spec.batch_size, spec.precision)
     runtime = {**_runtime_threads(), "model_precision": runner.precision}
     limits = LimitSettings()
     results: dict[str, Any] = {}
@@ -564,7 +564,7 @@ class LayoutSpec:
     model_images: int
     processes: int
     threads: int
-    precision: str = "float32"
+    precision: Precision = "float32"
 
 
 def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
@@ -579,7 +579,7 @@ def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
 
     artifact_dir = Path(spec.artifact_dir)
     artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
-    runner = KerasRunner(artifact, spec.batch_size, spec.precision)  # type: ignore[arg-type]
+    runner = KerasRunner(artifact, spec.batch_size, spec.precision)
     limits = LimitSettings()
     for name, texts in spec.sets:
         decoded = [
@@ -823,7 +823,6 @@ class JobWatch:
         self.error: BaseException | str | None = None
         self.counts: Any = None
         self._published = threading.Event()
-        self._scan_done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-watch", daemon=True)
 
     def publisher(self, publish: Callable[[int, int, list[str]], str]) -> Any:
@@ -841,7 +840,6 @@ class JobWatch:
         self._thread.start()
 
     def scan_returned(self) -> None:
-        self._scan_done.set()
         self._published.set()  # a scan that published nothing must not leave the thread waiting
 
     def wait(self) -> None:

@@ -74,6 +74,9 @@ class LimitSettings(BaseModel):
     min_side: int = Field(8, ge=1, description="Smallest width or height accepted (pixels).")
 
 
+Precision = Literal["float32", "bfloat16"]
+
+
 class WorkerSettings(BaseModel):
     """How a Celery worker consumes chunks; delivery guarantees depend on these."""
 
@@ -97,7 +100,7 @@ class WorkerSettings(BaseModel):
     model_threads: int = Field(
         0, ge=0, le=256, description="CPU threads per process for the model; 0: CPUs / processes."
     )
-    precision: Literal["float32", "bfloat16"] = Field(
+    precision: Precision = Field(
         "float32",
         description="Model arithmetic: bfloat16 is ~2x faster on CPUs with AMX or AVX512-BF16 "
         "(see README: labels can differ near the decision boundary).",

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -31,6 +32,12 @@ MODEL_FILE = "model.keras"
 SCHEMA_VERSION = 1
 # Every result row stores a class name in `results.label` (db.models.NAME_LENGTH characters).
 MAX_CLASS_NAME = 128
+
+
+def overlong_class_names(names: Sequence[str]) -> list[str]:
+    """The names that do not fit `results.label` (empty ones included)."""
+    return [name for name in names if not 0 < len(name) <= MAX_CLASS_NAME]
+
 
 Head = Literal["sigmoid", "softmax"]
 
@@ -75,7 +82,7 @@ class ModelMetadata(BaseModel):
     def _head_matches_classes(self) -> ModelMetadata:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class names must be unique")
-        if any(not 0 < len(name) <= MAX_CLASS_NAME for name in self.class_names):
+        if overlong_class_names(self.class_names):
             raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME} characters long")
         if self.head == "sigmoid" and len(self.class_names) != 2:
             raise ValueError("a sigmoid head serves exactly two classes")

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from emolabel.errors import DataError, ReasonCode
-from training.artifacts import MAX_CLASS_NAME
+from training.artifacts import MAX_CLASS_NAME, overlong_class_names
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, Finding
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def discover_classes(root: Path) -> list[str]:
         raise DataError(
             f"found 1 class '{class_names[0]}'; need at least 2 folders, one per class, in {root}"
         )
-    too_long = [name for name in class_names if len(name) > MAX_CLASS_NAME]
+    too_long = overlong_class_names(class_names)
     if too_long:
         # Refused now, not when the trained model is saved or its first labels are written.
         raise DataError(

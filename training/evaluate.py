@@ -91,14 +91,10 @@ def score(
     )
 
 
-def evaluate_files(
-    artifact: Artifact,
-    paths: Sequence[Path],
-    labels: Sequence[int],
-    limits: LimitSettings,
-    batch_size: int = 64,
-) -> Evaluation:
-    """Predict every file and score it; a file that fails to load is listed, never dropped."""
+def load_labeled_images(
+    artifact: Artifact, paths: Sequence[Path], labels: Sequence[int], limits: LimitSettings
+) -> tuple[NDArray[np.uint8], list[int], list[dict[str, str]]]:
+    """Decode every file as the model takes it: (images, their labels, the files that failed)."""
     images: list[NDArray[np.uint8]] = []
     kept: list[int] = []
     unusable: list[dict[str, str]] = []
@@ -114,7 +110,19 @@ def evaluate_files(
         kept.append(label)
     if not images:
         raise DataError("nothing to evaluate: no image in the set could be loaded")
-    scores = predict_scores(artifact, np.stack(images), batch_size)
+    return np.stack(images), kept, unusable
+
+
+def evaluate_files(
+    artifact: Artifact,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    limits: LimitSettings,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Predict every file and score it; a file that fails to load is listed, never dropped."""
+    images, kept, unusable = load_labeled_images(artifact, paths, labels, limits)
+    scores = predict_scores(artifact, images, batch_size)
     evaluation = score(np.asarray(kept, dtype=np.int64), scores, artifact.metadata.class_names)
     evaluation.unusable = unusable
     return evaluation

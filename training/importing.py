@@ -22,6 +22,7 @@ from training.artifacts import (
     library_versions,
     load_keras_model,
     new_version,
+    overlong_class_names,
     save_artifact,
 )
 from training.preprocess import ColorMode
@@ -67,7 +68,7 @@ def import_model(
     names = [name_.strip() for name_ in class_names if name_.strip()]
     if len(names) < 2:
         raise ModelError("--classes needs at least two comma-separated names")
-    too_long = [name_ for name_ in names if len(name_) > MAX_CLASS_NAME]
+    too_long = overlong_class_names(names)
     if too_long:
         raise ModelError(
             f"class names must be at most {MAX_CLASS_NAME} characters: {too_long[0]!r}"

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from emolabel.settings import Precision
 from training.artifacts import Artifact, load_artifact
 from training.inference import class_scores
 from training.preprocess import InputSpec
-from worker.precision import Precision, bfloat16_copy
+from worker.precision import bfloat16_copy
 
 BatchFunction = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
 

@@ -15,12 +15,13 @@ backend, JAX included.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, get_args
+
+from emolabel.settings import Precision
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["float32", "bfloat16"]
-PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def bfloat16_copy(model: Any) -> Any | None:
