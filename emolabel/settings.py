@@ -102,7 +102,7 @@ class WorkerSettings(BaseModel):
     )
     precision: Precision = Field(
         "float32",
-        description="Model arithmetic: bfloat16 is ~2x faster on CPUs with AMX or AVX512-BF16 "
+        description="Model arithmetic: bfloat16 is ~1.6x faster on CPUs with AMX or AVX512-BF16 "
         "(see README: labels can differ near the decision boundary).",
     )
     task_time_limit: int = Field(
