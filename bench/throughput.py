@@ -41,7 +41,16 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  finished_at, which the worker sets in the transaction that commits the
                  last outcome (the harness reads only the job's row every 50 ms).
 
-(a)-(c) run in one spawned process (TensorFlow is never imported by this one); (d) runs here.
+Rounds (--repeat, default 3): the worker is started first (it idles while the other phases
+run), then every round measures (b), (c), (c') and (d) once, in that order; (a), slow and far
+from its target, only in the first. A shared machine drifts by 10% within minutes, so the
+table shows, per phase, the round with the median images/s (the JSON keeps every round, and
+each round's own ratios). Rounds after the first relabel the same files (`scan --force`), so
+their writes are upserts over existing results.
+
+(a)-(c) run in a spawned process per round (TensorFlow is never imported by this one); (d) here.
+(d) also records where the machine's CPU time went (/proc/stat): the worker, this process (scan,
+watcher), Redis, the rest, and idle, with the idle share at the start, middle and end.
 The model is the seeds' CNN (training.model.make_model, 256x256x3, 2 classes) with random
 weights, saved as an artifact: speed does not depend on what it learned.
 
@@ -64,6 +73,7 @@ import argparse
 import ast
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -107,6 +117,8 @@ CROP_QUALITY = 90
 PHOTO_QUALITY = 92
 CROPS_PER_FOLDER = 50
 PHOTOS_PER_FOLDER = 25
+# Services whose CPU (d) reports apart from "other" (the embedded Redis; PostgreSQL if used).
+SERVICE_COMMANDS = ("redis-server", "postgres")
 LAYOUT_VERSION = 1  # bump when generated images change, so that cached sets are drawn again
 MODEL_NAME = "bench"
 CLASS_NAMES = ("happy", "sad")
@@ -353,15 +365,16 @@ def _count_files(folder: Path) -> int:
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """What the spawned process measures: the sets, the model's folder and the knobs."""
+    """What the spawned process measures: the sets, the model's artifact and the knobs."""
 
     sets: list[tuple[str, list[str]]]  # (set name, file paths)
-    models_dir: str
+    artifact_dir: str
     batch_size: int
     decode_threads: int
     notebook_images: int
     model_images: int
     precision: Precision = "float32"
+    notebook: bool = True  # (a) is slow and measured in the first round only
 
 
 def _cpu_seconds() -> float:
@@ -416,13 +429,18 @@ def build_model(models_dir: Path) -> Path:
     return save_artifact(model, meta, models_dir / MODEL_NAME / version)
 
 
+def build_model_phase(models_dir: str) -> dict[str, Any]:
+    """Save the benchmark model; runs in a fresh process (TensorFlow stays out of this one)."""
+    return {"artifact": str(build_model(Path(models_dir)))}
+
+
 def local_phases(spec: LocalSpec) -> dict[str, Any]:
-    """Build the model, then (b), (c) and (a) for every set; runs in a fresh process."""
+    """(b), (c) and, in the first round, (a) for every set; runs in a fresh process."""
     from emolabel.settings import LimitSettings
     from training.artifacts import load_artifact
     from worker.model_runner import KerasRunner
 
-    artifact_dir = build_model(Path(spec.models_dir))
+    artifact_dir = Path(spec.artifact_dir)
     artifact = load_artifact(artifact_dir, artifact_dir.parent.parent, MODEL_NAME)
     runner = KerasRunner(artifact, spec.batch_size, spec.precision)
     runtime = {**_runtime_threads(), "model_precision": runner.precision}
@@ -434,8 +452,11 @@ def local_phases(spec: LocalSpec) -> dict[str, Any]:
         decode, decoded = decode_floor_phase(paths, artifact.spec, limits, spec)
         model = model_phase(runner, decoded, spec)
         del decoded
-        notebook = notebook_phase(artifact.model, paths[: spec.notebook_images])
-        results[name] = {"notebook": notebook, "decode": decode, "model": model}
+        results[name] = {"decode": decode, "model": model}
+        if spec.notebook:
+            results[name]["notebook"] = notebook_phase(
+                artifact.model, paths[: spec.notebook_images]
+            )
     return {
         "artifact": str(artifact_dir),
         "version": artifact.metadata.version,
@@ -475,7 +496,6 @@ def decode_floor_phase(
         except ImageError:
             return None
 
-    kept: list[NDArray[np.uint8]] = []
     failed = 0
     result: dict[str, Any] = {
         "phase": "decode",
@@ -487,14 +507,20 @@ def decode_floor_phase(
         ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="bench-decode") as pool,
         _measured(result),
     ):
+        # Nothing is kept while timed: holding a thousand fresh arrays costs a page fault per
+        # 4 KiB of each (about a third more CPU per crop on this VM), which no worker pays.
         for pixels in pool.map(decode, paths):
-            if pixels is None:
-                failed += 1
-            elif len(kept) < spec.model_images:
-                kept.append(pixels)
+            failed += pixels is None
         # Images/s count what decoded, as (d) counts what it labeled (a refused file is cheap).
         result["images"] = len(paths) - failed
     result["failed"] = failed
+    kept: list[NDArray[np.uint8]] = []
+    for path in paths:  # (c)'s input, untimed
+        if len(kept) >= spec.model_images:
+            break
+        pixels = decode(path)
+        if pixels is not None:
+            kept.append(pixels)
     return result, kept
 
 
@@ -670,10 +696,97 @@ def _proc_cpu_seconds(pid: int) -> float:
 def _proc_cpu_seconds_of(stat_file: Path) -> float:
     """utime + stime from a /proc stat file (a process's or one thread's), in seconds."""
     try:
-        fields = stat_file.read_text().rpartition(")")[2].split()
+        return _stat_cpu_seconds(stat_file.read_text())
     except OSError:
         return 0.0
+
+
+def _stat_cpu_seconds(text: str) -> float:
+    fields = text.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# /proc/stat's first line, in order; guest time is already counted in user.
+_CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def _machine_cpu() -> dict[str, float]:
+    """Seconds every CPU has spent in each state since boot (the machine, not this process)."""
+    try:
+        values = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    return {state: int(value) / tick for state, value in zip(_CPU_STATES, values, strict=False)}
+
+
+def _cpu_by_command(commands: Sequence[str]) -> dict[str, float]:
+    """CPU seconds used so far by every live process whose name is one of `commands`."""
+    spent = dict.fromkeys(commands, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name in spent:
+            spent[name] += _stat_cpu_seconds(text)
+    return spent
+
+
+def machine_cpu_split(
+    before: dict[str, float],
+    after: dict[str, float],
+    *,
+    worker: float,
+    bench: float,
+    services: dict[str, float],
+) -> dict[str, float]:
+    """Where the machine's CPU time went over a span: busy by whom, idle, stolen.
+
+    `worker`, `bench` and `services` are CPU seconds measured per process over the same span;
+    "other" is whatever else was busy (the kernel's own threads, other users of the machine).
+    """
+    spent = {state: after.get(state, 0.0) - before.get(state, 0.0) for state in _CPU_STATES}
+    busy = sum(spent[state] for state in ("user", "nice", "system", "irq", "softirq"))
+    split = {
+        "cpu_seconds_available": round(sum(spent.values()), 2),
+        "busy": round(busy, 2),
+        "worker": round(worker, 2),
+        "bench": round(bench, 2),
+        **{name: round(seconds, 2) for name, seconds in services.items()},
+        "other": round(busy - worker - bench - sum(services.values()), 2),
+        "idle": round(spent["idle"] + spent["iowait"], 2),
+        "steal": round(spent["steal"], 2),
+    }
+    return split
+
+
+def idle_by_part(
+    samples: Sequence[tuple[float, float]], seconds: float, cores: int, edge: float = 0.5
+) -> dict[str, float | None]:
+    """Share of the machine's CPU left idle in the first and last `edge` seconds and between.
+
+    `samples` are (seconds since the first publish, cumulative idle CPU seconds), `seconds` the
+    timed span. Tells a pipeline's start and drain (one chunk, one process) from its steady state.
+    """
+    if seconds <= 0 or not samples:
+        return {"start": None, "middle": None, "end": None}
+
+    def idle_at(moment: float) -> float:
+        before = [idle for at, idle in samples if at <= moment]
+        return before[-1] if before else samples[0][1]
+
+    marks = [0.0, min(edge, seconds / 3), max(seconds - edge, 2 * seconds / 3), seconds]
+    shares: list[float | None] = []
+    for start, end in itertools.pairwise(marks):
+        span = end - start
+        shares.append(
+            round((idle_at(end) - idle_at(start)) / (span * cores), 3) if span > 0 else None
+        )
+    return dict(zip(("start", "middle", "end"), shares, strict=True))
 
 
 def _children(pid: int) -> list[int]:
@@ -820,6 +933,8 @@ class JobWatch:
         self.finished: float | None = None
         self.finished_utc: dt.datetime | None = None
         self.checkpoints: list[Checkpoint] = []
+        # (seconds since the first publish, the machine's idle CPU seconds so far), every poll.
+        self.idle_samples: list[tuple[float, float]] = []
         self.error: BaseException | str | None = None
         self.counts: Any = None
         self._published = threading.Event()
@@ -868,6 +983,10 @@ class JobWatch:
         counts = None
         while True:
             now = time.perf_counter()
+            machine = _machine_cpu()
+            self.idle_samples.append(
+                (now - self.first_publish, machine.get("idle", 0.0) + machine.get("iowait", 0.0))
+            )
             if now >= next_sample:
                 main, pool = self.memory.rss()
                 self.memory.samples.append(
@@ -924,8 +1043,12 @@ def run_job(
     expected: int,
     model_version: str,
     timeout: float,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Scan `root` with the real producer and wait until the worker has labeled all of it."""
+    """Scan `root` with the real producer and wait until the worker has labeled all of it.
+
+    `force` relabels images the active model labeled already (a later round on the same set).
+    """
     from producer.enqueue import celery_publisher, run_scan
     from producer.sources import open_source
     from worker.celery_app import make_celery
@@ -943,6 +1066,7 @@ def run_job(
     result: dict[str, Any] = {"phase": "emolabel", "load_before": _load()}
     worker_cpu, own_cpu = memory.cpu_seconds(), _cpu_seconds()
     threads_before = memory.thread_cpu()
+    machine_before, services_before = _machine_cpu(), _cpu_by_command(SERVICE_COMMANDS)
     watch.start()
     try:
         summary = run_scan(
@@ -952,6 +1076,7 @@ def run_job(
             chunk_size=settings.scan.chunk_size,
             chunk_bytes=settings.scan.chunk_bytes,
             model_version=model_version,
+            force=force,
         )
     finally:
         watch.scan_returned()
@@ -968,6 +1093,15 @@ def run_job(
         else watch.finished - watch.first_publish
     )
     worker_cpu_used = memory.cpu_seconds() - worker_cpu
+    bench_cpu_used = _cpu_seconds() - own_cpu
+    services_after = _cpu_by_command(SERVICE_COMMANDS)
+    machine = machine_cpu_split(
+        machine_before,
+        _machine_cpu(),
+        worker=worker_cpu_used,
+        bench=bench_cpu_used,
+        services={name: services_after[name] - services_before[name] for name in services_after},
+    )
     threads = thread_cpu_spent(threads_before, memory.thread_cpu())
     counts = watch.counts
     images = counts.labeled + counts.failed
@@ -985,7 +1119,10 @@ def run_job(
             "scan_seconds": round(summary.seconds, 3),
             "worker_cpu_seconds": round(worker_cpu_used, 2),
             "cpu_ms_per_image": round(1000 * worker_cpu_used / max(1, images), 3),
-            "bench_cpu_seconds": round(_cpu_seconds() - own_cpu, 2),
+            "bench_cpu_seconds": round(bench_cpu_used, 2),
+            # The whole machine from just before the scan to just after the job finished.
+            "machine_cpu_seconds": machine,
+            "machine_idle_share": idle_by_part(watch.idle_samples, seconds, os.cpu_count() or 1),
             "worker_cpu_by_thread": threads,
             "load_after": _load(),
             "memory": {
@@ -1045,14 +1182,41 @@ def worker_stage_seconds(logfile: Path, job_id: int) -> dict[str, Any]:
     }
 
 
+@dataclass
+class EndToEnd:
+    """A warmed worker on a fresh home, Redis and database; `measure` runs (d) on one set."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    worker: LocalWorker
+    version: str
+    timeout: float
+    result: dict[str, Any]
+
+    def measure(self, image_set: ImageSet, *, force: bool) -> dict[str, Any]:
+        measured = run_job(
+            self.settings, self.sessions, self.worker, image_set.root,
+            expected=len(image_set.paths), model_version=self.version, timeout=self.timeout,
+            force=force,
+        )  # fmt: skip
+        stages = worker_stage_seconds(self.worker.logfile, measured["job_id"])
+        if "task_seconds" in stages:
+            # Chunk N's write and ack, the next message's fetch: the model sits idle.
+            stages["outside_tasks_seconds"] = round(measured["seconds"] - stages["task_seconds"], 2)
+        measured["worker_stages"] = stages
+        measured["relabel"] = force
+        return measured
+
+
+@contextlib.contextmanager
 def end_to_end(
     sets: Sequence[ImageSet],
     *,
     run_dir: Path,
     artifact_dir: Path,
     arguments: argparse.Namespace,
-) -> dict[str, Any]:
-    """(d) for every set, with one warmed worker on a fresh home, Redis and database."""
+) -> Iterator[EndToEnd]:
+    """Start Redis, a database and a worker for (d), and label a small warm-up job first."""
     from db.session import make_engine, make_sessionmaker, upgrade
     from emolabel.embedded import ensure_redis, start_local_worker
     from emolabel.registry import register_artifact
@@ -1117,25 +1281,10 @@ def end_to_end(
                 "model_ready": ready,
                 "note": "model load and tracing in every pool process; not part of any figure",
             }
-            result["sets"] = {}
-            for image_set in sets:
-                measured = run_job(
-                    settings, sessions, worker, image_set.root,
-                    expected=len(image_set.paths), model_version=version,
-                    timeout=arguments.timeout,
-                )  # fmt: skip
-                stages = worker_stage_seconds(worker.logfile, measured["job_id"])
-                if "task_seconds" in stages:
-                    # Chunk N's write and ack, the next message's fetch: the model sits idle.
-                    stages["outside_tasks_seconds"] = round(
-                        measured["seconds"] - stages["task_seconds"], 2
-                    )
-                measured["worker_stages"] = stages
-                result["sets"][image_set.name] = measured
+            yield EndToEnd(settings, sessions, worker, version, arguments.timeout, result)
     finally:
         engine.dispose()
         redis_server.stop()
-    return result
 
 
 def _wait_for_ready_children(
@@ -1287,7 +1436,7 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{row.get('seconds', 0.0):>9.2f}{row['images_per_s']:>10.1f}"
                 f"{'-' if cpu is None else f'{cpu:.1f}':>8}"
                 f"{'-' if per_image is None else f'{per_image:.2f}':>11}"
-                f"  {_load_text(row):<12}{_note(phase, row)}"
+                f"  {_load_text(row):<12}{_note(phase, row)}{_spread(row)}"
             )
     print()
     for name, result in report["sets"].items():
@@ -1299,6 +1448,16 @@ def print_table(report: dict[str, Any]) -> None:
             f" {ratio['shared_core_bound_images_per_s']} img/s:"
             f" {_ratio(ratio['d_over_shared_core_bound'])}"
         )
+        by_round = result.get("by_round") or []
+        if len(by_round) > 1:
+            print(
+                f"{name}: by round (each round's own (d) over its own (b), (c), (c')):"
+                + "".join(
+                    f"  {index}: (d)/(b) {_ratio(r['d_over_b'])} (d)/(c) {_ratio(r['d_over_c'])}"
+                    f" (d)/(c') {_ratio(r['d_over_c_layout'])}"
+                    for index, r in enumerate(by_round, start=1)
+                )
+            )
     print()
     for name, result in report["sets"].items():
         e2e = result["phases"]["emolabel"]
@@ -1325,12 +1484,31 @@ def print_table(report: dict[str, Any]) -> None:
             f" RSS (MiB) {marks}; worker CPU {e2e['worker_cpu_seconds']} s,"
             f" chunks (s): {stage_text or '-'}"
         )
+        machine = e2e.get("machine_cpu_seconds")
+        if machine:
+            parts = ", ".join(
+                f"{key} {value}"
+                for key, value in machine.items()
+                if key not in {"cpu_seconds_available", "busy"}
+            )
+            idle = e2e.get("machine_idle_share") or {}
+            shares = ", ".join(f"{part} {share}" for part, share in idle.items())
+            print(
+                f"{name}: machine CPU s during (d): {machine['cpu_seconds_available']} available,"
+                f" {machine['busy']} busy; {parts}; idle share by part of the span: {shares}"
+            )
         busiest = e2e.get("worker_cpu_by_thread", [])[:8]
         if busiest:
             print(
                 f"{name}: worker CPU s by thread, busiest first: "
                 + ", ".join(f"{thread['name']} {thread['cpu_seconds']}" for thread in busiest)
             )
+    idle = report.get("end_to_end", {}).get("idle_worker_cpu_by_round") or []
+    if idle:
+        print(
+            "the idle worker's CPU s during (a)-(c') by round: "
+            + ", ".join(f"{row['worker_cpu_seconds']} in {row['seconds']} s" for row in idle)
+        )
     env = report["environment"]
     print(
         f"\n{env['cpus_usable']} cores; load {report['load_before']} before, "
@@ -1346,6 +1524,14 @@ def _load_text(row: dict[str, Any]) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _spread(row: dict[str, Any]) -> str:
+    repeats = row.get("repeats") or []
+    if len(repeats) < 2:
+        return ""
+    rates = sorted(repeat["images_per_s"] for repeat in repeats)
+    return f"; median of {len(rates)}: {rates[0]:.1f}-{rates[-1]:.1f}"
 
 
 def _note(phase: str, row: dict[str, Any]) -> str:
@@ -1436,12 +1622,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated sets")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of (b), (c), (c') and (d); the table shows each one's median (default 3)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds one job may take in (d)"
     )
     parser.add_argument(
         "--keep-run", action="store_true", help="keep OUT/run-*/ (home, database, model)"
     )
     arguments = parser.parse_args(argv)
+    if arguments.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if arguments.folder is not None and (arguments.images or arguments.crops or arguments.photos):
         parser.error("--folder measures the whole folder: leave out --images, --crops, --photos")
     for option in ("images", "crops", "photos"):
@@ -1485,6 +1679,30 @@ def image_sets(arguments: argparse.Namespace) -> list[ImageSet]:
     return sets
 
 
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s (the lower middle one of an even count), whole.
+
+    A whole run rather than per-field medians, so that its seconds, CPU and memory belong
+    together; `repeats` lists every round's images/s and CPU ms per image beside it.
+    """
+    ordered = sorted(runs, key=lambda run: run["images_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["repeats"] = [
+        {
+            "round": index + 1,
+            "images_per_s": run["images_per_s"],
+            "cpu_ms_per_image": run.get("cpu_ms_per_image"),
+            "seconds": run.get("seconds"),
+        }
+        for index, run in enumerate(runs)
+    ]
+    chosen["round"] = runs.index(ordered[(len(ordered) - 1) // 2]) + 1
+    return chosen
+
+
+REPEATED = ("decode", "model", "model_layout", "emolabel")
+
+
 def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out: Path = arguments.out.resolve()
@@ -1493,40 +1711,70 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
     load_before = _load()
     sets = image_sets(arguments)
     described = [image_set.describe() for image_set in sets]
-    print("phases (a)-(c) in a spawned process ...", flush=True)
-    local = _in_child(
-        local_phases,
-        LocalSpec(
-            sets=[(image_set.name, [str(path) for path in image_set.paths]) for image_set in sets],
-            models_dir=str(run_dir / "models"),
-            batch_size=arguments.batch_size,
-            decode_threads=arguments.floor_threads,
-            notebook_images=arguments.notebook_images,
-            model_images=arguments.model_images,
-            precision=arguments.precision,
-        ),
-    )
+    listed = [(image_set.name, [str(path) for path in image_set.paths]) for image_set in sets]
+    artifact = _in_child(build_model_phase, str(run_dir / "models"))["artifact"]
     layout = arguments.layout
-    print(
-        f"phase (c'): the model alone in the worker's layout, {layout.processes} process(es)"
-        f" x {layout.model_threads} thread(s) ...",
-        flush=True,
-    )
-    in_layout = model_layout_phase(
-        LayoutSpec(
-            sets=[(image_set.name, [str(path) for path in image_set.paths]) for image_set in sets],
-            artifact_dir=local["artifact"],
-            batch_size=arguments.batch_size,
-            model_images=arguments.model_images,
-            processes=layout.processes,
-            threads=layout.model_threads,
-            precision=arguments.precision,
-        )
-    )
-    print("phase (d): Redis, a worker, warm-up, then the timed jobs ...", flush=True)
-    e2e = end_to_end(
-        sets, run_dir=run_dir, artifact_dir=Path(local["artifact"]), arguments=arguments
-    )
+    rounds: list[dict[str, dict[str, Any]]] = []
+    idle_worker_cpu: list[dict[str, float]] = []
+    local: dict[str, Any] = {}
+    # Every round measures (b), (c), (c') and (d) once, in that order, with the worker started
+    # (idle while the others run): drift of a shared machine then falls on every phase alike.
+    with end_to_end(sets, run_dir=run_dir, artifact_dir=Path(artifact), arguments=arguments) as e2e:
+        for round_index in range(arguments.repeat):
+            first = round_index == 0
+            label = f"round {round_index + 1} of {arguments.repeat}: "
+            print(f"{label}(b), (c){' and (a)' if first else ''} in a spawned process ...")
+            idle_worker = WorkerMemory(e2e.worker.pid)
+            idle_cpu, idle_started = idle_worker.cpu_seconds(), time.perf_counter()
+            local = _in_child(
+                local_phases,
+                LocalSpec(
+                    sets=listed,
+                    artifact_dir=artifact,
+                    batch_size=arguments.batch_size,
+                    decode_threads=arguments.floor_threads,
+                    notebook_images=arguments.notebook_images,
+                    model_images=arguments.model_images,
+                    precision=arguments.precision,
+                    notebook=first,
+                ),
+            )
+            print(
+                f"{label}(c') the model alone in the worker's layout, {layout.processes}"
+                f" process(es) x {layout.model_threads} thread(s) ...",
+                flush=True,
+            )
+            in_layout = model_layout_phase(
+                LayoutSpec(
+                    sets=listed,
+                    artifact_dir=artifact,
+                    batch_size=arguments.batch_size,
+                    model_images=arguments.model_images,
+                    processes=layout.processes,
+                    threads=layout.model_threads,
+                    precision=arguments.precision,
+                )
+            )
+            # What the idle worker took from (a)-(c'): it should be next to nothing.
+            idle_worker_cpu.append(
+                {
+                    "seconds": round(time.perf_counter() - idle_started, 2),
+                    "worker_cpu_seconds": round(idle_worker.cpu_seconds() - idle_cpu, 3),
+                }
+            )
+            print(f"{label}(d) emolabel end to end ...", flush=True)
+            rounds.append(
+                {
+                    image_set.name: {
+                        **local["sets"][image_set.name],
+                        "model_layout": in_layout[image_set.name],
+                        # Later rounds relabel the same files (scan --force): an upsert per result.
+                        "emolabel": e2e.measure(image_set, force=not first),
+                    }
+                    for image_set in sets
+                }
+            )
+        worker_meta = e2e.result
     report: dict[str, Any] = {
         "benchmark": "throughput",
         "command": command,
@@ -1535,27 +1783,32 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
         "environment": environment(tensorflow=local["runtime"]["tensorflow"]),
         "runtime": local["runtime"],
         "model": {
-            "artifact": local["artifact"],
+            "artifact": artifact,
             "version": local["version"],
             "note": "training.model.make_model((256, 256, 3), 2), random weights",
         },
         "image_sets": described,
-        "end_to_end": {key: value for key, value in e2e.items() if key != "sets"},
+        "repeat": arguments.repeat,
+        "end_to_end": {**worker_meta, "idle_worker_cpu_by_round": idle_worker_cpu},
         "sets": {},
         "sets_note": (
             f"(a) on the first {arguments.notebook_images} images of each set; (c) on whole "
             f"batches of {arguments.batch_size} from the first {arguments.model_images} images"
+            + (
+                f"; (b)-(d): the median of {arguments.repeat} rounds"
+                if arguments.repeat > 1
+                else ""
+            )
         ),
         "load_before": load_before,
         "load_after": _load(),
     }
     for image_set in sets:
-        phases = {
-            **local["sets"][image_set.name],
-            "model_layout": in_layout[image_set.name],
-            "emolabel": e2e["sets"][image_set.name],
-        }
-        report["sets"][image_set.name] = {"phases": phases, "ratios": ratios(phases)}
+        name = image_set.name
+        phases = {"notebook": rounds[0][name]["notebook"]}
+        phases.update({phase: median_run([r[name][phase] for r in rounds]) for phase in REPEATED})
+        by_round = [ratios({**r[name], "notebook": phases["notebook"]}) for r in rounds]
+        report["sets"][name] = {"phases": phases, "ratios": ratios(phases), "by_round": by_round}
     if not arguments.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)
     return report

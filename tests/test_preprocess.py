@@ -155,3 +155,52 @@ def test_model_input_scaling() -> None:
     assert to_model_input(batch, SPEC).max() == 255.0
     scaled = to_model_input(batch, InputSpec(4, 4, "rgb", pixel_scale=2 / 255, pixel_offset=-1))
     assert np.allclose(scaled, 1.0)
+
+
+def _textured(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    return Image.fromarray(cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC))
+
+
+def _with_orientation(image: Image.Image, image_format: str) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode(image, image_format, exif=exif)
+
+
+DECODE_CASES = {
+    "jpeg": lambda image: encode(image, "JPEG", quality=90),
+    "jpeg 4:4:4": lambda image: encode(image, "JPEG", quality=95, subsampling=0),
+    "jpeg progressive": lambda image: encode(image, "JPEG", progressive=True),
+    "jpeg grey": lambda image: encode(image.convert("L"), "JPEG"),
+    "jpeg cmyk": lambda image: encode(image.convert("CMYK"), "JPEG"),
+    "jpeg exif-rotated": lambda image: _with_orientation(image, "JPEG"),
+    "png": lambda image: encode(image, "PNG"),
+    "png palette": lambda image: encode(image.convert("P"), "PNG"),
+    "png exif-rotated": lambda image: _with_orientation(image, "PNG"),
+    "bmp": lambda image: encode(image, "BMP"),
+    "gif": lambda image: encode(image, "GIF"),
+    "webp": lambda image: encode(image, "WEBP", quality=80),
+    "tiff": lambda image: encode(image, "TIFF"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+@pytest.mark.parametrize("side", [64, 520])
+def test_direct_rgb_decoding_matches_bgr_then_convert(case: str, side: int) -> None:
+    # The decoder asks OpenCV for RGB directly; served and trained pixels must stay exactly what
+    # BGR decoding + cvtColor gave (PREPROCESS_VERSION 1), at full and at reduced JPEG scale.
+    data = DECODE_CASES[case](_textured(side + 40, side))
+    spec = InputSpec(64, 64, "rgb")
+    header = read_header(data)
+    factor = jpeg_reduction(header, spec)
+    flags = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[factor]
+    reference = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flags), cv2.COLOR_BGR2RGB)
+    assert side == 64 or header.image_type != "jpeg" or factor == 8
+    np.testing.assert_array_equal(decode(data, header, spec), reference)

@@ -40,10 +40,16 @@ ACCEPTED_FORMATS: dict[str, str] = {
     "TIFF": "tiff",
 }
 
+# Colour is decoded straight to RGB (the codec writes RGB; no BGR array and cvtColor pass after,
+# ~10% of a face crop's decoding). Same pixels as BGR + cvtColor for every accepted type.
+_COLOR = cv2.IMREAD_COLOR_RGB
 _REDUCED_COLOR = {
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
+    factor: (reduced & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB
+    for factor, reduced in (
+        (2, cv2.IMREAD_REDUCED_COLOR_2),
+        (4, cv2.IMREAD_REDUCED_COLOR_4),
+        (8, cv2.IMREAD_REDUCED_COLOR_8),
+    )
 }
 _REDUCED_GRAY = {
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
@@ -174,13 +180,11 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
         if factor > 1:
             flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
         else:
-            flags = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
+            flags = cv2.IMREAD_GRAYSCALE if grayscale else _COLOR
         decoded: NDArray[Any] | None = cv2.imdecode(buffer, flags)
         if decoded is None:
             raise UnsupportedImage(ReasonCode.CORRUPT, f"{header.image_type} data does not decode")
         image = decoded
-        if not grayscale:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if grayscale and image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     if image.ndim == 2:
