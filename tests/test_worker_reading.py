@@ -9,7 +9,18 @@ import pytest
 
 from emolabel.errors import ImageError, ReasonCode
 from producer.uris import path_to_uri
+from worker import reading
 from worker.reading import Reader
+
+
+@pytest.fixture(autouse=True, params=["descriptor", "resolved name"])
+def confinement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs both ways a reader confines: by the opened handle (Linux) and by name."""
+    by_descriptor = request.param == "descriptor"
+    if by_descriptor and not reading.CONFINE_BY_DESCRIPTOR:
+        pytest.skip("no O_PATH or /proc/self/fd here")
+    monkeypatch.setattr(reading, "CONFINE_BY_DESCRIPTOR", by_descriptor)
+    return str(request.param)
 
 
 @pytest.fixture()
@@ -50,6 +61,47 @@ def test_symlink_escape_is_refused(tree: Path) -> None:
     (tree / "link.jpg").symlink_to(tree.parent / "secret.txt")
     reader = Reader(max_file_bytes=1000)
     assert reason(reader, path_to_uri(tree / "link.jpg"), tree) == ReasonCode.OUTSIDE_ROOT
+
+
+def test_outside_paths_say_only_that_they_are_outside(tree: Path) -> None:
+    # Whether a path outside the roots exists, or may be opened, is not told to a queue message.
+    (tree / "dangling.jpg").symlink_to(tree.parent / "nothing-here.jpg")
+    (tree.parent / "closed").mkdir(mode=0o000)
+    reader = Reader(max_file_bytes=1000)
+    try:
+        for path in (
+            tree / "dangling.jpg",
+            tree.parent / "nothing-here.jpg",
+            tree.parent / "closed" / "x.jpg",
+        ):
+            assert reason(reader, path_to_uri(path), tree) == ReasonCode.OUTSIDE_ROOT, path
+    finally:
+        (tree.parent / "closed").chmod(0o700)
+
+
+def test_a_directory_on_the_way_that_links_out_of_the_root_is_refused(tree: Path) -> None:
+    # As when the scan saw sub/ as a directory and it became a link out before a worker read.
+    outside = tree.parent / "elsewhere"
+    outside.mkdir()
+    (outside / "b.jpg").write_bytes(b"outside bytes")
+    (tree / "sub").symlink_to(outside, target_is_directory=True)
+    reader = Reader(max_file_bytes=1000)
+    assert reason(reader, path_to_uri(tree / "sub" / "b.jpg"), tree) == ReasonCode.OUTSIDE_ROOT
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_file_without_read_permission_is_unreadable(tree: Path) -> None:
+    (tree / "a.jpg").chmod(0o000)
+    reader = Reader(max_file_bytes=1000)
+    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == ReasonCode.UNREADABLE
+
+
+def test_a_link_inside_the_root_is_read(tree: Path) -> None:
+    (tree / "alias.jpg").symlink_to(tree / "a.jpg")
+    reader = Reader(max_file_bytes=1000)
+    assert (
+        reader.read(path_to_uri(tree / "alias.jpg"), path_to_uri(tree)) == b"\xff\xd8 image bytes"
+    )
 
 
 def test_configured_roots_narrow_further(tree: Path) -> None:

@@ -3,7 +3,15 @@
 Our code opens every file (OpenCV never sees a path): the path is resolved, must lie inside the
 job's source root (and inside `worker.allowed_roots` when configured), must be a regular file,
 and must be under the byte limit before a byte is read. A hand-written queue message naming
-`/etc/passwd` is refused here and recorded, and nothing outside the roots is opened.
+`/etc/passwd` is refused here and recorded, and nothing outside the roots is opened for reading.
+
+On Linux the check is made on what was opened, not on a name: the path is opened with `O_PATH`
+(a handle to a place in the tree: no read permission needed, nothing of a device or FIFO runs),
+the kernel says where that handle really is (`/proc/self/fd/N`), and only a handle found inside
+the roots is reopened for reading, through that same link, so the file read is the file checked.
+Resolving a name first and opening it after left a window in which a directory on the way could
+be swapped for a symbolic link; it also cost an lstat per path component in Python. Elsewhere
+the name is resolved with `os.path.realpath` and opened with `O_NOFOLLOW`.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from emolabel.errors import ImageError, ImageTooLarge, ReasonCode
@@ -20,6 +29,11 @@ from emolabel.settings import S3Settings
 from producer.uris import S3_SCHEME, parse_s3_uri, uri_to_path
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REOPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_O_PATH: int = getattr(os, "O_PATH", 0)
+# Where a descriptor's real path can be read: the kernel's own answer, not a resolved name.
+_FD_LINKS = "/proc/self/fd"
+CONFINE_BY_DESCRIPTOR = bool(_O_PATH) and Path(_FD_LINKS).is_dir()
 
 
 ROOTS_CACHED = 64
@@ -62,23 +76,14 @@ class Reader:
             path = uri_to_path(uri)
         except ValueError as error:
             raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not a file URI: {error}") from None
-        real = os.path.realpath(path)
         try:
-            job_real, *configured = self._roots_for(job_root)
+            roots = self._roots_for(job_root)
         except ValueError:
             raise ImageError(ReasonCode.OUTSIDE_ROOT, "a local file in a bucket's job") from None
-        if not _inside(real, job_real) or (
-            configured and not any(_inside(real, r) for r in configured)
-        ):
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
-        try:
-            descriptor = os.open(real, _OPEN_FLAGS)
-        except FileNotFoundError:
-            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise ImageError(ReasonCode.OUTSIDE_ROOT, "path became a symbolic link") from None
-            raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+        if CONFINE_BY_DESCRIPTOR:
+            descriptor = _open_confined(path, roots)
+        else:
+            descriptor = _open_resolved(path, roots)
         try:
             status = os.fstat(descriptor)
             if not stat.S_ISREG(status.st_mode):
@@ -142,6 +147,61 @@ class Reader:
                 region_name=self.s3.region,
             )
         return self._client
+
+
+def _allowed(real: bytes, roots: Sequence[bytes]) -> bool:
+    """Inside the job's root and, when roots are configured, inside one of them too."""
+    job_real, *configured = roots
+    return _inside(real, job_real) and (not configured or any(_inside(real, r) for r in configured))
+
+
+def _refuse_outside(path: bytes, roots: Sequence[bytes]) -> None:
+    # An error on a path outside the roots says only that it is outside: whether it exists or
+    # can be opened there is none of a queue message's business.
+    if not _allowed(os.path.realpath(path), roots):
+        raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+
+
+def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
+    """A read descriptor for `path`, checked on where the opened handle really is (Linux)."""
+    try:
+        handle = os.open(path, _O_PATH | os.O_CLOEXEC)
+    except OSError as error:
+        _refuse_outside(path, roots)
+        if isinstance(error, FileNotFoundError):
+            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
+        raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+    try:
+        link = f"{_FD_LINKS}/{handle}"
+        # bytes in, bytes out: a file name need not be UTF-8 (Path.readlink would decode it).
+        if not _allowed(os.readlink(os.fsencode(link)), roots):  # noqa: PTH115
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            # Checked before reopening: opening a FIFO or a device for reading can block or act.
+            raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
+        try:
+            return os.open(link, _REOPEN_FLAGS)
+        except FileNotFoundError:
+            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
+        except OSError as error:
+            raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+    finally:
+        os.close(handle)
+
+
+def _open_resolved(path: bytes, roots: Sequence[bytes]) -> int:
+    """A read descriptor for `path`, resolved by name first (where `O_PATH` is missing)."""
+    real = os.path.realpath(path)
+    if not _allowed(real, roots):
+        raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+    try:
+        return os.open(real, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path became a symbolic link") from None
+        raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
 
 
 def _read_all(descriptor: int, limit: int, expected: int = 0) -> bytes:

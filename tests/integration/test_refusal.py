@@ -2,8 +2,9 @@
 and recorded, and nothing outside the root is read.
 
 That nothing is read is shown by the reasons recorded: a path that does not exist would fail as
-`missing` and /etc/passwd as `not_an_image` had the worker opened them; `outside_root` is decided
-from the resolved path alone, before any open.
+`missing` and /etc/passwd as `not_an_image` had the worker read them; `outside_root` is decided
+from where the path resolves (an `O_PATH` handle on Linux, which reads nothing), before any file
+is opened for reading.
 """
 
 from __future__ import annotations
