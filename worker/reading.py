@@ -168,9 +168,7 @@ def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
         handle = os.open(path, _O_PATH | os.O_CLOEXEC)
     except OSError as error:
         _refuse_outside(path, roots)
-        if isinstance(error, FileNotFoundError):
-            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
-        raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+        raise _open_failure(error) from None
     try:
         link = f"{_FD_LINKS}/{handle}"
         # bytes in, bytes out: a file name need not be UTF-8 (Path.readlink would decode it).
@@ -181,10 +179,8 @@ def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
             raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
         try:
             return os.open(link, _REOPEN_FLAGS)
-        except FileNotFoundError:
-            raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
         except OSError as error:
-            raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+            raise _open_failure(error) from None
     finally:
         os.close(handle)
 
@@ -196,12 +192,16 @@ def _open_resolved(path: bytes, roots: Sequence[bytes]) -> int:
         raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
     try:
         return os.open(real, _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise ImageError(ReasonCode.MISSING, "file no longer exists") from None
     except OSError as error:
-        if error.errno == errno.ELOOP:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a link made after realpath
             raise ImageError(ReasonCode.OUTSIDE_ROOT, "path became a symbolic link") from None
-        raise ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}") from None
+        raise _open_failure(error) from None
+
+
+def _open_failure(error: OSError) -> ImageError:
+    if isinstance(error, FileNotFoundError):
+        return ImageError(ReasonCode.MISSING, "file no longer exists")
+    return ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}")
 
 
 def _read_all(descriptor: int, limit: int, expected: int = 0) -> bytes:
