@@ -41,12 +41,12 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  finished_at, which the worker sets in the transaction that commits the
                  last outcome (the harness reads only the job's row, every 0.25 s).
 
-Rounds (--repeat, default 3): the worker is started first (it idles while the other phases
-run), then every round measures (b), (c), (c') and (d) once, in that order; (a), slow and far
-from its target, only in the first. A shared machine drifts by 10% within minutes, so the
-table shows, per phase, the round with the median images/s (the JSON keeps every round, and
-each round's own ratios). Rounds after the first relabel the same files (`scan --force`), so
-their writes are upserts over existing results.
+Rounds (--repeat, default 3): the worker is started first, and stopped (SIGSTOP) while the other
+phases run, since an idle Celery worker still takes some CPU. Every round measures (b), (c), (c')
+and (d) once, in that order; (a), slow and far from its target, only in the first. A shared
+machine drifts by 10% within minutes, so the table shows, per phase, the round with the median
+images/s (the JSON keeps every round, and each round's own ratios). Rounds after the first
+relabel the same files (`scan --force`), so their writes are upserts over existing results.
 
 (a)-(c) run in a spawned process per round (TensorFlow is never imported by this one); (d) here.
 (d) also records where the machine's CPU time went (/proc/stat): the worker, this process (scan,
@@ -81,6 +81,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -1197,6 +1198,26 @@ class EndToEnd:
     timeout: float
     result: dict[str, Any]
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the worker's processes (SIGSTOP) for the block, so an idle worker takes nothing.
+
+        An idle Celery worker still wakes for its event loop, heartbeats and metrics: 0.3-2.4% of
+        a core on this machine, taken from whatever (b), (c) or (c') measured beside it.
+        """
+        main, pool = WorkerMemory(self.worker.pid).processes()
+        stopped: list[int] = []
+        try:
+            for pid in (main, *pool):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            yield
+        finally:
+            for pid in reversed(stopped):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def measure(self, image_set: ImageSet, *, force: bool) -> dict[str, Any]:
         measured = run_job(
             self.settings, self.sessions, self.worker, image_set.root,
@@ -1722,7 +1743,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
     idle_worker_cpu: list[dict[str, float]] = []
     local: dict[str, Any] = {}
     # Every round measures (b), (c), (c') and (d) once, in that order, with the worker started
-    # (idle while the others run): drift of a shared machine then falls on every phase alike.
+    # (paused while the others run): drift of a shared machine then falls on every phase alike.
     with end_to_end(sets, run_dir=run_dir, artifact_dir=Path(artifact), arguments=arguments) as e2e:
         for round_index in range(arguments.repeat):
             first = round_index == 0
@@ -1730,36 +1751,37 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             print(f"{label}(b), (c){' and (a)' if first else ''} in a spawned process ...")
             idle_worker = WorkerMemory(e2e.worker.pid)
             idle_cpu, idle_started = idle_worker.cpu_seconds(), time.perf_counter()
-            local = _in_child(
-                local_phases,
-                LocalSpec(
-                    sets=listed,
-                    artifact_dir=artifact,
-                    batch_size=arguments.batch_size,
-                    decode_threads=arguments.floor_threads,
-                    notebook_images=arguments.notebook_images,
-                    model_images=arguments.model_images,
-                    precision=arguments.precision,
-                    notebook=first,
-                ),
-            )
-            print(
-                f"{label}(c') the model alone in the worker's layout, {layout.processes}"
-                f" process(es) x {layout.model_threads} thread(s) ...",
-                flush=True,
-            )
-            in_layout = model_layout_phase(
-                LayoutSpec(
-                    sets=listed,
-                    artifact_dir=artifact,
-                    batch_size=arguments.batch_size,
-                    model_images=arguments.model_images,
-                    processes=layout.processes,
-                    threads=layout.model_threads,
-                    precision=arguments.precision,
+            with e2e.paused():  # the worker's processes are stopped: they take no CPU
+                local = _in_child(
+                    local_phases,
+                    LocalSpec(
+                        sets=listed,
+                        artifact_dir=artifact,
+                        batch_size=arguments.batch_size,
+                        decode_threads=arguments.floor_threads,
+                        notebook_images=arguments.notebook_images,
+                        model_images=arguments.model_images,
+                        precision=arguments.precision,
+                        notebook=first,
+                    ),
                 )
-            )
-            # What the idle worker took from (a)-(c'): it should be next to nothing.
+                print(
+                    f"{label}(c') the model alone in the worker's layout, {layout.processes}"
+                    f" process(es) x {layout.model_threads} thread(s) ...",
+                    flush=True,
+                )
+                in_layout = model_layout_phase(
+                    LayoutSpec(
+                        sets=listed,
+                        artifact_dir=artifact,
+                        batch_size=arguments.batch_size,
+                        model_images=arguments.model_images,
+                        processes=layout.processes,
+                        threads=layout.model_threads,
+                        precision=arguments.precision,
+                    )
+                )
+            # What the paused worker took from (a)-(c'): nothing, unless pausing failed.
             idle_worker_cpu.append(
                 {
                     "seconds": round(time.perf_counter() - idle_started, 2),

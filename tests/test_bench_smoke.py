@@ -103,6 +103,10 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
     ] * worker["concurrency"]
     assert report["runtime"]["model_precision"] == "bfloat16"
 
+    # The worker is stopped while (a)-(c') run in each round, so it takes none of their CPU.
+    paused = report["end_to_end"]["idle_worker_cpu_by_round"]
+    assert len(paused) == 2 and all(row["worker_cpu_seconds"] <= 0.1 for row in paused), paused
+
     environment_report = report["environment"]
     for package in ("python", "numpy", "opencv", "keras", "tensorflow"):
         assert environment_report["versions"].get(package), package
