@@ -754,7 +754,7 @@ def machine_cpu_split(
     """
     spent = {state: after.get(state, 0.0) - before.get(state, 0.0) for state in _CPU_STATES}
     busy = sum(spent[state] for state in ("user", "nice", "system", "irq", "softirq"))
-    split = {
+    return {
         "cpu_seconds_available": round(sum(spent.values()), 2),
         "busy": round(busy, 2),
         "worker": round(worker, 2),
@@ -764,7 +764,6 @@ def machine_cpu_split(
         "idle": round(spent["idle"] + spent["iowait"], 2),
         "steal": round(spent["steal"], 2),
     }
-    return split
 
 
 def idle_by_part(
@@ -1199,24 +1198,31 @@ class EndToEnd:
     result: dict[str, Any]
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> Iterator[dict[str, float]]:
         """Stop the worker's processes (SIGSTOP) for the block, so an idle worker takes nothing.
 
         An idle Celery worker still wakes for its event loop, heartbeats and metrics: 0.3-2.4% of
-        a core on this machine, taken from whatever (b), (c) or (c') measured beside it.
+        a core on this machine, taken from whatever (b), (c) or (c') measured beside it. The dict
+        yielded is filled on exit with the block's seconds and the worker's CPU seconds in it:
+        nothing, unless pausing failed.
         """
-        main, pool = WorkerMemory(self.worker.pid).processes()
+        memory = WorkerMemory(self.worker.pid)
+        main, pool = memory.processes()
+        spent: dict[str, float] = {}
+        cpu, started = memory.cpu_seconds(), time.perf_counter()
         stopped: list[int] = []
         try:
             for pid in (main, *pool):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                     stopped.append(pid)
-            yield
+            yield spent
         finally:
             for pid in reversed(stopped):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+            spent["seconds"] = round(time.perf_counter() - started, 2)
+            spent["worker_cpu_seconds"] = round(memory.cpu_seconds() - cpu, 3)
 
     def measure(self, image_set: ImageSet, *, force: bool) -> dict[str, Any]:
         measured = run_job(
@@ -1710,8 +1716,10 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     A whole run rather than per-field medians, so that its seconds, CPU and memory belong
     together; `repeats` lists every round's images/s and CPU ms per image beside it.
     """
-    ordered = sorted(runs, key=lambda run: run["images_per_s"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    by_rate = sorted(range(len(runs)), key=lambda index: runs[index]["images_per_s"])
+    middle = by_rate[(len(runs) - 1) // 2]
+    chosen = dict(runs[middle])
+    chosen["round"] = middle + 1
     chosen["repeats"] = [
         {
             "round": index + 1,
@@ -1721,7 +1729,6 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }
         for index, run in enumerate(runs)
     ]
-    chosen["round"] = runs.index(ordered[(len(ordered) - 1) // 2]) + 1
     return chosen
 
 
@@ -1748,10 +1755,10 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
         for round_index in range(arguments.repeat):
             first = round_index == 0
             label = f"round {round_index + 1} of {arguments.repeat}: "
-            print(f"{label}(b), (c){' and (a)' if first else ''} in a spawned process ...")
-            idle_worker = WorkerMemory(e2e.worker.pid)
-            idle_cpu, idle_started = idle_worker.cpu_seconds(), time.perf_counter()
-            with e2e.paused():  # the worker's processes are stopped: they take no CPU
+            print(
+                f"{label}(b), (c){' and (a)' if first else ''} in a spawned process ...", flush=True
+            )
+            with e2e.paused() as paused:  # the worker's processes are stopped: they take no CPU
                 local = _in_child(
                     local_phases,
                     LocalSpec(
@@ -1781,13 +1788,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
                         precision=arguments.precision,
                     )
                 )
-            # What the paused worker took from (a)-(c'): nothing, unless pausing failed.
-            idle_worker_cpu.append(
-                {
-                    "seconds": round(time.perf_counter() - idle_started, 2),
-                    "worker_cpu_seconds": round(idle_worker.cpu_seconds() - idle_cpu, 3),
-                }
-            )
+            idle_worker_cpu.append(paused)
             print(f"{label}(d) emolabel end to end ...", flush=True)
             rounds.append(
                 {
