@@ -39,7 +39,6 @@ import resource
 import shutil
 import sqlite3
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -54,7 +53,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+from bench.machine import describe, machine
+
 FILES_PER_FOLDER = 1000
 FOLDERS_PER_GROUP = 10
 FILES_PER_GROUP = FILES_PER_FOLDER * FOLDERS_PER_GROUP
@@ -529,8 +529,12 @@ def _anatomy(raw: bytes) -> dict[str, Any]:
 
 
 def _delete_queue(client: Any, queue: str) -> None:
-    """Remove the bench queue and kombu's binding for it (nothing else is touched)."""
-    client.delete(queue, f"_kombu.binding.{queue}")
+    """Remove the bench queue and kombu's bindings for it (nothing else is touched).
+
+    kombu 5.7 keeps a second set per binding (`_kombu.binding_permanent.*`, which tells its
+    sweep of expiring bindings to keep it); without it here, every run left one behind.
+    """
+    client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -575,13 +579,9 @@ def environment(redis_url: str, database_url: str | None) -> dict[str, Any]:
         engine.dispose()
     return {
         "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        **machine(),
         "load_average_at_start": _load(),
         "versions": versions,
-        "commit": _commit(),
     }
 
 
@@ -590,27 +590,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _commit() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPOSITORY,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPOSITORY,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -658,7 +637,7 @@ def print_table(result: dict[str, Any]) -> None:
             )
     env = result["environment"]
     print(
-        f"{env['cpus_usable']} cores, load {env['load_average_at_start']} at start,"
+        f"{describe(env)}, load {env['load_average_at_start']} at start,"
         f" {result['load_average_at_end']} at end; tree "
         + (
             "reused"

@@ -82,7 +82,6 @@ import re
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -98,6 +97,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from bench.machine import describe, machine
 from emolabel.errors import ConfigError, EmolabelError
 from emolabel.resources import available_cpus, worker_layout
 from emolabel.settings import Precision, ScanSettings, WorkerSettings
@@ -109,7 +109,6 @@ if TYPE_CHECKING:
     from emolabel.embedded import LocalWorker
     from emolabel.settings import Settings
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 KINDS = ("crops", "photos")
 DEFAULT_IMAGES = {"crops": 2000, "photos": 300}
 CROP_SIDE = 256
@@ -1387,29 +1386,7 @@ def environment(*, tensorflow: str) -> dict[str, Any]:
     ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "versions": versions,
-        "commit": _commit(),
-    }
-
-
-def _commit() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPOSITORY, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPOSITORY, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
+    return {**machine(), "versions": versions}
 
 
 def ratios(phases: dict[str, Any]) -> dict[str, float | None]:
@@ -1542,7 +1519,7 @@ def print_table(report: dict[str, Any]) -> None:
         )
     env = report["environment"]
     print(
-        f"\n{env['cpus_usable']} cores; load {report['load_before']} before, "
+        f"\n{describe(env)}; load {report['load_before']} before, "
         f"{report['load_after']} after; {report['sets_note']}"
     )
 

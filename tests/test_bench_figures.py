@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.machine import cpu_description, describe
 from bench.throughput import idle_by_part, machine_cpu_split, median_run, ratios
 
 
@@ -59,3 +60,31 @@ def test_idle_by_part_separates_start_middle_and_end() -> None:
     samples = [(0.0, 10.0), (0.5, 10.5), (3.5, 10.5), (4.0, 11.5)]
     assert idle_by_part(samples, 4.0, cores=2) == {"start": 0.5, "middle": 0.0, "end": 1.0}
     assert idle_by_part([], 4.0, cores=2) == {"start": None, "middle": None, "end": None}
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni avx512_bf16 sha_ni
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse2
+"""
+
+
+def test_cpu_description_names_the_first_cpu_and_its_model_kernels_features() -> None:
+    assert cpu_description(CPUINFO) == {
+        "cpu_model": "AMD EPYC 9R14",
+        "cpu_features": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
+    }
+    intel = "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t: avx2 amx_bf16 amx_tile\n"
+    assert cpu_description(intel)["cpu_features"] == ["avx2", "amx_bf16", "amx_tile"]
+    # No /proc/cpuinfo (another OS, a sandbox): the report says it does not know.
+    assert cpu_description("") == {"cpu_model": None, "cpu_features": []}
+    report = {"cpus_usable": 2, **cpu_description(CPUINFO)}
+    features = "avx2, fma, avx512f, avx512_vnni, avx512_bf16"
+    assert describe(report) == f"2 cores of AMD EPYC 9R14 ({features})"
+    unknown = {"cpus_usable": 1, **cpu_description("")}
+    assert describe(unknown) == "1 core of an unnamed CPU (no AVX2, AVX-512 or AMX)"

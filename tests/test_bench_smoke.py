@@ -111,6 +111,8 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
     for package in ("python", "numpy", "opencv", "keras", "tensorflow"):
         assert environment_report["versions"].get(package), package
     assert environment_report["cpu_count"] == os.cpu_count()
+    # Figures from different hosts differ: the report names the CPU the numbers came from.
+    assert environment_report["cpu_model"] and environment_report["cpu_model"] in done.stdout
     assert len(report["load_before"]) == 3 and len(report["load_after"]) == 3
     assert "(d)/(b)" in done.stdout and "wrote" in done.stdout
     # The run's home, Redis and database are gone; the generated sets stay cached.
