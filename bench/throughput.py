@@ -722,16 +722,18 @@ def _machine_cpu() -> dict[str, float]:
     return {state: int(value) / tick for state, value in zip(_CPU_STATES, values, strict=False)}
 
 
+def _process_stats() -> Iterator[tuple[int, str]]:
+    """(pid, /proc/<pid>/stat text) of every live process; one that exits meanwhile is skipped."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                yield int(entry.name), (entry / "stat").read_text()
+
+
 def _cpu_by_command(commands: Sequence[str]) -> dict[str, float]:
     """CPU seconds used so far by every live process whose name is one of `commands`."""
     spent = dict.fromkeys(commands, 0.0)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
+    for _pid, text in _process_stats():
         name = text[text.find("(") + 1 : text.rfind(")")]
         if name in spent:
             spent[name] += _stat_cpu_seconds(text)
@@ -793,15 +795,10 @@ def idle_by_part(
 def _children(pid: int) -> list[int]:
     """Live direct children of `pid` (the worker's pool processes)."""
     found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
+    for child, text in _process_stats():
+        fields = text.rpartition(")")[2].split()
         if len(fields) > 1 and int(fields[1]) == pid and fields[0] not in {"Z", "X"}:
-            found.append(int(entry.name))
+            found.append(child)
     return sorted(found)
 
 

@@ -155,11 +155,15 @@ def _allowed(real: bytes, roots: Sequence[bytes]) -> bool:
     return _inside(real, job_real) and (not configured or any(_inside(real, r) for r in configured))
 
 
+def _outside() -> ImageError:
+    return ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+
+
 def _refuse_outside(path: bytes, roots: Sequence[bytes]) -> None:
     # An error on a path outside the roots says only that it is outside: whether it exists or
     # can be opened there is none of a queue message's business.
     if not _allowed(os.path.realpath(path), roots):
-        raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+        raise _outside()
 
 
 def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
@@ -173,7 +177,7 @@ def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
         link = f"{_FD_LINKS}/{handle}"
         # bytes in, bytes out: a file name need not be UTF-8 (Path.readlink would decode it).
         if not _allowed(os.readlink(os.fsencode(link)), roots):  # noqa: PTH115
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+            raise _outside()
         if not stat.S_ISREG(os.fstat(handle).st_mode):
             # Checked before reopening: opening a FIFO or a device for reading can block or act.
             raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
@@ -189,7 +193,7 @@ def _open_resolved(path: bytes, roots: Sequence[bytes]) -> int:
     """A read descriptor for `path`, resolved by name first (where `O_PATH` is missing)."""
     real = os.path.realpath(path)
     if not _allowed(real, roots):
-        raise ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+        raise _outside()
     try:
         return os.open(real, _OPEN_FLAGS)
     except OSError as error:
