@@ -1228,8 +1228,12 @@ class EndToEnd:
         )  # fmt: skip
         stages = worker_stage_seconds(self.worker.logfile, measured["job_id"])
         if "task_seconds" in stages:
-            # Chunk N's write and ack, the next message's fetch: the model sits idle.
-            stages["outside_tasks_seconds"] = round(measured["seconds"] - stages["task_seconds"], 2)
+            # Chunk N's write and ack, the next message's fetch: the model sits idle. Summed over
+            # the pool processes, as task_seconds is (wall time alone went negative with two).
+            processes = self.result["worker"]["concurrency"]
+            stages["outside_tasks_seconds"] = round(
+                processes * measured["seconds"] - stages["task_seconds"], 2
+            )
         measured["worker_stages"] = stages
         measured["relabel"] = force
         return measured

@@ -72,6 +72,9 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
         # /proc/stat counts in ticks (10 ms per CPU), per-process times more finely.
         assert machine["busy"] <= machine["cpu_seconds_available"] + 0.1
         assert machine["worker"] + machine["bench"] <= machine["busy"] + 0.1, machine
+        # The pool processes' time outside tasks: their tasks fit in processes x the job's span.
+        stages = end_to_end["worker_stages"]
+        assert stages["outside_tasks_seconds"] >= -0.05, stages
         ratios = report["sets"][name]["ratios"]
         for key, denominator in (
             ("d_over_b", "decode"),
