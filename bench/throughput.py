@@ -18,8 +18,9 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
 
   (a) notebook   the notebooks' loop: cv2.imread, cv2.resize to 256x256, model.predict on a
                  batch of one; on the first --notebook-images images only (it is slow)
-  (b) decode     the decode floor: preprocess.load_image (reduced-scale DCT decoding for large
-                 JPEGs, plain decoding for crops) over every image in a thread pool of
+  (b) decode     the decode floor: preprocess.load_image (TurboJPEG for plain JPEGs, OpenCV for
+                 the rest; reduced-scale DCT decoding for large JPEGs, full size for crops), the
+                 worker's own decoding, over every image in a thread pool of
                  --floor-threads threads (default: every usable CPU); no model
   (c) model      KerasRunner.predict alone on ready uint8 batches of --batch-size, made from the
                  first --model-images decoded images (whole batches, repeated when fewer), in one
@@ -503,7 +504,10 @@ def decode_floor_phase(
         "phase": "decode",
         "files": len(paths),
         "threads": spec.decode_threads,
-        "decoder": "training.preprocess.load_image (reduced-scale DCT decoding for large JPEGs)",
+        "decoder": (
+            "training.preprocess.load_image (TurboJPEG for plain JPEGs, else OpenCV; "
+            "reduced-scale DCT decoding for large JPEGs)"
+        ),
     }
     with (
         ThreadPoolExecutor(spec.decode_threads, thread_name_prefix="bench-decode") as pool,

@@ -14,6 +14,7 @@ from emolabel.settings import LimitSettings
 from tests.images import bomb_png
 from training.preprocess import (
     InputSpec,
+    _decode_plain_jpeg,
     decode,
     jpeg_reduction,
     load_image,
@@ -186,21 +187,74 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DECODE_CASES))
-@pytest.mark.parametrize("side", [64, 520])
-def test_direct_rgb_decoding_matches_bgr_then_convert(case: str, side: int) -> None:
-    # The decoder asks OpenCV for RGB directly; served and trained pixels must stay exactly what
-    # BGR decoding + cvtColor gave (PREPROCESS_VERSION 1), at full and at reduced JPEG scale.
-    data = DECODE_CASES[case](_textured(side + 40, side))
-    spec = InputSpec(64, 64, "rgb")
-    header = read_header(data)
-    factor = jpeg_reduction(header, spec)
-    flags = {
+REDUCED = {
+    "rgb": {
         1: cv2.IMREAD_COLOR,
         2: cv2.IMREAD_REDUCED_COLOR_2,
         4: cv2.IMREAD_REDUCED_COLOR_4,
         8: cv2.IMREAD_REDUCED_COLOR_8,
-    }[factor]
-    reference = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flags), cv2.COLOR_BGR2RGB)
-    assert side == 64 or header.image_type != "jpeg" or factor == 8
+    },
+    "grayscale": {
+        1: cv2.IMREAD_GRAYSCALE,
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+}
+# Sides that make jpeg_reduction pick each DCT scale for a 64x64 model input.
+SIDES = {64: 1, 170: 2, 300: 4, 520: 8}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+@pytest.mark.parametrize("side", sorted(SIDES))
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_decoding_matches_opencv_bgr_then_convert(case: str, side: int, mode: str) -> None:
+    # Plain JPEGs go to TurboJPEG, the rest to OpenCV asked for RGB directly: served and trained
+    # pixels must stay exactly what OpenCV's BGR decoding + cvtColor gave (PREPROCESS_VERSION 1),
+    # at full and at every reduced JPEG scale, in colour and in grey.
+    data = DECODE_CASES[case](_textured(side + 40, side))
+    spec = InputSpec(64, 64, mode)  # type: ignore[arg-type]
+    header = read_header(data)
+    factor = jpeg_reduction(header, spec)
+    assert header.image_type != "jpeg" or factor == SIDES[side]
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[mode][factor])
+    if mode == "rgb":
+        reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
+    else:
+        reference = reference[:, :, np.newaxis]
     np.testing.assert_array_equal(decode(data, header, spec), reference)
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_plain_jpegs_and_only_those_take_turbojpeg(case: str) -> None:
+    data = DECODE_CASES[case](_textured(300, 260))
+    header = read_header(data)
+    plain = case in {"jpeg", "jpeg 4:4:4", "jpeg progressive", "jpeg grey"}
+    if header.image_type == "jpeg":
+        assert (_decode_plain_jpeg(data, header, 1, grayscale=False) is not None) == plain
+    # Where TurboJPEG cannot take it, OpenCV decodes it: everything still decodes.
+    assert decode(data, header, SPEC).ndim == 3
+
+
+def test_exif_orientation_is_read_with_the_header() -> None:
+    image = _textured(80, 40)
+    assert read_header(encode(image, "JPEG")).orientation == 1
+    assert read_header(_with_orientation(image, "JPEG")).orientation == 6
+    rotated = decode(
+        _with_orientation(image, "JPEG"),
+        read_header(_with_orientation(image, "JPEG")),
+        InputSpec(80, 40, "rgb"),
+    )
+    assert rotated.shape == (80, 40, 3)  # OpenCV applied the rotation
+
+
+def test_a_jpeg_libjpeg_warns_about_falls_back_to_opencv() -> None:
+    data = encode(_textured(120, 100), "JPEG", quality=90)
+    # Cut inside the entropy-coded data, end-of-image marker put back: libjpeg warns and fills.
+    damaged = data[: len(data) * 2 // 3] + b"\xff\xd9"
+    assert _decode_plain_jpeg(damaged, read_header(damaged), 1, grayscale=False) is None
+    reference = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+    spec = InputSpec(64, 64, "rgb")  # decoded at full size
+    np.testing.assert_array_equal(decode(damaged, read_header(damaged), spec), reference)

@@ -4,9 +4,14 @@ Training, evaluation, `predict` and the workers all call `load_image`, so a serv
 exactly like a trained one (colour order, resize method, reduced-scale JPEG decoding). Any change to
 what this module outputs must bump `PREPROCESS_VERSION`, which every artifact records.
 
-OpenCV is given bytes, never a path: some file names crash it, and the caller owns file access.
-The header is read first (Pillow reads only the header in `Image.open`), so size and pixel-count
-limits are enforced before a decoder allocates anything.
+Decoders are given bytes, never a path: some file names crash OpenCV, and the caller owns file
+access. The header is read first (Pillow reads only the header in `Image.open`), so size and
+pixel-count limits are enforced before a decoder allocates anything.
+
+A plain JPEG (YCbCr or grey, not EXIF-rotated) is decoded by TurboJPEG through simplejpeg, every
+other image by OpenCV. Both wrap libjpeg-turbo and give the same pixels (tests/test_preprocess.py
+compares them), but TurboJPEG decodes a face crop in ~20% less CPU than `cv2.imdecode`, and a
+face crop's decode is a quarter of what the worker spends on it beside the model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
@@ -90,6 +96,8 @@ class ImageHeader:
     height: int
     has_alpha: bool
     frames: int
+    # EXIF orientation (1 = as stored); 0 when the EXIF block is there but does not parse.
+    orientation: int = 1
 
 
 def read_header(data: bytes) -> ImageHeader:
@@ -107,6 +115,7 @@ def read_header(data: bytes) -> ImageHeader:
                     image.mode == "P" and "transparency" in image.info
                 )
                 frames = int(getattr(image, "n_frames", 1))
+                orientation = _orientation(image)
     except Image.DecompressionBombError as error:
         raise ImageTooLarge(
             ReasonCode.TOO_MANY_PIXELS, f"image dimensions refused: {error}"
@@ -121,7 +130,21 @@ def read_header(data: bytes) -> ImageHeader:
             f"image type {image_format or 'unknown'} is not accepted "
             f"(accepted: {', '.join(sorted(set(ACCEPTED_FORMATS.values())))})",
         )
-    return ImageHeader(ACCEPTED_FORMATS[image_format], width, height, has_alpha, frames)
+    return ImageHeader(
+        ACCEPTED_FORMATS[image_format], width, height, has_alpha, frames, orientation
+    )
+
+
+_ORIENTATION_TAG = 0x0112
+
+
+def _orientation(image: Image.Image) -> int:
+    if "exif" not in image.info:  # most face crops: nothing to parse
+        return 1
+    try:
+        return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a malformed EXIF block: Pillow's parser raises many types
+        return 0
 
 
 def check_limits(header: ImageHeader, size_bytes: int, limits: LimitSettings) -> None:
@@ -177,11 +200,15 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
         image = _decode_with_alpha(buffer)
     else:
         factor = jpeg_reduction(header, spec)
-        if factor > 1:
-            flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
-        else:
-            flags = cv2.IMREAD_GRAYSCALE if grayscale else _COLOR
-        decoded: NDArray[Any] | None = cv2.imdecode(buffer, flags)
+        decoded: NDArray[Any] | None = None
+        if header.image_type == "jpeg":
+            decoded = _decode_plain_jpeg(data, header, factor, grayscale)
+        if decoded is None:
+            if factor > 1:
+                flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
+            else:
+                flags = cv2.IMREAD_GRAYSCALE if grayscale else _COLOR
+            decoded = cv2.imdecode(buffer, flags)
         if decoded is None:
             raise UnsupportedImage(ReasonCode.CORRUPT, f"{header.image_type} data does not decode")
         image = decoded
@@ -190,6 +217,41 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
     if image.ndim == 2:
         image = image[:, :, np.newaxis]
     return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def _decode_plain_jpeg(
+    data: bytes, header: ImageHeader, factor: int, grayscale: bool
+) -> NDArray[np.uint8] | None:
+    """TurboJPEG's decode at 1/`factor` scale, or None where OpenCV must decode it.
+
+    None for an EXIF-rotated JPEG (OpenCV turns it), for colour spaces OpenCV converts and
+    TurboJPEG does not (CMYK, YCCK), and for any libjpeg warning (`strict`): OpenCV then decodes
+    what it can, or refuses it, as it always did.
+    """
+    if header.orientation != 1:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _TURBO_COLORSPACES:
+            return None
+        # TurboJPEG scales by M/8; asking for at least 1/factor of each side and a factor of at
+        # least `factor` leaves exactly 1/factor, the scale OpenCV's IMREAD_REDUCED_* decodes at.
+        height, width = -(-int(height) // factor), -(-int(width) // factor)
+        image: NDArray[np.uint8] = simplejpeg.decode_jpeg(
+            data,
+            "GRAY" if grayscale else "RGB",
+            min_height=height,
+            min_width=width,
+            min_factor=factor,
+        )
+    except ValueError:
+        return None
+    if image.shape[:2] != (height, width):
+        return None
+    return image.reshape(height, width) if grayscale else image  # OpenCV's grey is 2-D
+
+
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray"})
 
 
 def _decode_with_alpha(buffer: NDArray[np.uint8]) -> NDArray[np.uint8]:
