@@ -43,10 +43,10 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  last outcome (the harness reads only the job's row, every 0.25 s).
 
 Rounds (--repeat, default 3): the worker is started first, and stopped (SIGSTOP) while the other
-phases run, since an idle Celery worker still takes some CPU. Every round measures (b), (c), (c')
-and (d) once, in that order; (a), slow and far from its target, only in the first. A shared
-machine drifts by 10% within minutes, so the table shows, per phase, the round with the median
-images/s (the JSON keeps every round, and each round's own ratios). Rounds after the first
+phases run, since an idle Celery worker still takes some CPU. Every round measures (b), (c), (a),
+(c') and (d) once, in that order. A shared machine drifts by 10% within minutes, so the table
+shows, per phase, the round with the median images/s (the JSON keeps every round, and each
+round's own ratios). Rounds after the first
 relabel the same files (`scan --force`), so their writes are upserts over existing results.
 
 (a)-(c) run in a spawned process per round (TensorFlow is never imported by this one); (d) here.
@@ -377,7 +377,6 @@ class LocalSpec:
     notebook_images: int
     model_images: int
     precision: Precision = "float32"
-    notebook: bool = True  # (a) is slow and measured in the first round only
 
 
 def _cpu_seconds() -> float:
@@ -438,7 +437,7 @@ def build_model_phase(models_dir: str) -> dict[str, Any]:
 
 
 def local_phases(spec: LocalSpec) -> dict[str, Any]:
-    """(b), (c) and, in the first round, (a) for every set; runs in a fresh process."""
+    """(b), (c) and (a) for every set; runs in a fresh process."""
     from emolabel.settings import LimitSettings
     from training.artifacts import load_artifact
     from worker.model_runner import KerasRunner
@@ -455,11 +454,8 @@ def local_phases(spec: LocalSpec) -> dict[str, Any]:
         decode, decoded = decode_floor_phase(paths, artifact.spec, limits, spec)
         model = model_phase(runner, decoded, spec)
         del decoded
-        results[name] = {"decode": decode, "model": model}
-        if spec.notebook:
-            results[name]["notebook"] = notebook_phase(
-                artifact.model, paths[: spec.notebook_images]
-            )
+        notebook = notebook_phase(artifact.model, paths[: spec.notebook_images])
+        results[name] = {"decode": decode, "model": model, "notebook": notebook}
     return {
         "artifact": str(artifact_dir),
         "version": artifact.metadata.version,
@@ -1464,10 +1460,10 @@ def print_table(report: dict[str, Any]) -> None:
         by_round = result.get("by_round") or []
         if len(by_round) > 1:
             print(
-                f"{name}: by round (each round's own (d) over its own (b), (c), (c')):"
+                f"{name}: by round (each round's own (d) over its own (b), (c), (c'), (a)):"
                 + "".join(
                     f"  {index}: (d)/(b) {_ratio(r['d_over_b'])} (d)/(c) {_ratio(r['d_over_c'])}"
-                    f" (d)/(c') {_ratio(r['d_over_c_layout'])}"
+                    f" (d)/(c') {_ratio(r['d_over_c_layout'])} (d)/(a) {_ratio(r['d_over_a'])}"
                     for index, r in enumerate(by_round, start=1)
                 )
             )
@@ -1714,7 +1710,7 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-REPEATED = ("decode", "model", "model_layout", "emolabel")
+REPEATED = ("notebook", "decode", "model", "model_layout", "emolabel")
 
 
 def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -1737,9 +1733,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
         for round_index in range(arguments.repeat):
             first = round_index == 0
             label = f"round {round_index + 1} of {arguments.repeat}: "
-            print(
-                f"{label}(b), (c){' and (a)' if first else ''} in a spawned process ...", flush=True
-            )
+            print(f"{label}(b), (c) and (a) in a spawned process ...", flush=True)
             with e2e.paused() as paused:  # the worker's processes are stopped: they take no CPU
                 local = _in_child(
                     local_phases,
@@ -1751,7 +1745,6 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
                         notebook_images=arguments.notebook_images,
                         model_images=arguments.model_images,
                         precision=arguments.precision,
-                        notebook=first,
                     ),
                 )
                 print(
@@ -1804,7 +1797,7 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             f"(a) on the first {arguments.notebook_images} images of each set; (c) on whole "
             f"batches of {arguments.batch_size} from the first {arguments.model_images} images"
             + (
-                f"; (b)-(d): the median of {arguments.repeat} rounds"
+                f"; (a)-(d): the median of {arguments.repeat} rounds"
                 if arguments.repeat > 1
                 else ""
             )
@@ -1814,9 +1807,8 @@ def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
     }
     for image_set in sets:
         name = image_set.name
-        phases = {"notebook": rounds[0][name]["notebook"]}
-        phases.update({phase: median_run([r[name][phase] for r in rounds]) for phase in REPEATED})
-        by_round = [ratios({**r[name], "notebook": phases["notebook"]}) for r in rounds]
+        phases = {phase: median_run([r[name][phase] for r in rounds]) for phase in REPEATED}
+        by_round = [ratios(r[name]) for r in rounds]
         report["sets"][name] = {"phases": phases, "ratios": ratios(phases), "by_round": by_round}
     if not arguments.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -59,9 +59,9 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
         end_to_end = phases["emolabel"]
         assert end_to_end["labeled"] == images and end_to_end["failed"] == 0, end_to_end
         assert end_to_end["chunks"] == -(-images // 8)
-        # Two rounds of (b)-(d); the table's figure is one of them, whole; the second round's
+        # Two rounds of (a)-(d); the table's figure is one of them, whole; the second round's
         # (d) relabeled every file (a forced rescan), not skipped them as already labeled.
-        for phase in ("decode", "model", "model_layout", "emolabel"):
+        for phase in PHASES:
             rates = [repeat["images_per_s"] for repeat in phases[phase]["repeats"]]
             assert len(rates) == 2 and phases[phase]["images_per_s"] == min(rates), (phase, rates)
         assert len(report["sets"][name]["by_round"]) == 2
