@@ -258,3 +258,26 @@ def test_a_jpeg_libjpeg_warns_about_falls_back_to_opencv() -> None:
     )
     spec = InputSpec(64, 64, "rgb")  # decoded at full size
     np.testing.assert_array_equal(decode(damaged, read_header(damaged), spec), reference)
+
+
+def test_corrupted_jpegs_decode_exactly_as_opencv_alone_decodes_them() -> None:
+    # Damage inside the entropy-coded data either makes libjpeg warn (TurboJPEG's strict mode
+    # refuses, OpenCV decodes) or passes unnoticed (both decode it): either way, the pixels must
+    # be OpenCV's, as they were before TurboJPEG took plain JPEGs.
+    data = encode(_textured(256, 256), "JPEG", quality=90)
+    scan_start = data.index(b"\xff\xda") + 16
+    rng = np.random.default_rng(7)
+    spec = InputSpec(256, 256, "rgb")
+    turbo = 0
+    for _ in range(60):
+        damaged = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            damaged[int(rng.integers(scan_start, len(data) - 2))] = int(rng.integers(0, 256))
+        damaged_bytes = bytes(damaged)
+        reference = cv2.imdecode(np.frombuffer(damaged_bytes, np.uint8), cv2.IMREAD_COLOR)
+        assert reference is not None  # libjpeg fills what it cannot decode
+        header = read_header(damaged_bytes)
+        turbo += _decode_plain_jpeg(damaged_bytes, header, 1, grayscale=False) is not None
+        pixels = decode(damaged_bytes, header, spec)
+        np.testing.assert_array_equal(pixels, cv2.cvtColor(reference, cv2.COLOR_BGR2RGB))
+    assert 0 < turbo < 60  # both decoders were exercised
