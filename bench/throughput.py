@@ -46,8 +46,8 @@ Rounds (--repeat, default 3): the worker is started first, and stopped (SIGSTOP)
 phases run, since an idle Celery worker still takes some CPU. Every round measures (b), (c), (a),
 (c') and (d) once, in that order. A shared machine drifts by 10% within minutes, so the table
 shows, per phase, the round with the median images/s (the JSON keeps every round, and each
-round's own ratios). Rounds after the first
-relabel the same files (`scan --force`), so their writes are upserts over existing results.
+round's own ratios). Rounds after the first relabel the same files (`scan --force`), so their
+writes are upserts over existing results.
 
 (a)-(c) run in a spawned process per round (TensorFlow is never imported by this one); (d) here.
 (d) also records where the machine's CPU time went (/proc/stat): the worker, this process (scan,
