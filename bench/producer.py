@@ -48,12 +48,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe, machine
+from bench.machine import describe, machine, package_versions
 
 FILES_PER_FOLDER = 1000
 FOLDERS_PER_GROUP = 10
@@ -566,7 +565,7 @@ def environment(redis_url: str, database_url: str | None) -> dict[str, Any]:
     import redis
 
     packages = ("sqlalchemy", "celery", "kombu", "redis", "psycopg", "alembic")
-    versions = {name: _version(name) for name in packages}
+    versions: dict[str, str | None] = package_versions(packages)
     client = redis.Redis.from_url(redis_url)
     versions["redis_server"] = str(client.info("server")["redis_version"])
     versions["sqlite"] = sqlite3.sqlite_version
@@ -583,13 +582,6 @@ def environment(redis_url: str, database_url: str | None) -> dict[str, Any]:
         "load_average_at_start": _load(),
         "versions": versions,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -89,7 +89,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +97,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from bench.machine import describe, machine
+from bench.machine import describe, machine, package_versions
 from emolabel.errors import ConfigError, EmolabelError
 from emolabel.resources import available_cpus, worker_layout
 from emolabel.settings import Precision, ScanSettings, WorkerSettings
@@ -1370,23 +1369,16 @@ def _redis_version(url: str) -> str | None:
 
 def environment(*, tensorflow: str) -> dict[str, Any]:
     """Versions, cores and memory: what the numbers depend on (TensorFlow's from the child)."""
-    versions = {
+    versions: dict[str, str | None] = {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "opencv": cv2.__version__,
         "tensorflow": tensorflow,
     }
-    for package in (
-        "keras",
-        "tensorflow-cpu",
-        "opencv-python-headless",
-        "pillow",
-        "celery",
-        "redis",
-        "sqlalchemy",
-    ):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
+    # simplejpeg: (b) and (d) decode plain JPEGs through it.
+    packages = ("keras", "tensorflow-cpu", "opencv-python-headless", "simplejpeg", "pillow")
+    installed = package_versions((*packages, "celery", "redis", "sqlalchemy"))
+    versions.update({name: version for name, version in installed.items() if version})
     return {**machine(), "versions": versions}
 
 

@@ -62,6 +62,8 @@ _REDUCED_GRAY = {
     4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
+# What TurboJPEG decodes to RGB and grey itself; OpenCV converts the rest (CMYK, YCCK).
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray"})
 
 
 @dataclass(frozen=True)
@@ -193,22 +195,17 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
     """Decode to an (H, W, C) uint8 array in RGB (or one grey channel), EXIF orientation applied."""
     if header.image_type == "jpeg" and _jpeg_is_truncated(data):
         raise UnsupportedImage(ReasonCode.CORRUPT, "JPEG is truncated (no end-of-image marker)")
-    buffer = np.frombuffer(data, dtype=np.uint8)
     grayscale = spec.color_mode == "grayscale"
     image: NDArray[Any]  # OpenCV's stubs type every array loosely
     if header.has_alpha:
-        image = _decode_with_alpha(buffer)
+        image = _decode_with_alpha(np.frombuffer(data, dtype=np.uint8))
     else:
         factor = jpeg_reduction(header, spec)
         decoded: NDArray[Any] | None = None
         if header.image_type == "jpeg":
             decoded = _decode_plain_jpeg(data, header, factor, grayscale)
         if decoded is None:
-            if factor > 1:
-                flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
-            else:
-                flags = cv2.IMREAD_GRAYSCALE if grayscale else _COLOR
-            decoded = cv2.imdecode(buffer, flags)
+            decoded = _decode_with_opencv(data, factor, grayscale)
         if decoded is None:
             raise UnsupportedImage(ReasonCode.CORRUPT, f"{header.image_type} data does not decode")
         image = decoded
@@ -224,8 +221,8 @@ def _decode_plain_jpeg(
 ) -> NDArray[np.uint8] | None:
     """TurboJPEG's decode at 1/`factor` scale, or None where OpenCV must decode it.
 
-    None for an EXIF-rotated JPEG (OpenCV turns it), for colour spaces OpenCV converts and
-    TurboJPEG does not (CMYK, YCCK), and for any libjpeg warning (`strict`): OpenCV then decodes
+    None for an EXIF-rotated JPEG (OpenCV turns it), for colour spaces outside
+    `_TURBO_COLORSPACES`, and for any libjpeg warning (`strict`): OpenCV then decodes
     what it can, or refuses it, as it always did.
     """
     if header.orientation != 1:
@@ -251,7 +248,13 @@ def _decode_plain_jpeg(
     return image.reshape(height, width) if grayscale else image  # OpenCV's grey is 2-D
 
 
-_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray"})
+def _decode_with_opencv(data: bytes, factor: int, grayscale: bool) -> NDArray[Any] | None:
+    if factor > 1:
+        flags = (_REDUCED_GRAY if grayscale else _REDUCED_COLOR)[factor]
+    else:
+        flags = cv2.IMREAD_GRAYSCALE if grayscale else _COLOR
+    decoded: NDArray[Any] | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    return decoded
 
 
 def _decode_with_alpha(buffer: NDArray[np.uint8]) -> NDArray[np.uint8]:
