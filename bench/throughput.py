@@ -528,13 +528,21 @@ def decode_floor_phase(
 def ready_batches(
     decoded: Sequence[NDArray[np.uint8]], size: int, model_images: int
 ) -> list[NDArray[np.uint8]]:
-    """Whole batches of `size` from the first `model_images` images (repeated when fewer)."""
+    """Whole batches of `size` from the first `model_images` images (repeated when fewer).
+
+    Each in an aligned array like the worker's own batches (`aligned_empty`), so the runner
+    hands them to the framework without a copy: the model alone, with no staging of our own.
+    """
+    from worker.predict import aligned_empty
+
     pixels = np.stack(decoded)
     batches = max(1, math.ceil(min(model_images, len(decoded)) / size))
-    return [
-        np.ascontiguousarray(pixels[np.arange(index * size, (index + 1) * size) % len(pixels)])
-        for index in range(batches)
-    ]
+    ready = []
+    for index in range(batches):
+        batch = aligned_empty((size, *pixels.shape[1:]))
+        batch[...] = pixels[np.arange(index * size, (index + 1) * size) % len(pixels)]
+        ready.append(batch)
+    return ready
 
 
 def model_phase(

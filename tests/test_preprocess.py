@@ -13,8 +13,11 @@ from emolabel.errors import ImageError, ReasonCode
 from emolabel.settings import LimitSettings
 from tests.images import bomb_png
 from training.preprocess import (
+    ImageHeader,
     InputSpec,
     _decode_plain_jpeg,
+    _pillow_header,
+    _plain_jpeg_header,
     decode,
     jpeg_reduction,
     load_image,
@@ -278,6 +281,87 @@ def test_corrupted_jpegs_decode_exactly_as_opencv_alone_decodes_them() -> None:
         assert reference is not None  # libjpeg fills what it cannot decode
         header = read_header(damaged_bytes)
         turbo += _decode_plain_jpeg(damaged_bytes, header, 1, grayscale=False) is not None
-        pixels = decode(damaged_bytes, header, spec)
-        np.testing.assert_array_equal(pixels, cv2.cvtColor(reference, cv2.COLOR_BGR2RGB))
+        expected = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(decode(damaged_bytes, header, spec), expected)
+        # Into a batch slot too: what strict mode half-wrote before refusing is overwritten.
+        slot = np.full(spec.shape, 7, dtype=np.uint8)
+        np.testing.assert_array_equal(load_image(damaged_bytes, spec, LIMITS, out=slot), expected)
     assert 0 < turbo < 60  # both decoders were exercised
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+@pytest.mark.parametrize("size", [(64, 64), (104, 64), (560, 520)])
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_loading_into_a_batch_slot_gives_the_same_pixels_and_touches_no_other_slot(
+    case: str, size: tuple[int, int], mode: str
+) -> None:
+    # The worker decodes each image straight into its slot of a batch array: exactly what
+    # load_image returns on its own, whichever decoder and resize path the image takes.
+    data = DECODE_CASES[case](_textured(*size))
+    spec = InputSpec(64, 64, mode)  # type: ignore[arg-type]
+    batch = np.full((3, *spec.shape), 7, dtype=np.uint8)
+    slot = batch[1]
+    assert load_image(data, spec, LIMITS, out=slot) is slot
+    np.testing.assert_array_equal(slot, load_image(data, spec, LIMITS))
+    assert (batch[0] == 7).all() and (batch[2] == 7).all()
+
+
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_a_jpeg_at_the_model_size_is_decoded_in_place(mode: str) -> None:
+    data = encode(_textured(64, 64), "JPEG", quality=90)
+    spec = InputSpec(64, 64, mode)  # type: ignore[arg-type]
+    slot = np.zeros(spec.shape, dtype=np.uint8)
+    assert decode(data, read_header(data), spec, out=slot) is slot  # no array of its own
+    np.testing.assert_array_equal(slot, decode(data, read_header(data), spec))
+    # A slot that is not contiguous cannot be written by TurboJPEG: decoded, then copied in.
+    strided = np.zeros((64, 128, spec.channels), dtype=np.uint8)[:, ::2]
+    assert load_image(data, spec, LIMITS, out=strided) is strided
+    np.testing.assert_array_equal(strided, slot)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    image = _textured(120, 90)
+    plain = encode(image, "JPEG", quality=90)
+    second = _textured(120, 90).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>"
+    comment = b"\xff\xfe" + (2 + 5).to_bytes(2, "big") + b"hello"
+    return {
+        "plain": plain,
+        "grey": encode(image.convert("L"), "JPEG"),
+        "cmyk": encode(image.convert("CMYK"), "JPEG"),
+        "progressive": encode(image, "JPEG", progressive=True),
+        "icc profile": encode(image, "JPEG", icc_profile=b"\0" * 3000),
+        "xmp": encode(image, "JPEG", xmp=xmp),
+        "comment": plain[:2] + comment + plain[2:],
+        "fill bytes": plain[:2] + b"\xff\xff" + plain[2:],
+        "exif, not rotated": encode(image, "JPEG", exif=Image.Exif().tobytes()),
+        "exif-rotated": _with_orientation(image, "JPEG"),
+        "mpo": encode(image, "MPO", save_all=True, append_images=[second]),
+        "junk between segments": plain[:2] + b"junk" + plain[2:],
+        "cut in the header": plain[:40],
+        "cut after the header": plain[: plain.index(b"\xff\xda") + 20],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_jpeg_variants()))
+def test_a_jpeg_header_says_what_pillow_says(case: str) -> None:
+    # Plain JPEGs skip Pillow for libjpeg's header parser; what only Pillow reads (EXIF, MPO)
+    # or what libjpeg refuses still goes to Pillow. Either way: Pillow's answer, or its refusal.
+    data = _jpeg_variants()[case]
+    fast = _plain_jpeg_header(data)
+    takes_fast_path = case not in {
+        "exif, not rotated", "exif-rotated", "mpo", "junk between segments", "cut in the header"
+    }  # fmt: skip
+    assert (fast is not None) == takes_fast_path
+    try:
+        expected: ImageHeader | ReasonCode = _pillow_header(data)
+    except ImageError as error:
+        expected = error.reason
+    assert fast in (None, expected)
+    try:
+        got: ImageHeader | ReasonCode = read_header(data)
+    except ImageError as error:
+        got = error.reason
+    assert got == expected
+    if case == "mpo":
+        assert isinstance(got, ImageHeader) and got.frames == 2

@@ -15,14 +15,15 @@ from worker.predict import StageTimes, label_images
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("decode_tasks", [1, 2, 5])
 def test_outcomes_in_order_with_reasons(
-    tiny_model: TrainOutcome, sample_dir: Path, tmp_path: Path
+    tiny_model: TrainOutcome, sample_dir: Path, tmp_path: Path, decode_tasks: int
 ) -> None:
     good = sorted((sample_dir / "happy").iterdir())[:5] + sorted((sample_dir / "sad").iterdir())[:5]
     (tmp_path / "text.jpg").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    uris = [str(path) for path in good[:3]] + [str(tmp_path / "text.jpg")]
-    uris += [str(path) for path in good[3:]] + [str(tmp_path / "empty.png")]
+    uris = [str(path) for path in good[:1]] + [str(tmp_path / "text.jpg")]
+    uris += [str(path) for path in good[1:]] + [str(tmp_path / "empty.png")]
 
     def read(uri: str) -> bytes:
         return Path(uri).read_bytes()
@@ -32,15 +33,28 @@ def test_outcomes_in_order_with_reasons(
     with ThreadPoolExecutor(2) as pool:
         outcomes = label_images(
             uris, read=read, runner=runner, limits=LimitSettings(), pool=pool, batch_size=4,
-            times=times, read_ahead=3,
+            times=times, batches_ahead=1, decode_tasks=decode_tasks,
         )  # fmt: skip
     assert [outcome.uri for outcome in outcomes] == uris
-    assert outcomes[3].reason == "not_an_image" and outcomes[3].prediction is None
+    assert outcomes[1].reason == "not_an_image" and outcomes[1].prediction is None
     assert outcomes[-1].reason == "empty"
     labeled = [outcome for outcome in outcomes if outcome.prediction is not None]
     assert len(labeled) == 10
     assert all(outcome.prediction.label in {"happy", "sad"} for outcome in labeled)  # type: ignore[union-attr]
     assert times.predict > 0 and times.decode > 0
+    # Each image got its own scores: slots map back to positions, through batches with failed
+    # slots and through batch arrays reused once their batch was predicted.
+    import numpy as np
+
+    from training.preprocess import load_image
+
+    alone = runner.predict(
+        np.stack([load_image(read(o.uri), runner.spec, LimitSettings()) for o in labeled])
+    )
+    for outcome, scores in zip(labeled, alone, strict=True):
+        assert outcome.prediction is not None
+        expected = dict(zip(runner.class_names, scores.tolist(), strict=True))
+        assert outcome.prediction.scores == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_short_batch_is_padded_to_a_small_compiled_shape_with_the_same_scores(
@@ -148,3 +162,28 @@ def test_an_unexpected_error_on_one_image_is_recorded_against_it_alone(
     assert outcomes[1].prediction is None and outcomes[1].reason == "internal_error"
     assert outcomes[1].message == "unexpected RuntimeError: the storage client fell over"
     assert all(outcome.prediction is not None for outcome in outcomes[:1] + outcomes[2:])
+
+
+def test_aligned_and_unaligned_batches_get_the_same_scores(tiny_model: TrainOutcome) -> None:
+    # An aligned batch goes to TensorFlow through DLPack, sharing its memory; any other is
+    # staged into an aligned copy first. Both must score exactly alike and leave the input be.
+    import numpy as np
+
+    from worker.predict import ALIGNMENT, aligned_empty
+
+    runner = KerasRunner.from_path(tiny_model.artifact_dir, 8)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, *runner.spec.shape), dtype=np.uint8)
+    aligned = aligned_empty(images.shape)
+    aligned[...] = images
+    raw = np.empty(images.nbytes + 1, dtype=np.uint8)
+    unaligned = raw[1:].reshape(images.shape)
+    unaligned[...] = images
+    assert aligned.ctypes.data % ALIGNMENT == 0 and unaligned.ctypes.data % ALIGNMENT != 0
+    reversed_view = images[::-1]  # not contiguous
+
+    expected = np.asarray(runner.artifact.model(images.astype(np.float32)))
+    for batch in (aligned, unaligned):
+        np.testing.assert_allclose(runner._call(batch), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner._call(reversed_view), expected[::-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aligned, images)

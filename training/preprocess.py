@@ -5,8 +5,9 @@ exactly like a trained one (colour order, resize method, reduced-scale JPEG deco
 what this module outputs must bump `PREPROCESS_VERSION`, which every artifact records.
 
 Decoders are given bytes, never a path: some file names crash OpenCV, and the caller owns file
-access. The header is read first (Pillow reads only the header in `Image.open`), so size and
-pixel-count limits are enforced before a decoder allocates anything.
+access. The header is read first (libjpeg's header parser for a plain JPEG, Pillow's `Image.open`,
+which reads only the header, for the rest), so size and pixel-count limits are enforced before a
+decoder allocates anything.
 
 A plain JPEG (YCbCr or grey, not EXIF-rotated) is decoded by TurboJPEG through simplejpeg, every
 other image by OpenCV. Both wrap libjpeg-turbo and give the same pixels (tests/test_preprocess.py
@@ -106,6 +107,53 @@ def read_header(data: bytes) -> ImageHeader:
     """Identify the image type from content and read its dimensions, without decoding pixels."""
     if not data:
         raise UnsupportedImage(ReasonCode.EMPTY, "file is empty (0 bytes)")
+    if data.startswith(_JPEG_START):
+        header = _plain_jpeg_header(data)
+        if header is not None:
+            return header
+    return _pillow_header(data)
+
+
+_JPEG_START = b"\xff\xd8\xff"
+# Markers without a length field: TEM, RST0-7, SOI (a stray one), EOI.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, 0xD9})
+
+
+def _plain_jpeg_header(data: bytes) -> ImageHeader | None:
+    """A JPEG's header from libjpeg's own header parser, or None where Pillow must read it.
+
+    Pillow's `Image.open` costs a face crop ~16 us of Python; this walk over the segments before
+    the scan plus TurboJPEG's header read costs a few. None for what only Pillow tells apart:
+    an EXIF block (the orientation), a multi-picture (MPO) index, junk between segments, or a
+    header libjpeg refuses; Pillow then reads it, or refuses it, as before.
+    """
+    position, end = 2, len(data)
+    while True:
+        if position + 4 > end or data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xDA:  # start of scan: every header segment has been seen
+            break
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        body = position + 4
+        if (marker == 0xE1 and data.startswith(b"Exif\0\0", body)) or (
+            marker == 0xE2 and data.startswith(b"MPF\0", body)
+        ):
+            return None
+        position += 2 + ((data[position + 2] << 8) | data[position + 3])
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return ImageHeader("jpeg", int(width), int(height), has_alpha=False, frames=1)
+
+
+def _pillow_header(data: bytes) -> ImageHeader:
     try:
         with warnings.catch_warnings():
             # Our own pixel limit applies below; Pillow's bomb warning would only be noise.
@@ -188,11 +236,18 @@ def jpeg_reduction(header: ImageHeader, spec: InputSpec) -> int:
 def _jpeg_is_truncated(data: bytes) -> bool:
     # libjpeg fills a cut-off JPEG with grey and only warns; a missing end-of-image marker near the
     # end is the reliable sign. Trailing vendor data after the marker is allowed.
-    return b"\xff\xd9" not in data[-4096:]
+    return data.find(b"\xff\xd9", max(0, len(data) - 4096)) == -1  # no copy of the tail
 
 
-def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint8]:
-    """Decode to an (H, W, C) uint8 array in RGB (or one grey channel), EXIF orientation applied."""
+def decode(
+    data: bytes, header: ImageHeader, spec: InputSpec, out: NDArray[np.uint8] | None = None
+) -> NDArray[np.uint8]:
+    """Decode to an (H, W, C) uint8 array in RGB (or one grey channel), EXIF orientation applied.
+
+    `out`, an (H, W, C) C-contiguous array, is where TurboJPEG writes when the image decodes at
+    exactly that shape (a face crop at the model's size): `out` itself is then returned, and no
+    copy of the pixels is made. Any other image ignores it.
+    """
     if header.image_type == "jpeg" and _jpeg_is_truncated(data):
         raise UnsupportedImage(ReasonCode.CORRUPT, "JPEG is truncated (no end-of-image marker)")
     grayscale = spec.color_mode == "grayscale"
@@ -203,7 +258,9 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
         factor = jpeg_reduction(header, spec)
         decoded: NDArray[Any] | None = None
         if header.image_type == "jpeg":
-            decoded = _decode_plain_jpeg(data, header, factor, grayscale)
+            decoded = _decode_plain_jpeg(data, header, factor, grayscale, out)
+            if decoded is not None and decoded is out:
+                return out
         if decoded is None:
             decoded = _decode_with_opencv(data, factor, grayscale)
         if decoded is None:
@@ -217,13 +274,18 @@ def decode(data: bytes, header: ImageHeader, spec: InputSpec) -> NDArray[np.uint
 
 
 def _decode_plain_jpeg(
-    data: bytes, header: ImageHeader, factor: int, grayscale: bool
+    data: bytes,
+    header: ImageHeader,
+    factor: int,
+    grayscale: bool,
+    out: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8] | None:
     """TurboJPEG's decode at 1/`factor` scale, or None where OpenCV must decode it.
 
     None for an EXIF-rotated JPEG (OpenCV turns it), for colour spaces outside
     `_TURBO_COLORSPACES`, and for any libjpeg warning (`strict`): OpenCV then decodes
-    what it can, or refuses it, as it always did.
+    what it can, or refuses it, as it always did. Decodes into `out` (and returns it) when
+    `out` has exactly the decoded shape; a refused decode may leave `out` half written.
     """
     if header.orientation != 1:
         return None
@@ -234,17 +296,25 @@ def _decode_plain_jpeg(
         # TurboJPEG scales by M/8; asking for at least 1/factor of each side and a factor of at
         # least `factor` leaves exactly 1/factor, the scale OpenCV's IMREAD_REDUCED_* decodes at.
         height, width = -(-int(height) // factor), -(-int(width) // factor)
+        into = (
+            out is not None
+            and out.shape == (height, width, 1 if grayscale else 3)
+            and out.flags.c_contiguous
+        )
         image: NDArray[np.uint8] = simplejpeg.decode_jpeg(
             data,
             "GRAY" if grayscale else "RGB",
             min_height=height,
             min_width=width,
             min_factor=factor,
+            buffer=out if into else None,
         )
     except ValueError:
         return None
     if image.shape[:2] != (height, width):
         return None
+    if into and out is not None:
+        return out
     return image.reshape(height, width) if grayscale else image  # OpenCV's grey is 2-D
 
 
@@ -293,11 +363,21 @@ def resize(image: NDArray[np.uint8], spec: InputSpec) -> NDArray[np.uint8]:
     return resized
 
 
-def load_image(data: bytes, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:
-    """Bytes -> (height, width, channels) uint8, or an `ImageError` saying why not."""
+def load_image(
+    data: bytes, spec: InputSpec, limits: LimitSettings, out: NDArray[np.uint8] | None = None
+) -> NDArray[np.uint8]:
+    """Bytes -> (height, width, channels) uint8, or an `ImageError` saying why not.
+
+    With `out` (an array of `spec.shape`, say one slot of a batch) the pixels land there and
+    `out` is returned: a face crop is decoded straight into it, anything else is copied in.
+    """
     header = read_header(data)
     check_limits(header, len(data), limits)
-    return resize(decode(data, header, spec), spec)
+    image = resize(decode(data, header, spec, out), spec)
+    if out is None or image is out:
+        return image
+    out[...] = image
+    return out
 
 
 def load_image_file(path: Path, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:

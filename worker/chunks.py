@@ -109,6 +109,7 @@ def handle_chunk(
             runner=runner,
             limits=settings.limits,
             pool=state.pool,
+            decode_tasks=state.decode_threads,
             batch_size=settings.worker.batch_size,
             times=times,
         )
@@ -159,7 +160,7 @@ def _write(
     outcomes: Sequence[ImageOutcome],
 ) -> None:
     with state.sessions.begin() as session:
-        ids = ensure_job_items(
+        images = ensure_job_items(
             session=session,
             job_id=job_id,
             chunk_index=chunk_index,
@@ -167,18 +168,19 @@ def _write(
         )
         results = [
             ResultRow(
-                image_id=ids[outcome.uri],
+                image_id=images[outcome.uri].id,
                 model_version=version,
                 label=outcome.prediction.label,
                 confidence=outcome.prediction.confidence,
                 scores=outcome.prediction.scores,
+                fingerprint=images[outcome.uri].fingerprint,
             )
             for outcome in outcomes
             if outcome.prediction is not None
         ]
         failures = [
             FailureRow(
-                image_id=ids[outcome.uri],
+                image_id=images[outcome.uri].id,
                 reason=outcome.reason or ReasonCode.CORRUPT.value,
                 message=outcome.message,
             )

@@ -35,6 +35,7 @@ class ProcessState:
     sessions: sessionmaker[Session]
     reader: Reader
     pool: ThreadPoolExecutor
+    decode_threads: int = 1  # the pool's threads
     pid: int = field(default_factory=os.getpid)
     _runner: KerasRunner | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -84,6 +85,7 @@ def process_state(settings: Settings) -> ProcessState:
     with _state_lock:
         if _state is None or _state.pid != os.getpid():
             engine = make_engine(settings.effective_database_url)
+            decode_threads = worker_layout(settings.worker).decode_threads
             _state = ProcessState(
                 settings=settings,
                 engine=engine,
@@ -93,10 +95,8 @@ def process_state(settings: Settings) -> ProcessState:
                     allowed_roots=[os.fsencode(root) for root in settings.worker.allowed_roots],
                     s3=settings.s3,
                 ),
-                pool=ThreadPoolExecutor(
-                    worker_layout(settings.worker).decode_threads,
-                    thread_name_prefix="emolabel-decode",
-                ),
+                pool=ThreadPoolExecutor(decode_threads, thread_name_prefix="emolabel-decode"),
+                decode_threads=decode_threads,
             )
         return _state
 
