@@ -23,7 +23,8 @@ Phases, each on the same files (read once beforehand, so every phase reads the p
                  worker's own decoding, over every image in a thread pool of
                  --floor-threads threads (default: every usable CPU); no model
   (c) model      KerasRunner.predict alone on ready uint8 batches of --batch-size, made from the
-                 first --model-images decoded images (whole batches, repeated when fewer), in one
+                 first --model-images decoded images (whole batches, repeated when fewer; aligned
+                 like the worker's, so no copy on the way in), in one
                  process with the framework's default threads (one per CPU), in
                  --precision (float32 by default; (a) is always the notebooks' float32)
   (c') model     the same batches in the worker's layout: as many spawned processes as (d) runs,
