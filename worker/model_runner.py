@@ -49,9 +49,9 @@ def _compile(model: Any, spec: InputSpec, batch_size: int) -> BatchFunction:
 
         # The concrete function, not the tf.function, which binds its arguments in Python. And
         # the batch goes in through DLPack, sharing its memory: given a NumPy array, TensorFlow
-        # copies it, and copies it again when it is not 64-byte aligned (~0.9 ms per batch of
-        # 64 crops, bench/RESULTS.md). The worker's batches are aligned (`aligned_empty`);
-        # any other batch is copied once into an aligned one.
+        # copies it, and copies it again when it is not 64-byte aligned (bench/RESULTS.md,
+        # round 7). The worker's batches are aligned (`aligned_empty`); any other batch is
+        # copied once into an aligned one.
         concrete = call.get_concrete_function()
 
         def run(images: NDArray[np.uint8]) -> NDArray[np.float32]:
