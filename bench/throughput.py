@@ -541,7 +541,8 @@ def ready_batches(
     ready = []
     for index in range(batches):
         batch = aligned_empty((size, *pixels.shape[1:]))
-        batch[...] = pixels[np.arange(index * size, (index + 1) * size) % len(pixels)]
+        indices = np.arange(index * size, (index + 1) * size) % len(pixels)
+        np.take(pixels, indices, axis=0, out=batch)  # gathered straight into the aligned array
         ready.append(batch)
     return ready
 
