@@ -1,4 +1,4 @@
-"""The ledger and results store: seven tables, the same schema on PostgreSQL and SQLite.
+"""The ledger and results store: eight tables, the same schema on PostgreSQL and SQLite.
 
 `images`
     One row per file ever seen, keyed by `uri` (unique, always valid UTF-8: a file name whose
@@ -11,13 +11,16 @@
     One labeling run over a `source` (a folder or `s3://bucket/prefix`) with its `options` (JSON).
     `status` moves scanning -> queued -> running -> done (or failed / cancelled); `enqueued` is
     the number of images the producer put in the job's ledger; `model_version` is the model the
-    job was started for; `error` says why a job failed.
+    job was started for; `error` says why a job failed. `next_chunk_index` hands out chunk
+    numbers (the only place they come from); `producer` and `heartbeat_at` say who is scanning
+    and when it was last alive.
 
 `chunks`
     The messages of a job, keyed by (`job_id`, `chunk_index`): `size` URIs each. A chunk is
     recorded (`pending`) *before* it is published, so a message lost by the broker can be found
     and published again; `attempts` counts publications, `task_id` is the Celery task id.
-    `done` once a worker committed its outcomes.
+    `deliveries` counts starts by a worker, `crashes` the starts that ended with the worker
+    process dead. `done` once a worker committed its outcomes.
 
 `job_items`
     The per-image ledger, keyed by (`job_id`, `image_id`): every image a job touches has exactly
@@ -36,7 +39,14 @@
 `model_versions`
     The model registry, keyed by `version`: `name`, `artifact_path`, `class_names` (JSON list, in
     output index order), `metrics` (JSON), `status` candidate, active, retired or rejected (at
-    most one active: a partial unique index enforces it), `created_at`, `promoted_at`, `notes`.
+    most one active: a partial unique index enforces it), `created_at`, `promoted_at`, `notes`,
+    and the SHA-256 of the model file and of its metadata (`model_sha256`, `metadata_sha256`),
+    checked at every load.
+
+`refused_messages`
+    Chunk messages a worker refused because they disagree with the ledger (unknown job or
+    chunk, other images than the chunk holds, malformed): the `reason` code, a `message`, and
+    the job, chunk and task ids as far as the message gave them.
 
 `retrain_runs`
     One row per retraining attempt: when it ran, the `challenger_version` and the
@@ -231,6 +241,13 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None]
     enqueued: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
+    # The next chunk number to hand out: every writer (scan, split, retry) takes its numbers
+    # here, in its own transaction, so two writers can never give two chunks one number.
+    next_chunk_index: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Who is scanning (host:pid) and when it last said so; a scan whose heartbeat stops is
+    # finished by the reconciler.
+    producer: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    heartbeat_at: Mapped[dt.datetime | None]
 
 
 class Chunk(Base):
@@ -250,6 +267,9 @@ class Chunk(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # Times a worker started this chunk; more starts than finishes means a process died in it.
     deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Deliveries that ended with the process holding this chunk dead (counted by the worker's
+    # parent process, which outlives its child): only these count towards `poison`.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     task_id: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
 
 
@@ -323,6 +343,23 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
     promoted_at: Mapped[dt.datetime | None]
     notes: Mapped[str | None] = mapped_column(Text)
+    # SHA-256 of model.keras and of metadata.json as registered; checked at every load.
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    metadata_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class RefusedMessage(Base):
+    """A chunk message a worker refused because the ledger disagrees with it."""
+
+    __tablename__ = "refused_messages"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    chunk_index: Mapped[int | None] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    reason: Mapped[str] = mapped_column(String(REASON_LENGTH))
+    message: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
 
 
 class RetrainRun(Base):
