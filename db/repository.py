@@ -437,11 +437,14 @@ def set_job_status(
 
 
 def record_chunks(*, session: Session, job_id: int, chunks: Sequence[ChunkRow]) -> None:
-    """Record chunks as pending before publishing them; recording one again changes nothing."""
+    """Record chunks as pending before publishing them.
+
+    Their numbers must come from `allocate_chunk_indices`: a number recorded twice is a bug
+    (two writers numbering chunks on their own) and raises IntegrityError instead of being
+    silently ignored, which once left a job's images pending with every chunk done.
+    """
     rows = list({chunk.chunk_index: chunk for chunk in chunks}.values())
-    statement = _insert(session, CHUNKS).on_conflict_do_nothing(
-        index_elements=["job_id", "chunk_index"]
-    )
+    statement = _insert(session, CHUNKS)
     for batch in _batches(session, rows, parameters_per_item=6):
         session.execute(
             statement,
@@ -457,6 +460,29 @@ def record_chunks(*, session: Session, job_id: int, chunks: Sequence[ChunkRow]) 
                 for chunk in batch
             ],
         )
+
+
+def allocate_chunk_indices(
+    *, session: Session, job_id: int, count: int, producer: str | None = None
+) -> int:
+    """Take `count` chunk numbers from the job's counter and return the first of them.
+
+    The only source of chunk numbers, for the producer, splits, retries and anything else: the
+    UPDATE locks the job row until the caller commits (SQLite: the whole database), so two
+    writers of one job get disjoint ranges. `producer` (host:pid) also stamps the scan's
+    heartbeat, which the reconciler reads to find scans whose producer is gone; `count` 0 with
+    a producer is a heartbeat alone.
+    """
+    _check_count(count, "count")
+    values: dict[str, Any] = {"next_chunk_index": JOBS.c.next_chunk_index + count}
+    if producer is not None:
+        values |= {"producer": producer, "heartbeat_at": utc_now()}
+    row = session.execute(
+        update(JOBS).where(JOBS.c.id == job_id).values(values).returning(JOBS.c.next_chunk_index)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"no job with id {job_id}")
+    return int(row[0]) - count
 
 
 def mark_chunk_published(
@@ -508,11 +534,12 @@ def pending_uris(*, session: Session, job_id: int, chunk_index: int) -> list[str
     return list(session.scalars(query))
 
 
-def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow]) -> int:
-    """Put images into a job's ledger, once each; return how many rows were new."""
-    rows = list({item.image_id: item for item in items}.values())
+def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow]) -> set[int]:
+    """Put images into a job's ledger, once each (the first row given for an image wins);
+    return the ids of the images whose row is new."""
+    rows = list({item.image_id: item for item in reversed(items)}.values())
     now = utc_now()
-    inserted = 0
+    inserted: set[int] = set()
     statement = (
         _insert(session, JOB_ITEMS)
         .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
@@ -532,7 +559,7 @@ def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow])
             }
             for item in batch
         ]
-        inserted += len(session.execute(statement, parameters).all())
+        inserted.update(session.scalars(statement, parameters))
     return inserted
 
 
@@ -920,6 +947,7 @@ __all__ = [
     "ResultRow",
     "active_model",
     "add_job_items",
+    "allocate_chunk_indices",
     "create_job",
     "failed_items",
     "finish_job_if_complete",
@@ -940,126 +968,3 @@ __all__ = [
     "unfinished_chunks",
     "upsert_images",
 ]
-
-
-@dataclass(frozen=True)
-class ChunkDelivery:
-    """A worker's view of the chunk it just started: how often it was started, and its job."""
-
-    deliveries: int
-    status: ChunkStatus
-    job_source: str
-    job_status: JobStatus
-
-
-def begin_delivery(*, session: Session, job_id: int, chunk_index: int, size: int) -> ChunkDelivery:
-    """Count one more start of a chunk (recording an unknown one) and return the job's source.
-
-    Commit this before processing: if the process then dies, the next delivery sees the count
-    and can split the chunk to find the image that killed it.
-    """
-    job = session.execute(select(JOBS.c.source, JOBS.c.status).where(JOBS.c.id == job_id)).first()
-    if job is None:
-        raise NotFoundError(f"no job with id {job_id}")
-    record_chunks(session=session, job_id=job_id, chunks=[ChunkRow(chunk_index, size)])
-    row = session.execute(
-        update(CHUNKS)
-        .where(CHUNKS.c.job_id == job_id, CHUNKS.c.chunk_index == chunk_index)
-        .values(deliveries=CHUNKS.c.deliveries + 1)
-        .returning(CHUNKS.c.deliveries, CHUNKS.c.status)
-    ).one()
-    if job.status == JobStatus.QUEUED:
-        session.execute(
-            update(JOBS)
-            .where(JOBS.c.id == job_id, JOBS.c.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING, started_at=func.coalesce(JOBS.c.started_at, utc_now())
-            )
-        )
-    return ChunkDelivery(row.deliveries, ChunkStatus(row.status), job.source, JobStatus(job.status))
-
-
-@dataclass(frozen=True)
-class ChunkImage:
-    """An image a chunk message names, as the worker's write needs it."""
-
-    id: int
-    fingerprint: str
-
-
-def ensure_job_items(
-    *, session: Session, job_id: int, chunk_index: int, uris: Sequence[str]
-) -> dict[str, ChunkImage]:
-    """Id and fingerprint of a chunk's images, adding images and ledger rows a message names
-    but the producer never recorded in this job (a hand-written message), so its refusal is
-    recorded too; the job's `enqueued` counts the rows added, so its counts still balance.
-
-    One query finds the images and whether this job's ledger has them: the usual chunk, all
-    recorded by the producer, writes nothing here (a 256-row insert that changed nothing was a
-    third of a worker's write).
-    """
-    found: dict[str, ChunkImage] = {}
-    in_ledger: set[str] = set()
-    ledger = and_(JOB_ITEMS.c.job_id == job_id, JOB_ITEMS.c.image_id == IMAGES.c.id)
-    for batch in _batches(session, sorted(set(uris)), parameters_per_item=1):
-        query = (
-            select(IMAGES.c.uri, IMAGES.c.id, IMAGES.c.fingerprint, JOB_ITEMS.c.image_id)
-            .outerjoin(JOB_ITEMS, ledger)
-            .where(IMAGES.c.uri.in_(batch))
-        )
-        for uri, image_id, fingerprint, ledger_id in session.execute(query):
-            found[uri] = ChunkImage(image_id, fingerprint)
-            if ledger_id is not None:
-                in_ledger.add(uri)
-    missing = [uri for uri in uris if uri not in found]
-    if missing:
-        rows = [ImageRow(uri=uri, fingerprint="unknown") for uri in missing]
-        ids = upsert_images(session=session, rows=rows)
-        found |= {uri: ChunkImage(ids[uri], "unknown") for uri in missing}
-    # Also a known image that this job's ledger lacks: its outcome would have no row.
-    absent = [uri for uri in uris if uri not in in_ledger]
-    if absent:
-        added = add_job_items(
-            session=session,
-            job_id=job_id,
-            items=[JobItemRow(image_id=found[uri].id, chunk_index=chunk_index) for uri in absent],
-        )
-        if added:
-            session.execute(
-                update(JOBS).where(JOBS.c.id == job_id).values(enqueued=JOBS.c.enqueued + added)
-            )
-    return found
-
-
-def split_chunk(
-    *, session: Session, job_id: int, chunk_index: int, parts: Sequence[Sequence[str]]
-) -> list[int]:
-    """Replace a chunk by smaller ones (new indices, recorded before publishing); the old one
-    is marked done. Returns the new chunk indices, one per part."""
-    # FOR NO KEY UPDATE, as in finish_job_if_complete: other writers' key shares must not wait.
-    session.execute(
-        select(JOBS.c.id).where(JOBS.c.id == job_id).with_for_update(key_share=True)
-    ).first()
-    highest = session.execute(
-        select(func.max(CHUNKS.c.chunk_index)).where(CHUNKS.c.job_id == job_id)
-    ).scalar()
-    first = (highest if highest is not None else -1) + 1
-    indices = list(range(first, first + len(parts)))
-    record_chunks(
-        session=session,
-        job_id=job_id,
-        chunks=[ChunkRow(index, len(part)) for index, part in zip(indices, parts, strict=True)],
-    )
-    for index, part in zip(indices, parts, strict=True):
-        ids = image_ids_for_uris(session=session, uris=part)
-        session.execute(
-            update(JOB_ITEMS)
-            .where(JOB_ITEMS.c.job_id == job_id, JOB_ITEMS.c.image_id.in_(list(ids.values())))
-            .values(chunk_index=index)
-        )
-    session.execute(
-        update(CHUNKS)
-        .where(CHUNKS.c.job_id == job_id, CHUNKS.c.chunk_index == chunk_index)
-        .values(status=ChunkStatus.DONE)
-    )
-    return indices

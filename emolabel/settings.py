@@ -171,6 +171,26 @@ class RetrainSettings(BaseModel):
         return value
 
 
+class ReconcileSettings(BaseModel):
+    """The reconciler: finishes chunks that have no message and scans that have no producer."""
+
+    interval: int = Field(
+        300, ge=10, description="Seconds between reconciler runs (a beat task; also `reconcile`)."
+    )
+    stale_after: int = Field(
+        600,
+        ge=0,
+        description="Seconds a chunk may be published with no message in Redis before it is sent "
+        "again (or recorded and never published, once its scan ended).",
+    )
+    producer_timeout: int = Field(
+        900,
+        ge=10,
+        description="Seconds without a heartbeat after which a scanning job's producer is gone: "
+        "the reconciler publishes what it recorded and ends the scan with an error.",
+    )
+
+
 class S3Settings(BaseModel):
     """An S3-compatible object store for `s3://bucket/prefix` sources."""
 
@@ -265,6 +285,7 @@ class Settings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
 
     @model_validator(mode="after")
     def _safe_combinations(self) -> Settings:

@@ -35,7 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -48,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import ChunkStatus, ItemState, Job
+from db.models import NAME_LENGTH, ChunkStatus, ItemState, Job
 from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
 from emolabel.errors import ConfigError, EmolabelError
 from producer import ledger_queries
@@ -316,9 +318,9 @@ class _Scan:
         self.model_version = model_version
         self.force = force
         self.where = where
+        self.producer = f"{socket.gethostname()}:{os.getpid()}"[:NAME_LENGTH]
         self.waiting: list[_Pending] = []  # fewer than chunk_size between batches
         self.unsent: list[_Chunk] = []  # recorded, not yet published
-        self.next_chunk = 0
         self.seen = 0
         self.images = 0
         self.items = 0
@@ -424,22 +426,42 @@ class _Scan:
     def _record(
         self, session: Session, items: list[JobItemRow], groups: list[list[_Pending]]
     ) -> tuple[list[_Chunk], int]:
-        """Number `groups` as the next chunks, add their rows to `items` and record it all.
+        """Number `groups` as the job's next chunks, add their rows to `items`, record it all.
+
+        The numbers come from the job row (`allocate_chunk_indices`), never from a counter of
+        ours: workers splitting chunks and `failures --retry` take numbers from the same job
+        while this scan runs. The call also stamps the scan's heartbeat. An image already in
+        the ledger (a URI listed twice) stays in its first chunk and leaves this one, so a
+        chunk's message names exactly the images its ledger rows hold.
 
         Returns the chunks and how many ledger rows were new.
         """
-        chunks: list[_Chunk] = []
-        for members in groups:
-            index = self.next_chunk + len(chunks)
-            items.extend(JobItemRow(member.image_id, chunk_index=index) for member in members)
-            chunks.append(_Chunk(index, [member.uri for member in members]))
+        first = repository.allocate_chunk_indices(
+            session=session, job_id=self.job_id, count=len(groups), producer=self.producer
+        )
+        for offset, members in enumerate(groups):
+            items.extend(JobItemRow(m.image_id, chunk_index=first + offset) for m in members)
         inserted = repository.add_job_items(session=session, job_id=self.job_id, items=items)
+        # The row that went in for an image is the first one given for it.
+        chunk_of: dict[int, int | None] = {}
+        for item in items:
+            chunk_of.setdefault(item.image_id, item.chunk_index)
+        chunks: list[_Chunk] = []
+        for offset, members in enumerate(groups):
+            kept: list[str] = []
+            for member in members:
+                if member.image_id in inserted and chunk_of[member.image_id] == first + offset:
+                    inserted.discard(member.image_id)
+                    kept.append(member.uri)
+            if kept:
+                chunks.append(_Chunk(first + offset, kept))
         repository.record_chunks(
             session=session,
             job_id=self.job_id,
             chunks=[ChunkRow(chunk.index, len(chunk.uris)) for chunk in chunks],
         )
-        return chunks, inserted
+        new_rows = sum(len(chunk.uris) for chunk in chunks) + len(inserted)
+        return chunks, new_rows
 
     def _committed(
         self, entries: list[Entry], items: list[JobItemRow], chunks: list[_Chunk], inserted: int
@@ -450,7 +472,6 @@ class _Scan:
         # The ledger's own count: a URI listed twice has one row, and `enqueued` must balance.
         self.items += inserted
         self.skipped.update(item.reason for item in items if item.reason is not None)
-        self.next_chunk += len(chunks)
         self.unsent.extend(chunks)
 
 
@@ -625,15 +646,17 @@ def republish_unpublished(
             indexes = [c.chunk_index for c in chunks]
     published = 0
     for chunk_index in indexes:
-        if _republish(job_id, chunk_index, sessions=sessions, publish=publish):
+        if republish_chunk(job_id, chunk_index, sessions=sessions, publish=publish):
             published += 1
     logger.info("job %d: published %d chunk(s) again", job_id, published)
     return published
 
 
-def _republish(
+def republish_chunk(
     job_id: int, chunk_index: int, *, sessions: sessionmaker[Session], publish: Publisher
 ) -> bool:
+    """Publish a chunk's pending images (from the ledger) again; False when none are left,
+    and then the chunk is marked done (only its row lagged behind)."""
     with sessions() as session, session.begin():
         uris = repository.pending_uris(session=session, job_id=job_id, chunk_index=chunk_index)
         if not uris:
@@ -680,6 +703,7 @@ __all__ = [
     "SelectionKind",
     "celery_publisher",
     "parse_where",
+    "republish_chunk",
     "republish_unpublished",
     "run_scan",
 ]

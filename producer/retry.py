@@ -6,11 +6,19 @@ before they are published, and the job reopens until they end in a state again.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+import math
+
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Chunk, Image, ItemState, Job, JobItem, JobStatus
-from db.repository import ChunkRow, NotFoundError, mark_chunk_published, record_chunks
+from db.models import Image, ItemState, Job, JobItem, JobStatus
+from db.repository import (
+    ChunkRow,
+    NotFoundError,
+    allocate_chunk_indices,
+    mark_chunk_published,
+    record_chunks,
+)
 from producer.enqueue import Publisher
 
 
@@ -31,8 +39,10 @@ def requeue_failed(
         )
         if not failed:
             return 0
-        highest = session.scalar(select(func.max(Chunk.chunk_index)).where(Chunk.job_id == job_id))
-        first = (highest if highest is not None else -1) + 1
+        # Numbers from the job row: a scan or a worker's split may be numbering chunks too.
+        first = allocate_chunk_indices(
+            session=session, job_id=job_id, count=math.ceil(len(failed) / chunk_size)
+        )
         chunks: list[tuple[int, list[str]]] = []
         for offset in range(0, len(failed), chunk_size):
             part = failed[offset : offset + chunk_size]

@@ -19,6 +19,7 @@ from emolabel.settings import Settings
 
 LABEL_CHUNK = "emolabel.label_chunk"
 RETRAIN = "emolabel.retrain"
+RECONCILE = "emolabel.reconcile"
 
 
 def retrain_queue(settings: Settings) -> str:
@@ -27,11 +28,19 @@ def retrain_queue(settings: Settings) -> str:
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """The nightly retraining entry, when a training folder is configured."""
+    """The reconciler every few minutes; the nightly retraining when a training folder is set."""
+    schedule: dict[str, Any] = {
+        "reconcile": {
+            "task": RECONCILE,
+            "schedule": float(settings.reconcile.interval),
+            # A run that waited longer than the interval behind chunks is replaced by the next.
+            "options": {"queue": settings.queue, "expires": float(settings.reconcile.interval)},
+        }
+    }
     if settings.retrain.data_dir is None:
-        return {}
+        return schedule
     minute, hour, day_of_month, month_of_year, day_of_week = settings.retrain.schedule.split()
-    return {
+    return schedule | {
         "retrain": {
             "task": RETRAIN,
             "schedule": crontab(
@@ -78,7 +87,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # A chunk over the time limit has its process killed; its message goes back (not
-        # acknowledged) and the next delivery counts the death, splitting the chunk.
+        # acknowledged) and the parent counts the death against it (worker.tasks.ChunkRequest),
+        # so the next delivery splits the chunk.
         task_acks_on_failure=True,
         task_acks_on_timeout=False,
         worker_prefetch_multiplier=settings.worker.prefetch_multiplier,
@@ -90,6 +100,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             LABEL_CHUNK: {"queue": settings.queue},
             RETRAIN: {"queue": retrain_queue(settings)},
+            RECONCILE: {"queue": settings.queue},
         },
         # A retraining run outlives the visibility timeout, so it is acknowledged on receipt
         # (a lost run is simply the next night's) and has its own time limit.

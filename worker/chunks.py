@@ -1,9 +1,15 @@
 """What a worker does with one chunk message, as plain functions (the Celery task is a shell).
 
-1. Count the delivery (committed first). More starts than finishes means a process died inside
-   this chunk: split it in two and publish the halves, so repeated deaths narrow down to the one
-   image that kills the process; that image is recorded as `poison` after `max_attempts`.
-2. Otherwise load the active model (once per process), read + decode + predict every image.
+0. Check the message (types, sizes) and then against the ledger: a message for an unknown job
+   or chunk, or naming other images than the ledger put in its chunk, is refused and recorded
+   (`refused_messages`); the ledger, not the message, says which images a chunk holds.
+1. Count the delivery (committed first). When the worker's parent process saw a child die
+   holding this chunk (`chunks.crashes`, see `worker.tasks.ChunkRequest`), split it in two and
+   publish the halves, so repeated deaths narrow down to the one image that kills the process;
+   that image is recorded as `poison` after `max_attempts`. Retries, redeliveries after a
+   visibility timeout, republishes and clean shutdowns never count.
+2. Otherwise load the active model (once per process), read + decode + predict every pending
+   image of the chunk.
 3. Write all outcomes in one transaction: bulk upsert of results keyed on (image, model
    version), ledger rows labeled / failed, chunk done, job done when nothing is pending.
 """
@@ -17,17 +23,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from db.delivery import (
+    ChunkImage,
+    MessageRefused,
+    RefusalReason,
+    begin_delivery,
+    pending_images,
+    record_refusal,
+    split_chunk,
+)
 from db.models import ChunkStatus
 from db.repository import (
     FailureRow,
-    NotFoundError,
     ResultRow,
-    begin_delivery,
-    ensure_job_items,
     finish_job_if_complete,
     mark_chunk_published,
     record_outcomes,
-    split_chunk,
 )
 from emolabel.errors import ReasonCode
 from emolabel.registry import ensure_active_model
@@ -60,28 +71,77 @@ class ChunkReport:
         return asdict(self)
 
 
+MAX_URIS_PER_MESSAGE = 10_000
+"""The most URIs a chunk message may carry (the scan's chunk_size is at most this)."""
+MAX_URI_LENGTH = 8192
+
+
+def check_message(job_id: object, chunk_index: object, uris: object) -> list[str]:
+    """The URIs of a well-formed chunk message; raises `MessageRefused` (malformed) otherwise.
+
+    Anyone who can write to the broker can write a message: its types and sizes are checked
+    before the database is asked anything.
+    """
+
+    def refuse(why: str) -> MessageRefused:
+        return MessageRefused(RefusalReason.MALFORMED, f"malformed chunk message: {why}")
+
+    for name, value in (("job_id", job_id), ("chunk_index", chunk_index)):
+        if type(value) is not int or value < 0:
+            raise refuse(f"{name} must be a non-negative integer, got {str(value)[:40]!r}")
+    if not isinstance(uris, list) or not uris:
+        raise refuse("uris must be a non-empty list")
+    if len(uris) > MAX_URIS_PER_MESSAGE:
+        raise refuse(f"{len(uris)} URIs, more than {MAX_URIS_PER_MESSAGE}")
+    for uri in uris:
+        if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
+            raise refuse(f"every URI must be a string of 1 to {MAX_URI_LENGTH} characters")
+    return uris
+
+
+def refuse_message(
+    state: ProcessState,
+    refusal: MessageRefused,
+    *,
+    job_id: object,
+    chunk_index: object,
+    task_id: str | None,
+) -> ChunkReport:
+    """Record a refused message (the chunk the ledger knows is untouched) and say so."""
+    job = job_id if type(job_id) is int else None
+    index = chunk_index if type(chunk_index) is int else None
+    logger.warning("refused chunk message %s (job %s, chunk %s): %s", task_id, job, index, refusal)
+    with state.sessions.begin() as session:
+        record_refusal(
+            session=session,
+            reason=refusal.reason,
+            message=str(refusal),
+            job_id=job,
+            chunk_index=index,
+            task_id=task_id,
+        )
+    report = ChunkReport(job or 0, index or 0, 0)
+    report.note = f"refused ({refusal.reason.value}): {refusal}"
+    return report
+
+
 def handle_chunk(
     state: ProcessState,
     job_id: int,
     chunk_index: int,
     uris: Sequence[str],
     *,
-    retries: int,
     publish: Publish,
 ) -> ChunkReport:
-    """Process one delivery of a chunk; raises only on infrastructure errors (to be retried)."""
+    """Process one delivery of a chunk; raises only on infrastructure errors (to be retried)
+    and `MessageRefused` when the ledger disagrees with the message (nothing written)."""
     started = time.perf_counter()
     report = ChunkReport(job_id, chunk_index, len(uris))
     settings = state.settings
     with state.sessions.begin() as session:
-        try:
-            delivery = begin_delivery(
-                session=session, job_id=job_id, chunk_index=chunk_index, size=len(uris)
-            )
-        except NotFoundError:
-            logger.warning("refused chunk %s of unknown job %s", chunk_index, job_id)
-            report.note = "unknown job: refused"
-            return report
+        delivery = begin_delivery(
+            session=session, job_id=job_id, chunk_index=chunk_index, uris=uris
+        )
         if delivery.status == ChunkStatus.DONE:
             report.note = "already done: redelivered after its commit"
             return report
@@ -90,21 +150,22 @@ def handle_chunk(
         )
         version, artifact_path = active.version, active.artifact_path
     report.model_version = version
-    crashes = delivery.deliveries - 1 - retries
-    if crashes > 0 and len(uris) > 1:
-        report.split_into = _split(state, job_id, chunk_index, list(uris), publish)
+    pending = delivery.pending
+    crashes = delivery.crashes
+    if crashes > 0 and len(pending) > 1:
+        report.split_into = _split(state, job_id, chunk_index, pending, publish)
         report.note = f"a process died in this chunk {crashes} time(s): split"
         logger.warning("chunk %s/%s: %s", job_id, chunk_index, report.note)
         return report
-    if crashes > 0 and crashes >= settings.worker.max_attempts - 1:
+    if pending and crashes > 0 and crashes >= settings.worker.max_attempts - 1:
         message = f"the worker process died {crashes} time(s) while handling this image"
-        outcomes = [ImageOutcome(uris[0], reason=ReasonCode.POISON.value, message=message)]
-        logger.error("poison image %s: %s", uris[0], message)
+        outcomes = [ImageOutcome(pending[0].uri, reason=ReasonCode.POISON.value, message=message)]
+        logger.error("poison image %s: %s", pending[0].uri, message)
     else:
         runner = state.runner(version, artifact_path)
         times = StageTimes()
         outcomes = label_images(
-            uris,
+            [image.uri for image in pending],
             read=lambda uri: state.reader.read(uri, delivery.job_source),
             runner=runner,
             limits=settings.limits,
@@ -119,7 +180,7 @@ def handle_chunk(
             "waiting_for_decode": round(times.waiting, 4),
         }
     write_started = time.perf_counter()
-    _write(state, job_id, chunk_index, version, outcomes)
+    _write(state, job_id, chunk_index, version, pending, outcomes)
     report.stage_seconds["write"] = round(time.perf_counter() - write_started, 4)
     report.labeled = sum(outcome.prediction is not None for outcome in outcomes)
     report.failed = len(outcomes) - report.labeled
@@ -132,21 +193,24 @@ def handle_chunk(
 
 
 def fail_chunk(
-    state: ProcessState, job_id: int, chunk_index: int, uris: Sequence[str], error: BaseException
+    state: ProcessState, job_id: int, chunk_index: int, error: BaseException
 ) -> ChunkReport:
-    """Record every image of a chunk as failed `internal_error`, after its last retry.
+    """Record every pending image of a chunk as failed `internal_error`, after its last retry.
 
     For an exception no image explains (a bug, a broken model that loads but cannot predict):
     the job finishes with the error on record instead of waiting for a republish that would
     fail the same way. `internal_error` is not a content failure, so a rescan sends them again.
+    The images are the ledger's, not the message's.
     """
     message = f"chunk failed: unexpected {type(error).__name__}: {error}"[:2000]
     reason = ReasonCode.INTERNAL_ERROR.value
-    outcomes = [ImageOutcome(uri, reason=reason, message=message) for uri in uris]
     started = time.perf_counter()
-    _write(state, job_id, chunk_index, "", outcomes)
-    report = ChunkReport(job_id, chunk_index, len(uris), failed=len(uris), note=message)
-    report.failed_by_reason = {reason: len(uris)}
+    with state.sessions.begin() as session:
+        pending = pending_images(session=session, job_id=job_id, chunk_index=chunk_index)
+    outcomes = [ImageOutcome(image.uri, reason=reason, message=message) for image in pending]
+    _write(state, job_id, chunk_index, "", pending, outcomes)
+    report = ChunkReport(job_id, chunk_index, len(pending), failed=len(pending), note=message)
+    report.failed_by_reason = {reason: len(pending)}
     report.stage_seconds = {"write": round(time.perf_counter() - started, 4)}
     report.seconds = report.stage_seconds["write"]
     return report
@@ -157,36 +221,32 @@ def _write(
     job_id: int,
     chunk_index: int,
     version: str,
+    pending: Sequence[ChunkImage],
     outcomes: Sequence[ImageOutcome],
 ) -> None:
-    with state.sessions.begin() as session:
-        images = ensure_job_items(
-            session=session,
-            job_id=job_id,
-            chunk_index=chunk_index,
-            uris=[outcome.uri for outcome in outcomes],
+    images = {image.uri: image for image in pending}
+    results = [
+        ResultRow(
+            image_id=images[outcome.uri].id,
+            model_version=version,
+            label=outcome.prediction.label,
+            confidence=outcome.prediction.confidence,
+            scores=outcome.prediction.scores,
+            fingerprint=images[outcome.uri].fingerprint,
         )
-        results = [
-            ResultRow(
-                image_id=images[outcome.uri].id,
-                model_version=version,
-                label=outcome.prediction.label,
-                confidence=outcome.prediction.confidence,
-                scores=outcome.prediction.scores,
-                fingerprint=images[outcome.uri].fingerprint,
-            )
-            for outcome in outcomes
-            if outcome.prediction is not None
-        ]
-        failures = [
-            FailureRow(
-                image_id=images[outcome.uri].id,
-                reason=outcome.reason or ReasonCode.CORRUPT.value,
-                message=outcome.message,
-            )
-            for outcome in outcomes
-            if outcome.prediction is None
-        ]
+        for outcome in outcomes
+        if outcome.prediction is not None
+    ]
+    failures = [
+        FailureRow(
+            image_id=images[outcome.uri].id,
+            reason=outcome.reason or ReasonCode.CORRUPT.value,
+            message=outcome.message,
+        )
+        for outcome in outcomes
+        if outcome.prediction is None
+    ]
+    with state.sessions.begin() as session:
         record_outcomes(
             session=session,
             job_id=job_id,
@@ -198,14 +258,25 @@ def _write(
 
 
 def _split(
-    state: ProcessState, job_id: int, chunk_index: int, uris: list[str], publish: Publish
+    state: ProcessState,
+    job_id: int,
+    chunk_index: int,
+    pending: Sequence[ChunkImage],
+    publish: Publish,
 ) -> list[int]:
-    middle = len(uris) // 2
-    parts = [uris[:middle], uris[middle:]]
+    middle = len(pending) // 2
+    halves = [pending[:middle], pending[middle:]]
     with state.sessions.begin() as session:
-        indices = split_chunk(session=session, job_id=job_id, chunk_index=chunk_index, parts=parts)
-    for index, part in zip(indices, parts, strict=True):
-        task_id = publish(job_id, index, part)
+        indices = split_chunk(
+            session=session,
+            job_id=job_id,
+            chunk_index=chunk_index,
+            parts=[[image.id for image in half] for half in halves],
+        )
+    # Committed before publishing: if this process dies now, the halves are recorded and never
+    # published, and the reconciler sends them.
+    for index, half in zip(indices, halves, strict=True):
+        task_id = publish(job_id, index, [image.uri for image in half])
         with state.sessions.begin() as session:
             mark_chunk_published(session=session, job_id=job_id, chunk_index=index, task_id=task_id)
     return indices

@@ -54,7 +54,7 @@ CHUNK_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1
 CHUNK_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
 STAGE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 STAGES = ("decode", "predict", "waiting_for_decode", "write")
-CHUNK_RESULTS = ("written", "split", "skipped", "retried")
+CHUNK_RESULTS = ("written", "split", "skipped", "refused", "retried")
 UNSPECIFIED_REASON = "unspecified"
 BROKER_TIMEOUT = 2.0
 
@@ -69,6 +69,7 @@ class Instruments:
     chunk_seconds: Histogram
     stage_seconds: Histogram
     model: Gauge
+    without_message: Gauge
 
     def all(self) -> tuple[Counter | Histogram | Gauge, ...]:
         return (
@@ -78,6 +79,7 @@ class Instruments:
             self.chunk_seconds,
             self.stage_seconds,
             self.model,
+            self.without_message,
         )
 
 
@@ -94,7 +96,8 @@ def instruments() -> Instruments:
         chunks=Counter(
             "emolabel_chunks",
             "Chunk deliveries: written (outcomes stored), split (a process died in it), "
-            "skipped (unknown job, or already done), retried (an error; sent again later).",
+            "skipped (already done), refused (the ledger disagrees with the message: see the "
+            "refused_messages table), retried (an error; sent again later).",
             ["result"],
             registry=None,
         ),
@@ -122,6 +125,13 @@ def instruments() -> Instruments:
             "emolabel_model_info",
             "1 for the model version the worker processes last loaded, 0 for the one it replaced.",
             ["version"],
+            multiprocess_mode="mostrecent",
+            registry=None,
+        ),
+        without_message=Gauge(
+            "emolabel_images_without_message",
+            "Pending images whose chunk had no message in Redis at the reconciler's last run "
+            "(it sent them again; above 0 at every run means messages keep getting lost).",
             multiprocess_mode="mostrecent",
             registry=None,
         ),
@@ -178,7 +188,9 @@ def _record(report: Mapping[str, Any]) -> None:
     if failed > counted:
         metrics.images.labels(outcome="failed", reason=UNSPECIFIED_REASON).inc(failed - counted)
     stage_seconds: Mapping[str, float] = report.get("stage_seconds") or {}
-    if report.get("split_into"):
+    if str(report.get("note") or "").startswith("refused"):
+        result = "refused"
+    elif report.get("split_into"):
         result = "split"
     elif "write" in stage_seconds:
         result = "written"
@@ -193,6 +205,14 @@ def _record(report: Mapping[str, Any]) -> None:
     version = report.get("model_version")
     if version:
         mark_model(str(version))
+
+
+def record_images_without_message(count: int) -> None:
+    """Set what the reconciler found at its last run; never raises on I/O."""
+    try:
+        instruments().without_message.set(count)
+    except (OSError, ValueError) as error:
+        logger.warning("could not record the reconciler's count: %s", error)
 
 
 def record_retry() -> None:

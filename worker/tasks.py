@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from db.delivery import RefusalReason
 from emolabel.errors import ConfigError, ModelError
-from worker.celery_app import LABEL_CHUNK, RETRAIN
+from worker.celery_app import LABEL_CHUNK, RECONCILE, RETRAIN
 
 logger = logging.getLogger(__name__)
 
@@ -72,34 +75,101 @@ def _fresh_child(**_: Any) -> None:
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _serve_metrics(sender: Any, **_: Any) -> None:
-    """Serve /metrics from the worker's main process (the pool writes multiprocess files)."""
+    """Serve /metrics from the worker's main process (the pool writes multiprocess files), and
+    say loudly when the broker can lose messages."""
+    from worker.broker_check import warn_if_broker_can_lose_messages
     from worker.metrics import start_metrics_server
 
     settings = getattr(sender.app, "emolabel_settings", None)
     if settings is not None:
         start_metrics_server(settings, queues=list(sender.app.amqp.queues.consume_from))
+        warn_if_broker_can_lose_messages(settings.effective_broker_url)
 
 
-@shared_task(name=LABEL_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> dict[str, Any]:
-    """Label one chunk of image URIs of a job; returns counts and timings (shown in Flower)."""
-    from worker.chunks import fail_chunk, handle_chunk
+class ChunkRequest(Request):  # type: ignore[misc]
+    """The worker's parent process's view of a chunk task: counts the deliveries that end with
+    the child process holding the chunk dead (`chunks.crashes`).
+
+    The parent outlives its child, so it is the one place that knows a death happened while a
+    given chunk was held: a decoder crash, the OOM killer, a hard time limit. A worker shutting
+    down (warm: the task finishes first; cold: `should_terminate`) never counts, nor do
+    retries, visibility-timeout redeliveries or republishes, which the old count
+    (deliveries - 1 - retries) blamed on the chunk's images.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exception = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exception, WorkerLostError | SystemExit | KeyboardInterrupt):
+            self._count_crash(f"the process died: {exception}")
+        return super().on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+        )
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if not soft:
+            self._count_crash(f"hard time limit of {timeout} s: the process was killed")
+        return super().on_timeout(soft, timeout)
+
+    def _count_crash(self, why: str) -> None:
+        from celery.worker import state as worker_state
+
+        if worker_state.should_terminate or worker_state.should_stop:
+            return
+        settings = getattr(self.task.app, "emolabel_settings", None)
+        arguments = self.args
+        if settings is None or len(arguments) < 2:
+            return
+        job_id, chunk_index = arguments[0], arguments[1]
+        if type(job_id) is not int or type(chunk_index) is not int:
+            return
+        logger.error("chunk %s/%s: %s; counted against the chunk", job_id, chunk_index, why)
+        # Rare, and in the parent: a short-lived engine, so no connection is inherited by the
+        # child that replaces the dead one.
+        from db.delivery import record_crash
+        from db.session import make_engine, make_sessionmaker
+
+        engine = make_engine(settings.database_url)
+        try:
+            with make_sessionmaker(engine).begin() as session:
+                record_crash(session=session, job_id=job_id, chunk_index=chunk_index)
+        except (OperationalError, InterfaceError) as error:
+            logger.error("chunk %s/%s: could not count the crash: %s", job_id, chunk_index, error)
+        finally:
+            engine.dispose()
+
+
+@shared_task(  # type: ignore[untyped-decorator]
+    name=LABEL_CHUNK, bind=True, max_retries=None, typing=False, Request=ChunkRequest
+)
+def label_chunk(
+    self: Task, job_id: Any = None, chunk_index: Any = None, uris: Any = None, *extra: Any
+) -> dict[str, Any]:
+    """Label one chunk of image URIs of a job; returns counts and timings (shown in Flower).
+
+    The arguments are whatever the message carried: checked here, refused and recorded when
+    malformed or when the ledger disagrees (see worker.chunks).
+    """
+    from db.delivery import MessageRefused
+    from worker.chunks import check_message, fail_chunk, handle_chunk, refuse_message
     from worker.state import process_state
 
     settings = self.app.emolabel_settings
+    state = process_state(settings)
 
     def publish(job: int, index: int, part: list[str]) -> str:
         sent = self.app.send_task(LABEL_CHUNK, args=[job, index, part], queue=settings.queue)
         return str(sent.id)
 
     try:
-        report = handle_chunk(
-            process_state(settings),
-            job_id,
-            chunk_index,
-            uris,
-            retries=self.request.retries,
-            publish=publish,
+        if extra:
+            raise MessageRefused(RefusalReason.MALFORMED, f"{len(extra)} unexpected argument(s)")
+        checked = check_message(job_id, chunk_index, uris)
+        report = handle_chunk(state, job_id, chunk_index, checked, publish=publish)
+    except MessageRefused as refusal:
+        report = refuse_message(
+            state, refusal, job_id=job_id, chunk_index=chunk_index, task_id=self.request.id
         )
     except TRANSIENT as error:
         from worker.metrics import record_retry
@@ -127,11 +197,11 @@ def label_chunk(self: Task, job_id: int, chunk_index: int, uris: list[str]) -> d
             )  # fmt: skip
             raise self.retry(exc=error, countdown=min(60, 2**attempt)) from None
         logger.exception(
-            "chunk %s/%s: unexpected error on the last of %s attempts: recording its %s images "
+            "chunk %s/%s: unexpected error on the last of %s attempts: recording its images "
             "as failed (internal_error)",
-            job_id, chunk_index, attempt, len(uris),
+            job_id, chunk_index, attempt,
         )  # fmt: skip
-        report = fail_chunk(process_state(settings), job_id, chunk_index, uris, error)
+        report = fail_chunk(state, job_id, chunk_index, error)
     # Imported late: prometheus_client fixes its multiprocess mode at import.
     from worker.metrics import record_chunk
 
@@ -151,4 +221,24 @@ def retrain(self: Task, data_dir: str | None = None) -> dict[str, Any]:
     settings = self.app.emolabel_settings
     state = process_state(settings)
     report = run_retrain(settings, state.sessions, data_dir=Path(data_dir) if data_dir else None)
+    return report.to_json()
+
+
+@shared_task(name=RECONCILE, bind=True)  # type: ignore[untyped-decorator]
+def reconcile(self: Task) -> dict[str, Any]:
+    """Resend chunks with no message, end scans whose producer is gone (producer.reconcile)."""
+    from producer.enqueue import celery_publisher
+    from producer.reconcile import reconcile as run_reconcile
+    from producer.reconcile import redis_task_ids
+    from worker.metrics import record_images_without_message
+    from worker.state import process_state
+
+    settings = self.app.emolabel_settings
+    report = run_reconcile(
+        sessions=process_state(settings).sessions,
+        publish=celery_publisher(self.app, settings.queue),
+        broker_task_ids=redis_task_ids(settings.effective_broker_url, settings.queue),
+        settings=settings.reconcile,
+    )
+    record_images_without_message(report.images_without_message)
     return report.to_json()

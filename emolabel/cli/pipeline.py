@@ -1,4 +1,5 @@
-"""Pipeline commands: `db`, `scan`, `worker`, `label`, `status`, `export`, `failures`.
+"""Pipeline commands: `db`, `scan`, `worker`, `label`, `status`, `export`, `failures`,
+`republish`, `reconcile`.
 
 They share one set-up: settings -> broker reachable (the embedded Redis started when none is
 configured) -> database migrated (the embedded SQLite migrates itself; PostgreSQL must be at head,
@@ -91,6 +92,27 @@ def db_check() -> None:
     console.print("schema is up to date")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a scan (docker stop, systemd, kill)."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the scan's duration, so it ends the way an interrupt
+    does: what it recorded is published or left for the reconciler, and the job says where the
+    scan stopped, instead of staying `scanning` until the reconciler notices its heartbeat."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _scan(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -131,7 +153,7 @@ def _scan(
         ),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with _terminate_as_interrupt(), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("scan", total=None, seen=0, enqueued=0, skipped=0, chunks=0)
 
         def show(progress: ScanProgress) -> None:
@@ -210,6 +232,31 @@ def republish(
         older_than=older_than,
     )
     console.print(f"job {job}: {count} chunks published", highlight=False)
+
+
+@app.command()
+def reconcile() -> None:
+    """Finish what crashes left half-done: resend chunks with no message in Redis, end scans
+    whose producer is gone (the `emolabel.reconcile` beat task runs the same every few minutes)."""
+    from producer.enqueue import celery_publisher
+    from producer.reconcile import reconcile as run_reconcile
+    from producer.reconcile import redis_task_ids
+
+    settings = settings_from()
+    _broker(settings)
+    sessions = _sessions(settings)
+    report = run_reconcile(
+        sessions=sessions,
+        publish=celery_publisher(_celery(settings), settings.queue),
+        broker_task_ids=redis_task_ids(settings.effective_broker_url, settings.queue),
+        settings=settings.reconcile,
+    )
+    sent = sum(report.chunks_sent.values())
+    console.print(
+        f"scans ended: {len(report.scans_ended)}; chunks sent again: {sent}"
+        f" ({report.images_without_message} pending images had no message)",
+        highlight=False,
+    )
 
 
 @app.command("worker")
@@ -368,6 +415,31 @@ def status(
             ).all()
             for state, reason, count in reasons:
                 console.print(f"{state}: {reason}: {count}", highlight=False)
+    _print_orphans(settings, sessions)
+
+
+def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    """The line an operator must not miss: images waiting for a message that no longer exists."""
+    from redis.exceptions import RedisError
+
+    from producer.reconcile import images_without_message, redis_task_ids
+
+    try:
+        orphans = images_without_message(
+            sessions=sessions,
+            broker_task_ids=redis_task_ids(settings.effective_broker_url, settings.queue),
+            stale_after=settings.reconcile.stale_after,
+        )
+    except RedisError as error:
+        console.print(f"broker not reachable, pending images not checked: {error}", highlight=False)
+        return
+    if orphans:
+        console.print(
+            f"{orphans} pending images have no message in Redis: the reconciler resends them"
+            " (or run `emolabel reconcile`)",
+            style="bold red",
+            highlight=False,
+        )
 
 
 @app.command()

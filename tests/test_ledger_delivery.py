@@ -1,0 +1,316 @@
+"""Issue 14: chunk numbers come from the database and the ledger decides a chunk's images.
+
+The interleavings that lost images are made deterministic: a worker's split and
+`failures --retry` run inside the scan's own publish callback, that is, while the real
+`run_scan` is between two batches of the same job. Then every message that went out is
+checked against the ledger as a worker checks it (`begin_delivery`), on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.delivery import (
+    MessageRefused,
+    RefusalReason,
+    begin_delivery,
+    pending_images,
+    record_crash,
+    record_refusal,
+    split_chunk,
+)
+from db.models import Chunk, ChunkStatus, ItemState, JobItem, RefusedMessage
+from db.repository import FailureRow
+from db.session import make_engine, make_sessionmaker, upgrade
+from producer.enqueue import run_scan
+from producer.entries import Entry
+from producer.retry import requeue_failed
+from tests.test_db import PostgresServer
+from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
+
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.integration),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def sessions(
+    request: pytest.FixtureRequest,
+    postgres: PostgresServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[sessionmaker[Session]]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
+    else:
+        url = postgres.create_database()
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def entries(prefix: str, count: int, *, repeat: int | None = None) -> list[Entry]:
+    """`count` usable entries; `repeat` lists that one a second time at the end."""
+    made = [
+        Entry(
+            uri=f"file:///{prefix}/{index:05d}.jpg",
+            name_bytes=None,
+            size_bytes=1000,
+            mtime_ns=index,
+            fingerprint=f"1000-{index}",
+            image_type="jpeg",
+            skip_reason=None,
+            skip_message=None,
+        )
+        for index in range(count)
+    ]
+    if repeat is not None:
+        made.append(made[repeat])
+    return made
+
+
+class ListSource:
+    def __init__(self, prefix: str, listed: list[Entry]) -> None:
+        self.uri = f"file:///{prefix}"
+        self.listed = listed
+
+    def iter_entries(self) -> Iterator[Entry]:
+        return iter(self.listed)
+
+
+class Broker:
+    """Keeps every message published, as (job, chunk, uris); `during` runs at a given one."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, list[str]]] = []
+        self.during: dict[int, object] = {}
+
+    def __call__(self, job_id: int, chunk_index: int, uris: list[str]) -> str:
+        self.sent.append((job_id, chunk_index, list(uris)))
+        action = self.during.pop(len(self.sent), None)
+        if callable(action):
+            action(job_id)
+        return f"task-{uuid.uuid4().hex}"
+
+
+def deliver_everything(sessions: sessionmaker[Session], broker: Broker, job_id: int) -> None:
+    """Every message as a worker gets it: checked against the ledger; pending images failed
+    (a stand-in outcome: which one does not matter here, only that each image gets one)."""
+    for message_job, chunk_index, uris in broker.sent:
+        with sessions.begin() as session:
+            delivery = begin_delivery(
+                session=session, job_id=message_job, chunk_index=chunk_index, uris=uris
+            )
+            if delivery.status is ChunkStatus.DONE:
+                continue
+            repository.record_outcomes(
+                session=session,
+                job_id=job_id,
+                results=[],
+                failures=[FailureRow(image.id, "corrupt") for image in delivery.pending],
+                chunk_index=chunk_index,
+            )
+            repository.finish_job_if_complete(session=session, job_id=job_id)
+
+
+def split_first_chunk(sessions: sessionmaker[Session], broker: Broker) -> object:
+    """What a worker does when a process died holding chunk 0: split it and publish halves."""
+
+    def split(job_id: int) -> None:
+        with sessions.begin() as session:
+            pending = pending_images(session=session, job_id=job_id, chunk_index=0)
+            halves = [pending[: len(pending) // 2], pending[len(pending) // 2 :]]
+            indices = split_chunk(
+                session=session,
+                job_id=job_id,
+                chunk_index=0,
+                parts=[[image.id for image in half] for half in halves],
+            )
+        for index, half in zip(indices, halves, strict=True):
+            broker(job_id, index, [image.uri for image in half])
+
+    return split
+
+
+def test_a_split_while_the_scan_runs_takes_numbers_the_scan_never_reuses(
+    sessions: sessionmaker[Session],
+) -> None:
+    prefix = uuid.uuid4().hex
+    broker = Broker()
+    # The split happens right after the scan published its first chunk, before its second.
+    broker.during[1] = split_first_chunk(sessions, broker)
+    summary = run_scan(
+        ListSource(prefix, entries(prefix, 12)),
+        sessions=sessions,
+        publish=broker,
+        chunk_size=4,
+        model_version=None,
+    )
+    indices = [chunk_index for _, chunk_index, _ in broker.sent]
+    # Chunk 0, its halves (1, 2), then the scan's next chunks continue after them.
+    assert indices == [0, 1, 2, 3, 4]
+    deliver_everything(sessions, broker, summary.job_id)
+    with sessions() as session:
+        counts = repository.job_counts(session=session, job_id=summary.job_id)
+        chunk_states = set(
+            session.scalars(select(Chunk.status).where(Chunk.job_id == summary.job_id))
+        )
+    assert (counts.enqueued, counts.failed, counts.pending) == (12, 12, 0)
+    assert chunk_states == {ChunkStatus.DONE}
+
+
+def test_failures_retry_while_a_scan_of_the_job_runs_loses_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    prefix = uuid.uuid4().hex
+    broker = Broker()
+
+    def deliver_and_retry(job_id: int) -> None:
+        # The first chunk comes back failed, and an operator retries the job's failures at once.
+        deliver_everything(sessions, broker, job_id)
+        requeue_failed(job_id, sessions=sessions, publish=broker, chunk_size=3)
+
+    broker.during[2] = deliver_and_retry
+    summary = run_scan(
+        ListSource(prefix, entries(prefix, 20)),
+        sessions=sessions,
+        publish=broker,
+        chunk_size=4,
+        model_version=None,
+    )
+    indices = [chunk_index for _, chunk_index, _ in broker.sent]
+    assert len(indices) == len(set(indices)), indices
+    # Deliver what is left (the retry's chunks and the scan's later ones); then retry once more
+    # and deliver: every image ends failed, nothing pending, every chunk done.
+    deliver_everything(sessions, broker, summary.job_id)
+    with sessions() as session:
+        counts = repository.job_counts(session=session, job_id=summary.job_id)
+        open_chunks = session.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .where(Chunk.job_id == summary.job_id, Chunk.status != ChunkStatus.DONE)
+        )
+    assert (counts.enqueued, counts.pending, counts.failed) == (20, 0, 20)
+    assert open_chunks == 0
+
+
+def test_a_uri_listed_twice_stays_in_its_first_chunk_and_every_message_matches_the_ledger(
+    sessions: sessionmaker[Session],
+) -> None:
+    prefix = uuid.uuid4().hex
+    broker = Broker()
+    summary = run_scan(
+        ListSource(prefix, entries(prefix, 9, repeat=1)),
+        sessions=sessions,
+        publish=broker,
+        chunk_size=4,
+        model_version=None,
+    )
+    sent_uris = [uri for _, _, uris in broker.sent for uri in uris]
+    assert len(sent_uris) == len(set(sent_uris)) == 9
+    deliver_everything(sessions, broker, summary.job_id)  # would raise MessageRefused
+    with sessions() as session:
+        counts = repository.job_counts(session=session, job_id=summary.job_id)
+    assert (counts.enqueued, counts.pending, counts.failed) == (9, 0, 9)
+
+
+def test_messages_the_ledger_disagrees_with_are_refused_and_change_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    broker = Broker()
+    jobs = []
+    for _ in range(2):
+        prefix = uuid.uuid4().hex
+        jobs.append(
+            run_scan(
+                ListSource(prefix, entries(prefix, 8)),
+                sessions=sessions,
+                publish=broker,
+                chunk_size=4,
+                model_version=None,
+            ).job_id
+        )
+    first, second = jobs
+    (chunk0,) = [uris for job, index, uris in broker.sent if (job, index) == (first, 0)]
+    (other,) = [uris for job, index, uris in broker.sent if (job, index) == (second, 0)]
+    forged = {
+        RefusalReason.UNKNOWN_JOB: (10**9, 0, chunk0),
+        RefusalReason.UNKNOWN_CHUNK: (first, 99, chunk0),
+        # Another job's chunk under this job's number, and a number reused with other images.
+        RefusalReason.NOT_THE_CHUNKS_IMAGES: (first, 0, other),
+    }
+    for reason, (job_id, chunk_index, uris) in forged.items():
+        with pytest.raises(MessageRefused) as refused, sessions.begin() as session:
+            begin_delivery(session=session, job_id=job_id, chunk_index=chunk_index, uris=uris)
+        assert refused.value.reason is reason
+    for uris in (chunk0[:-1], [*chunk0, "file:///etc/passwd"]):
+        with pytest.raises(MessageRefused, match="does not hold"), sessions.begin() as session:
+            begin_delivery(session=session, job_id=first, chunk_index=0, uris=uris)
+    with sessions.begin() as session:
+        record_refusal(
+            session=session,
+            reason=RefusalReason.UNKNOWN_CHUNK,
+            message="x" * 10_000,
+            job_id=first,
+            chunk_index=99,
+            task_id="t",
+        )
+    with sessions() as session:
+        chunk = session.get(Chunk, (first, 0))
+        assert chunk is not None
+        assert (chunk.deliveries, chunk.status) == (0, ChunkStatus.PUBLISHED)
+        stored = session.scalars(select(RefusedMessage)).all()
+        assert [len(row.message or "") for row in stored if row.job_id == first] == [2000]
+        assert (
+            session.scalar(
+                select(func.count()).select_from(JobItem).where(JobItem.state != ItemState.PENDING)
+            )
+            == 0
+        )
+    # The genuine message is still taken, in any order of its URIs.
+    with sessions.begin() as session:
+        delivery = begin_delivery(
+            session=session, job_id=first, chunk_index=0, uris=list(reversed(chunk0))
+        )
+    assert sorted(image.uri for image in delivery.pending) == sorted(chunk0)
+    assert (delivery.deliveries, delivery.crashes) == (1, 0)
+    with sessions.begin() as session:
+        assert record_crash(session=session, job_id=first, chunk_index=0)
+        assert not record_crash(session=session, job_id=first, chunk_index=99)
+    with sessions.begin() as session:
+        again = begin_delivery(session=session, job_id=first, chunk_index=0, uris=chunk0)
+    assert (again.deliveries, again.crashes) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("job_id", "chunk_index", "uris", "complaint"),
+    [
+        ("1", 0, ["file:///a.jpg"], "job_id"),
+        (True, 0, ["file:///a.jpg"], "job_id"),
+        (1, -1, ["file:///a.jpg"], "chunk_index"),
+        (1, 0.5, ["file:///a.jpg"], "chunk_index"),
+        (1, 0, "file:///a.jpg", "non-empty list"),
+        (1, 0, [], "non-empty list"),
+        (1, 0, ["file:///a.jpg"] * (MAX_URIS_PER_MESSAGE + 1), "more than"),
+        (1, 0, [42], "string"),
+        (1, 0, ["file:///" + "a" * 9000], "string"),
+        (1, 0, None, "non-empty list"),
+    ],
+)
+def test_malformed_messages_are_refused_before_the_database(
+    job_id: object, chunk_index: object, uris: object, complaint: str
+) -> None:
+    with pytest.raises(MessageRefused, match=complaint) as refused:
+        check_message(job_id, chunk_index, uris)
+    assert refused.value.reason is RefusalReason.MALFORMED
+
+
+def test_a_well_formed_message_passes() -> None:
+    assert check_message(3, 0, ["file:///a.jpg"]) == ["file:///a.jpg"]
