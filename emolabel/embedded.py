@@ -34,13 +34,13 @@ import redis
 from celery import Celery
 from celery.utils.nodenames import host_format
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic_core import to_jsonable_python
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from emolabel.errors import ConfigError
+from emolabel.redaction import mask_url, redact
 from emolabel.settings import Settings
 from worker.celery_app import make_celery
 
@@ -149,7 +149,7 @@ def redis_arguments(home: Path, socket_path: Path) -> list[str]:
 
 def check_broker(url: str, *, timeout: float = BROKER_CHECK_TIMEOUT) -> None:
     """PING the Redis broker at `url`; ConfigError with one clear line when it does not answer."""
-    shown = maybe_sanitize_url(url)
+    shown = mask_url(url)
     try:
         client = redis.Redis.from_url(
             _redis_py_url(url),
@@ -158,12 +158,12 @@ def check_broker(url: str, *, timeout: float = BROKER_CHECK_TIMEOUT) -> None:
             retry=_NO_RETRY,
         )
     except ValueError as error:
-        raise ConfigError(f"bad broker URL {shown}: {error}") from None
+        raise ConfigError(f"bad broker URL {shown}: {redact(str(error), url)}") from None
     try:
         client.ping()
     except redis.exceptions.RedisError as error:
         reason = str(error).strip() or type(error).__name__
-        raise ConfigError(f"cannot reach the broker at {shown}: {reason}") from None
+        raise ConfigError(f"cannot reach the broker at {shown}: {redact(reason, url)}") from None
     finally:
         client.close()
 
@@ -177,8 +177,9 @@ def worker_running(app: Celery, timeout: float = 1.0, *, queue: str | None = Non
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
             replies = app.control.inspect(timeout=timeout, connection=connection).active_queues()
     except (OperationalError, OSError, redis.exceptions.RedisError) as error:
-        shown = maybe_sanitize_url(app.conf.broker_url)
-        raise ConfigError(f"cannot reach the broker at {shown}: {error}") from None
+        url = str(app.conf.broker_url)
+        reason = redact(str(error), url)
+        raise ConfigError(f"cannot reach the broker at {mask_url(url)}: {reason}") from None
     return any(
         queue_info.get("name") == wanted
         for queues in (replies or {}).values()
@@ -356,8 +357,7 @@ def _redis_py_url(url: str) -> str:
     if parts.scheme in {"redis+socket", "socket"}:
         return f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
     raise ConfigError(
-        f"unsupported broker URL {maybe_sanitize_url(url)}: "
-        "use redis://, rediss:// or redis+socket:///path"
+        f"unsupported broker URL {mask_url(url)}: use redis://, rediss:// or redis+socket:///path"
     )
 
 

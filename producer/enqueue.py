@@ -114,13 +114,13 @@ def celery_publisher(app: Celery, queue: str) -> Publisher:
     """A publisher that sends `label_chunk(job_id, chunk_index, uris)` by name to `queue`."""
     # Imported here: kombu and redis load only when something is published.
     from kombu.exceptions import OperationalError
-    from kombu.utils.url import maybe_sanitize_url
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from emolabel.redaction import mask_url
     from worker.celery_app import LABEL_CHUNK
 
-    broker = maybe_sanitize_url(str(app.conf.broker_url))
+    broker = mask_url(str(app.conf.broker_url))
     refused = (OperationalError, RedisConnectionError, RedisTimeoutError, OSError)
 
     def publish(job_id: int, chunk_index: int, uris: list[str]) -> str:

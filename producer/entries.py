@@ -22,6 +22,8 @@ class SkipReason(StrEnum):
     UNREADABLE = "unreadable"
     MISSING = "missing"
     SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
+    # An S3 key with a `.` or `..` segment: a store may resolve it outside the prefix.
+    OUTSIDE_ROOT = "outside_root"  # the worker's reason for the same refusal
     SYMLINK_LOOP = "symlink_loop"
     DUPLICATE = "duplicate"
 

@@ -17,7 +17,7 @@ from typing import Any
 from emolabel.errors import ConfigError
 from producer.entries import Entry, SkipReason
 from producer.sniff import HEAD_BYTES, sniff_image_type
-from producer.uris import parse_s3_uri, s3_uri
+from producer.uris import parse_s3_uri, s3_dot_segment, s3_uri
 
 CONCURRENT_READS = 32
 """Ranged GETs in flight at once while a listing page is sniffed."""
@@ -53,6 +53,12 @@ class S3Source:
             bucket, prefix = parse_s3_uri(url)
         except ValueError as error:
             raise ConfigError(f"bad S3 location {url!r}: {error}") from None
+        segment = s3_dot_segment(bucket) or s3_dot_segment(prefix)
+        if segment is not None:
+            raise ConfigError(
+                f"bad S3 location {url!r}: a {segment!r} segment, which a store or proxy may "
+                "resolve to another prefix or bucket"
+            )
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         # Imported here so that folder scans do not pay for aiohttp and aiobotocore.
@@ -109,6 +115,10 @@ class S3Source:
     def _entry_without_content(self, info: dict[str, Any]) -> Entry | None:
         """The entry when the listing alone decides it; None when the content must be read."""
         size = int(info["Size"])
+        segment = s3_dot_segment(info["Key"])
+        if segment is not None:
+            message = f"key has a {segment!r} segment, which may resolve outside {self.uri}"
+            return self._entry(info, SkipReason.OUTSIDE_ROOT, message)
         if info["Key"].endswith("/"):
             message = "key ends in '/' (a folder name)"
             return self._entry(info, SkipReason.NOT_A_FILE, message)

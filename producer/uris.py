@@ -8,10 +8,15 @@ encoded the same way, so `%`, `#`, `?` and spaces in a key survive the trip thro
 from __future__ import annotations
 
 import os
+import re
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 FILE_SCHEME = "file://"
 S3_SCHEME = "s3://"
+
+_DOT_SEGMENTS = frozenset({".", ".."})
+# `\\` too: some S3-compatible stores and proxies (on Windows, say) take it for a `/`.
+_S3_SEPARATORS = re.compile(r"[/\\]")
 
 
 def path_to_uri(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
@@ -49,6 +54,23 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"s3:// URI without a bucket: {uri!r}")
     # S3 keys are UTF-8 by definition, so a key that does not decode is a broken URI.
     return bucket, unquote(key, errors="strict")
+
+
+def s3_dot_segment(key: str) -> str | None:
+    """The first `.` or `..` segment of an S3 key, prefix or bucket, or None when there is none.
+
+    S3 stores `photos/../private/x.jpg` as a name like any other, but HTTP clients, proxies and
+    several S3-compatible stores remove dot segments from a request path (RFC 3986, 5.2.4): that
+    key would read `private/x.jpg`, outside the prefix it was checked against, and a path-style
+    `../other-bucket/x` another bucket. Such a name is refused, never read. Segments that
+    percent-decoded name counts too (`%2e%2e%2f`, for a proxy that decodes twice). Empty segments
+    (`a//b`) are allowed: no normalization turns them into a step up.
+    """
+    for name in (key, unquote(key)):
+        for segment in _S3_SEPARATORS.split(name):
+            if segment in _DOT_SEGMENTS:
+                return segment
+    return None
 
 
 def display_name(uri: str) -> str:

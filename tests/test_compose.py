@@ -20,13 +20,14 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from dotenv import dotenv_values
 from sqlalchemy.engine import make_url
 
-from emolabel.settings import Settings, iter_setting_rows
+from emolabel.settings import Settings, WorkerSettings, iter_setting_rows
 from tests.conftest import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -83,6 +84,42 @@ def named_volume(mount: str, target: str) -> str | None:
     return source
 
 
+# Compose's interpolation: ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error} and more.
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+ESCAPED_DOLLAR = "\0"
+
+
+def interpolate(text: str, variables: dict[str, str | None]) -> str:
+    """`text` with compose's `${...}` filled from `variables`; ValueError where compose refuses."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        value = variables.get(name)
+        unset = value is None or (operator is not None and operator[0] == ":" and value == "")
+        if operator is not None and operator[-1] == "?" and unset:
+            raise ValueError(f"{name}: {argument}")
+        if operator is not None and operator[-1] == "-" and unset:
+            return str(argument)
+        return value or ""
+
+    # `$$` stays `$$` (for `argv` to turn into `$`) and is never the start of a variable.
+    return INTERPOLATION.sub(one, text.replace("$$", ESCAPED_DOLLAR)).replace(ESCAPED_DOLLAR, "$$")
+
+
+def compose_with(variables: dict[str, str | None]) -> dict[str, Any]:
+    """The compose file as compose sees it with `variables` in `.env`."""
+    parsed: dict[str, Any] = yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), variables))
+    return parsed
+
+
+def duration_seconds(duration: str) -> float:
+    """A compose duration (`90s`, `16m`, `1h30m`, `1m30.5s`) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
 def runs(words: list[str], program: str, command: str) -> bool:
     """True when `words` runs `program ... command` (emolabel beat, celery -A worker beat)."""
     if not words or Path(words[0]).name != program:
@@ -110,6 +147,57 @@ def test_redis_keeps_the_queue_across_restarts_and_never_evicts() -> None:
     volumes = {named_volume(mount, "/data") for mount in redis["volumes"]} - {None}
     assert volumes and volumes <= set(COMPOSE["volumes"])
     assert "redis-cli ping" in " ".join(healthcheck_argv(redis))
+
+
+def test_redis_asks_for_a_password_that_compose_requires() -> None:
+    password = "from-dot-env-7f3a"
+    compose = compose_with({**dotenv_values(ENV_EXAMPLE), "REDIS_PASSWORD": password})
+    redis = compose["services"]["redis"]
+    assert ("--requirepass", password) in pairs(argv(redis["command"]))
+    # The healthcheck's redis-cli authenticates through REDISCLI_AUTH, never on its command line.
+    assert redis["environment"]["REDISCLI_AUTH"] == password
+    assert password not in " ".join(healthcheck_argv(redis))
+    # No default password: every use of the variable makes compose stop when it is unset or
+    # empty, and the example leaves it empty, so nothing that works is committed.
+    uses = re.findall(r"\$\{REDIS_PASSWORD([^}]*)\}", COMPOSE_FILE.read_text())
+    assert uses and all(use.startswith(":?") for use in uses), uses
+    assert dotenv_values(ENV_EXAMPLE)["REDIS_PASSWORD"] == ""
+    with pytest.raises(ValueError, match="REDIS_PASSWORD"):
+        compose_with(dict(dotenv_values(ENV_EXAMPLE)))
+
+
+def test_every_service_reaches_the_broker_with_the_password() -> None:
+    password = "from-dot-env-7f3a"
+    env_file = {**dotenv_values(ENV_EXAMPLE), "REDIS_PASSWORD": password}
+    services = compose_with(env_file)["services"]
+    clients = {
+        name
+        for name, service in services.items()
+        if Path(argv(service.get("command", ["-"]))[0]).name in {"emolabel", "celery"}
+    }
+    assert clients >= EMOLABEL_SERVICES
+    for name in clients:
+        environment = {**env_file, **services[name].get("environment", {})}
+        url = urlsplit(str(environment.get("EMOLABEL_BROKER_URL")))
+        assert (url.scheme, url.hostname, url.password) == ("redis", "redis", password), name
+
+
+def test_workers_outlast_the_task_time_limit_when_stopped() -> None:
+    """docker stop waits stop_grace_period before its SIGKILL, which would cut a chunk short."""
+    limit = Settings(_env_file=ENV_EXAMPLE).worker.task_time_limit
+    assert limit >= WorkerSettings.model_fields["task_time_limit"].default
+    workers = [
+        name
+        for name, service in SERVICES.items()
+        if runs(argv(service.get("command", [])), "emolabel", "worker")
+        or runs(argv(service.get("command", [])), "celery", "worker")
+    ]
+    assert "worker" in workers
+    for name in workers:
+        grace = duration_seconds(str(SERVICES[name].get("stop_grace_period", "10s")))
+        # A minute beyond the limit: the child is killed at the limit, then the chunk's message
+        # goes back and the worker exits.
+        assert grace >= limit + 60, (name, grace, limit)
 
 
 def test_postgres_keeps_its_data_in_a_volume_and_reports_ready() -> None:
@@ -220,7 +308,8 @@ def test_env_example_holds_real_settings_that_validate() -> None:
     assert ours - known == set(), "unknown settings in .env.example"
     settings = Settings(_env_file=ENV_EXAMPLE)
     assert settings.flower.user and settings.flower.password
-    assert settings.broker_url == "redis://redis:6379/0"
+    # The compose file makes the broker URL from REDIS_PASSWORD; one in .env would be ignored.
+    assert "EMOLABEL_BROKER_URL" not in values
     database = make_url(str(settings.database_url))
     assert database.drivername == "postgresql+psycopg"
     assert database.host == "postgres"

@@ -26,7 +26,7 @@ from typing import Any
 
 from emolabel.errors import ImageError, ImageTooLarge, ReasonCode
 from emolabel.settings import S3Settings
-from producer.uris import S3_SCHEME, parse_s3_uri, uri_to_path
+from producer.uris import S3_SCHEME, parse_s3_uri, s3_dot_segment, uri_to_path
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REOPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -105,6 +105,13 @@ class Reader:
             root_bucket, root_prefix = parse_s3_uri(job_root)
         except ValueError as error:
             raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not in the job's bucket: {error}") from None
+        segment = s3_dot_segment(key) or s3_dot_segment(root_bucket) or s3_dot_segment(root_prefix)
+        if segment is not None:
+            # Checked before the prefix: `photos/../private/x` starts with `photos/`.
+            message = f"key or prefix has a {segment!r} segment, which may resolve elsewhere"
+            raise ImageError(ReasonCode.OUTSIDE_ROOT, message)
+        if root_prefix and not root_prefix.endswith("/"):
+            root_prefix += "/"  # a prefix names a folder: `photos` does not hold `photos2/x`
         if bucket != root_bucket or not key.startswith(root_prefix):
             raise ImageError(ReasonCode.OUTSIDE_ROOT, "object is outside the job's bucket prefix")
         from botocore.exceptions import BotoCoreError, ClientError

@@ -313,12 +313,14 @@ def show_settings(
     ] = False,
 ) -> None:
     """Show the effective settings (or the table of every setting and its default)."""
+    from emolabel.redaction import mask_urls
     from emolabel.settings import settings_table
 
     if table:
         print(settings_table())
         return
-    console.print_json(data=settings_from().model_dump(mode="json"))
+    # Secret settings dump as `**********`; URLs keep everything but their passwords.
+    console.print_json(data=mask_urls(settings_from().model_dump(mode="json")))
 
 
 # The pipeline commands register themselves on `app`.
@@ -343,7 +345,10 @@ def main() -> None:
 
         if not isinstance(error, SQLAlchemyError | BrokerError):
             raise
+        from emolabel.redaction import mask_urls_in_text
+
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first_line = mask_urls_in_text(first_line)
         kind = "database" if isinstance(error, SQLAlchemyError) else "broker"
         errors.print(f"[bold red]error:[/] {kind}: {escape(first_line)}", highlight=False)
         sys.exit(EXIT_FAILURE)

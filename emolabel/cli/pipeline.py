@@ -43,16 +43,24 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
             check_schema(url)
         except Exception as error:  # SchemaMismatchError or a connection error: one line either way
             fail(
-                f"database {_safe_url(url)} is not ready ({str(error).splitlines()[0]}); "
+                f"database {_safe_url(url)} is not ready ({_first_line(error, url)}); "
                 "run `emolabel db upgrade`"
             )
     return make_sessionmaker(make_engine(url))
 
 
 def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from emolabel.redaction import mask_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return mask_url(url)
+
+
+def _first_line(error: BaseException, url: str) -> str:
+    """The first line of an error about the database at `url`, without its password."""
+    from emolabel.redaction import mask_urls_in_text, redact
+
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return mask_urls_in_text(redact(lines[0], url))
 
 
 def _broker(settings: Settings) -> None:
@@ -88,7 +96,7 @@ def db_check() -> None:
     try:
         check_schema(settings.effective_database_url)
     except Exception as error:
-        fail(str(error).splitlines()[0])
+        fail(_first_line(error, settings.effective_database_url))
     console.print("schema is up to date")
 
 

@@ -58,6 +58,8 @@ def upload_archive(client: Any, bucket: str, local: Path) -> dict[str, Expected]
         "odd name %41 #1?.jpg": (jpeg, LABELED),
         "deep/er/cmyk.jpg": (encode(noise("CMYK"), "JPEG"), LABELED),
         "doomed.jpg": (jpeg, Expected("failed", "missing")),
+        # S3 keeps the name as it is; a normalizing store would read elsewhere/secret.jpg.
+        "../elsewhere/secret.jpg": (jpeg, Expected("skipped", "outside_root")),
     }
     for name, (body, want) in junk.items():
         client.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}", Body=body)
