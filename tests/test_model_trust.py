@@ -314,3 +314,20 @@ def test_a_worker_refuses_an_artifact_outside_the_models_folder(
         row.artifact_path = str(link)
     with pytest.raises(ModelError, match="outside the models folder"):
         worker_state(settings).runner(version, str(link))
+
+
+def test_promote_show_and_trust_through_the_cli(tiny_model: TrainOutcome, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    directory = models / "tiny" / tiny_model.metadata.version
+    shutil.copytree(tiny_model.artifact_dir, directory)
+    env = {"EMOLABEL_HOME": str(tmp_path / "state"), "EMOLABEL_MODELS_DIR": str(models)}
+    outside = shutil.copytree(tiny_model.artifact_dir, tmp_path / "elsewhere")
+    refused = run_cli(["models", "promote", str(outside)], env=env)
+    assert refused.returncode != 0 and "outside the models folder" in refused.stderr
+    assert run_cli(["models", "promote", str(directory)], env=env).returncode == 0
+    shown = run_cli(["models", "show", tiny_model.metadata.version], env=env)
+    registry = json.loads(shown.stdout)["registry"]
+    assert registry["model_sha256"] == artifact_hashes(directory).model_sha256
+    trusted = run_cli(["models", "trust", tiny_model.metadata.version], env=env)
+    assert trusted.returncode == 0, trusted.stderr
+    assert registry["metadata_sha256"] in trusted.stdout
