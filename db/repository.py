@@ -823,8 +823,15 @@ def register_model(
     class_names: Sequence[str],
     metrics: Mapping[str, Any] | None = None,
     notes: str | None = None,
+    model_sha256: str | None = None,
+    metadata_sha256: str | None = None,
 ) -> ModelVersion:
-    """Register a model version as a candidate; registering the same artifact again is a no-op."""
+    """Register a model version as a candidate; registering the same artifact again is a no-op.
+
+    The hashes of `model.keras` and `metadata.json` are stored with a new row. Registering again
+    with other hashes is refused; a row without hashes keeps none (`set_model_hashes` is the
+    explicit way to record them).
+    """
     _check_text(version, "version", max_length=NAME_LENGTH)
     _check_text(name, "name", max_length=NAME_LENGTH)
     _check_text(artifact_path, "artifact_path")
@@ -840,6 +847,8 @@ def register_model(
         status=ModelStatus.CANDIDATE,
         created_at=utc_now(),
         notes=notes,
+        model_sha256=model_sha256,
+        metadata_sha256=metadata_sha256,
     )
     # Two workers may register the version they both loaded at the same moment.
     session.execute(statement.on_conflict_do_nothing(index_elements=["version"]))
@@ -852,6 +861,27 @@ def register_model(
             f"model version {version} is already registered with {model.artifact_path} and"
             f" classes {model.class_names}: give the new artifact a new version"
         )
+    recorded = (model.model_sha256, model.metadata_sha256)
+    if None not in recorded and recorded != (model_sha256, metadata_sha256):
+        raise ValueError(
+            f"model version {version} is already registered with other files (model.keras or"
+            " metadata.json changed since): give the new artifact a new version"
+        )
+    return model
+
+
+def set_model_hashes(
+    *, session: Session, version: str, model_sha256: str, metadata_sha256: str
+) -> ModelVersion:
+    """Record the SHA-256 of a version's `model.keras` and `metadata.json` (an operator's act)."""
+    for value, what in ((model_sha256, "model_sha256"), (metadata_sha256, "metadata_sha256")):
+        if len(value) != 64 or value.strip("0123456789abcdef"):
+            raise ValueError(f"{what} must be 64 lowercase hex digits, got {value!r}")
+    model = session.get(ModelVersion, version)
+    if model is None:
+        raise NotFoundError(f"no model version {version!r} is registered")
+    model.model_sha256, model.metadata_sha256 = model_sha256, metadata_sha256
+    session.flush()
     return model
 
 
@@ -964,6 +994,7 @@ __all__ = [
     "register_model",
     "set_active_model",
     "set_job_status",
+    "set_model_hashes",
     "set_model_status",
     "unfinished_chunks",
     "upsert_images",

@@ -1,21 +1,34 @@
 """Which model labels: the database registry, seeded from the artifacts folder when it is empty.
 
 Reads `metadata.json` as plain JSON, so the producer can ask without importing TensorFlow or
-OpenCV. The worker loads whatever version is active when a chunk starts.
+OpenCV. The worker loads whatever version is active when a chunk starts. Registering records the
+SHA-256 of `model.keras` and `metadata.json`, after checking that the model names no code-carrying
+layer and matches the hash its metadata records; workers refuse files that no longer match.
+A row registered before hashes were recorded has none, and workers refuse it until an operator
+vouches for its files with `emolabel models trust VERSION` (`trust_artifact`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from db.models import ModelVersion
-from db.repository import active_model, register_model, set_active_model
+from db.repository import active_model, register_model, set_active_model, set_model_hashes
 from emolabel.errors import ConfigError, ModelError
-
-METADATA_FILE = "metadata.json"
+from training.trust import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ArtifactHashes,
+    artifact_under,
+    check_hash,
+    check_model_file,
+    file_sha256,
+)
 
 
 def latest_artifact(models_dir: Path, name: str) -> Path | None:
@@ -25,23 +38,46 @@ def latest_artifact(models_dir: Path, name: str) -> Path | None:
     return versions[-1] if versions else None
 
 
-def register_artifact(*, session: Session, directory: Path, activate: bool) -> ModelVersion:
-    """Record an artifact folder in the registry (again is a no-op), optionally making it active."""
+def verified_artifact(directory: Path) -> tuple[dict[str, Any], str, str]:
+    """An artifact's metadata and the SHA-256 of its model and metadata files, once its model is
+    known to carry no code and to match the hash its metadata records."""
     try:
-        metadata = json.loads((directory / METADATA_FILE).read_text())
+        content = (directory / METADATA_FILE).read_bytes()
+        metadata = json.loads(content)
+        if not isinstance(metadata, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"{directory}: unreadable model metadata ({error})") from None
+    model_file = directory / MODEL_FILE
+    check_model_file(model_file)
+    model_sha256 = file_sha256(model_file)
+    check_hash(model_file, model_sha256, str(metadata.get("model_sha256") or ""), METADATA_FILE)
+    return metadata, model_sha256, hashlib.sha256(content).hexdigest()
+
+
+def register_artifact(*, session: Session, directory: Path, activate: bool) -> ModelVersion:
+    """Record an artifact folder and its hashes in the registry (again is a no-op), optionally
+    making it active."""
+    metadata, model_sha256, metadata_sha256 = verified_artifact(directory)
+    try:
         version = str(metadata["version"])
         name = str(metadata["name"])
         class_names = [str(item) for item in metadata["class_names"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (KeyError, TypeError) as error:
         raise ModelError(f"{directory}: unreadable model metadata ({error})") from None
-    record = register_model(
-        session=session,
-        version=version,
-        name=name,
-        artifact_path=str(directory.resolve()),
-        class_names=class_names,
-        metrics=metadata.get("metrics", {}).get("test", {}),
-    )
+    try:
+        record = register_model(
+            session=session,
+            version=version,
+            name=name,
+            artifact_path=str(directory.resolve()),
+            class_names=class_names,
+            metrics=metadata.get("metrics", {}).get("test", {}),
+            model_sha256=model_sha256,
+            metadata_sha256=metadata_sha256,
+        )
+    except ValueError as error:  # the version is registered with other files or classes
+        raise ModelError(f"{directory}: {error}") from None
     if activate:
         record = set_active_model(session=session, version=version)
     return record
@@ -58,4 +94,38 @@ def ensure_active_model(*, session: Session, models_dir: Path, name: str) -> Mod
             f"no model to label with: none is active and {models_dir / name} holds no artifact; "
             "run `emolabel train DATA_DIR` or `emolabel import-model`"
         )
-    return register_artifact(session=session, directory=directory, activate=True)
+    return register_artifact(
+        session=session, directory=artifact_under(directory, models_dir), activate=True
+    )
+
+
+def registered_hashes(*, session: Session, version: str, artifact_path: str) -> ArtifactHashes:
+    """The hashes the registry recorded for `version` at `artifact_path` (None where missing)."""
+    row = session.get(ModelVersion, version)
+    if row is None or row.artifact_path != artifact_path:
+        raise ModelError(f"model version {version} at {artifact_path} is not registered")
+    return ArtifactHashes(row.model_sha256, row.metadata_sha256)
+
+
+def trust_artifact(*, session: Session, version: str, models_dir: Path) -> ModelVersion:
+    """Record the current hashes of a registered version's files: the operator vouches for them.
+
+    The files must still be under `models_dir`, carry no code and agree with each other (the model
+    hash in `metadata.json`); the class names must be the ones registered.
+    """
+    row = session.get(ModelVersion, version)
+    if row is None:
+        raise ModelError(f"no model version {version!r} is registered")
+    directory = artifact_under(Path(row.artifact_path), models_dir)
+    metadata, model_sha256, metadata_sha256 = verified_artifact(directory)
+    if metadata.get("version") != version or metadata.get("class_names") != row.class_names:
+        raise ModelError(
+            f"{directory}: metadata.json names version {metadata.get('version')!r} with classes "
+            f"{metadata.get('class_names')}, the registry {version!r} with {row.class_names}"
+        )
+    return set_model_hashes(
+        session=session,
+        version=version,
+        model_sha256=model_sha256,
+        metadata_sha256=metadata_sha256,
+    )

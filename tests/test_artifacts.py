@@ -12,6 +12,7 @@ from emolabel.errors import ModelError
 from training.artifacts import (
     InputMetadata,
     ModelMetadata,
+    file_sha256,
     load_artifact,
     read_metadata,
     resolve_artifact_dir,
@@ -84,7 +85,8 @@ def test_unreadable_model_file_is_refused(tmp_path: Path) -> None:
     )
     (directory / "model.keras").write_bytes(b"not a zip file")
     raw = json.loads((directory / "metadata.json").read_text())
-    raw["model_sha256"] = ""
+    # The hash matches, so it is the file's content that is refused (an empty hash is refused too).
+    raw["model_sha256"] = file_sha256(directory / "model.keras")
     (directory / "metadata.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="cannot load"):
         load_artifact(directory, tmp_path, "m")

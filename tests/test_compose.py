@@ -295,6 +295,29 @@ def test_settings_health_and_dependencies_everywhere() -> None:
                 assert source in declared, (name, mount)
 
 
+# Services that write model artifacts (a dedicated retraining service, when there is one).
+WRITES_MODELS = {"retrain"}
+
+
+def models_mount_mode(mount: str) -> str | None:
+    """ "ro"/"rw" for a mount of the models folder at /models, None for any other mount."""
+    # The source may hold `${VAR:-default}`, so the target is found from the right.
+    match = re.search(r":/models(?::(\w+))?$", mount)
+    if match is None:
+        return None
+    return "ro" if match.group(1) == "ro" else "rw"
+
+
+def test_the_models_folder_is_read_only_except_where_models_are_written() -> None:
+    mounted = {
+        name: {models_mount_mode(mount) for mount in service.get("volumes", [])} - {None}
+        for name, service in SERVICES.items()
+    }
+    assert mounted["worker"] == {"ro"}, mounted
+    for name, modes in mounted.items():
+        assert modes <= ({"rw"} if name in WRITES_MODELS else {"ro"}), (name, modes)
+
+
 def test_every_variable_the_compose_file_uses_is_in_env_example() -> None:
     text = re.sub(r"\$\$", "", COMPOSE_FILE.read_text())  # `$$` is a literal dollar
     used = set(re.findall(r"\$\{(\w+)", text))

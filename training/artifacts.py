@@ -3,8 +3,10 @@
 An artifact is `model.keras` plus `metadata.json` (and plots, the split manifest, TensorBoard
 logs). The metadata says everything serving needs: class names in output order, input size,
 colour mode, outside-the-model pixel scaling, the preprocessing version, and how it was made.
-`load_artifact` refuses, with a `ModelError`, a file whose hash, output width or input shape
-disagrees with its metadata: no silent fallback.
+`load_artifact` refuses, with a `ModelError`, a model file with a code-carrying layer
+(`training.trust`), a file whose hash is missing or disagrees with its metadata (or with the hashes
+the registry recorded, when the caller passes them), and an output width or input shape that
+disagrees with the metadata: no silent fallback.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from emolabel.errors import ModelError
 from training.preprocess import PREPROCESS_VERSION, InputSpec
+from training.trust import METADATA_FILE as METADATA_FILE
+from training.trust import MODEL_FILE as MODEL_FILE
+from training.trust import REGISTRY, ArtifactHashes, check_hash, check_model_file
+from training.trust import file_sha256 as file_sha256
 
 if TYPE_CHECKING:
     import keras
 
-METADATA_FILE = "metadata.json"
-MODEL_FILE = "model.keras"
 SCHEMA_VERSION = 1
 # Every result row stores a class name in `results.label` (db.models.NAME_LENGTH characters).
 MAX_CLASS_NAME = 128
@@ -129,14 +133,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_metadata(directory: Path, metadata: ModelMetadata) -> None:
     """Write metadata.json atomically, with the model file's hash filled in."""
     model_file = directory / MODEL_FILE
@@ -156,10 +152,16 @@ def save_artifact(model: keras.Model, metadata: ModelMetadata, directory: Path) 
     return directory
 
 
-def read_metadata(directory: Path) -> ModelMetadata:
+def read_metadata(directory: Path, expected: ArtifactHashes | None = None) -> ModelMetadata:
+    """Parse `metadata.json`; with `expected` (the registry's hashes), refuse other bytes first."""
     path = directory / METADATA_FILE
     try:
-        raw = json.loads(path.read_text())
+        content = path.read_bytes()
+        if expected is not None:
+            # The bytes that are parsed are the bytes that were hashed.
+            actual = hashlib.sha256(content).hexdigest()
+            check_hash(path, actual, expected.metadata_sha256, REGISTRY)
+        raw = json.loads(content)
     except FileNotFoundError:
         raise ModelError(f"{directory}: no {METADATA_FILE}; not a model artifact") from None
     except (OSError, json.JSONDecodeError) as error:
@@ -230,10 +232,10 @@ def load_keras_model(path: Path) -> keras.Model:
     """Load a `.keras` or legacy `.h5` file for inference, with one clear error if it can't be."""
     import keras
 
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+    check_model_file(path)
     try:
-        model = keras.saving.load_model(path, compile=False)
+        # safe_mode explicitly, though it is the default: never load bytecode from a file.
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except (ValueError, OSError, TypeError, KeyError, AttributeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"{path}: cannot load Keras model ({reason[:300]})") from None
@@ -242,23 +244,32 @@ def load_keras_model(path: Path) -> keras.Model:
     return model
 
 
-def load_artifact(reference: str | Path | None, models_dir: Path, name: str) -> Artifact:
-    """Load an artifact for serving; verify its hash, output width and input shape."""
+def load_artifact(
+    reference: str | Path | None,
+    models_dir: Path,
+    name: str,
+    *,
+    expected: ArtifactHashes | None = None,
+) -> Artifact:
+    """Load an artifact for serving; verify its hashes, layers, output width and input shape.
+
+    The model file must match the hash in its metadata; with `expected` (the registry's hashes),
+    both files must match those too, so a changed `metadata.json` is refused as well.
+    """
     directory = resolve_artifact_dir(reference, models_dir, name)
-    metadata = read_metadata(directory)
+    metadata = read_metadata(directory, expected)
     if metadata.preprocess_version > PREPROCESS_VERSION:
         raise ModelError(
             f"{directory}: made with preprocessing v{metadata.preprocess_version}, newer than this "
             f"emolabel (v{PREPROCESS_VERSION}); upgrade emolabel"
         )
     model_file = directory / MODEL_FILE
-    if metadata.model_sha256 and model_file.is_file():
-        actual = file_sha256(model_file)
-        if actual != metadata.model_sha256:
-            raise ModelError(
-                f"{model_file}: file hash {actual[:12]} differs from metadata "
-                f"{metadata.model_sha256[:12]}; the file was changed after it was saved"
-            )
+    if not model_file.is_file():
+        raise ModelError(f"{model_file}: no such model file")
+    actual = file_sha256(model_file)
+    check_hash(model_file, actual, metadata.model_sha256, METADATA_FILE)
+    if expected is not None:
+        check_hash(model_file, actual, expected.model_sha256, REGISTRY)
     model = load_keras_model(model_file)
     check_output_width(model, metadata)
     return Artifact(directory, metadata, model)

@@ -3,11 +3,20 @@
 Whatever its input size, channel count or number of classes: the input shape and head are read
 from the model, the class names and pixel scaling come from the user, and anything that does not
 fit (class count vs output width, colour mode vs channels) is refused with a clear message.
+
+The file comes from outside, so it is never parsed in the operator's process: a child Python
+(`python -I`, a scratch HOME, no GPU, limits on memory, CPU time and file size) checks that its
+architecture carries no code (`training.trust`), loads it with `safe_mode=True` and saves it again
+as a plain `.keras`. Only that re-saved file, checked again, is loaded here.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +35,72 @@ from training.artifacts import (
     save_artifact,
 )
 from training.preprocess import ColorMode
+
+# Limits of the child that parses an imported file: enough for any image classifier one would
+# import (TensorFlow itself takes about 2.2 GB of address space), not for a file built to exhaust.
+SANDBOX_MEMORY_BYTES = 8 << 30
+SANDBOX_CPU_SECONDS = 300
+SANDBOX_FILE_BYTES = 4 << 30
+SANDBOX_WALL_SECONDS = 600
+MODEL_ERROR_EXIT = 3
+# `-I` ignores PYTHON* variables, the user's site-packages and the current folder; the project
+# root is put on the path by hand, so the child runs this very code.
+_SANDBOX_SCRIPT = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({SANDBOX_MEMORY_BYTES}, {SANDBOX_MEMORY_BYTES}))
+resource.setrlimit(resource.RLIMIT_CPU, ({SANDBOX_CPU_SECONDS}, {SANDBOX_CPU_SECONDS}))
+resource.setrlimit(resource.RLIMIT_FSIZE, ({SANDBOX_FILE_BYTES}, {SANDBOX_FILE_BYTES}))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+sys.path.insert(0, sys.argv[1])
+from training.importing import _convert_in_sandbox
+sys.exit(_convert_in_sandbox(sys.argv[2], sys.argv[3]))
+"""
+
+
+def _convert_in_sandbox(source: str, target: str) -> int:
+    """In the child: check, load safely and re-save `source` as `target`; exit status."""
+    from emolabel.runtime import load_keras
+
+    load_keras()
+    try:
+        load_keras_model(Path(source)).save(target)
+    except ModelError as error:
+        print(error, file=sys.stderr)
+        return MODEL_ERROR_EXIT
+    return 0
+
+
+def convert_untrusted(source: Path, target: Path, backend: str) -> None:
+    """Re-save a third-party `.keras`/`.h5` file as a plain `.keras`, parsed only in a child."""
+    project_root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="emolabel-import-") as scratch:
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": scratch,
+            "KERAS_HOME": scratch,
+            "KERAS_BACKEND": backend,
+            "CUDA_VISIBLE_DEVICES": "",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        }
+        try:
+            completed = subprocess.run(
+                [sys.executable, "-I", "-c", _SANDBOX_SCRIPT, str(project_root),
+                 str(source.resolve()), str(target.resolve())],
+                cwd=scratch, env=environment, stdin=subprocess.DEVNULL, capture_output=True,
+                text=True, timeout=SANDBOX_WALL_SECONDS, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ModelError(
+                f"{source}: reading the model took over {SANDBOX_WALL_SECONDS} s; refused"
+            ) from None
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    if completed.returncode == MODEL_ERROR_EXIT and lines:
+        raise ModelError(lines[-1])
+    if completed.returncode != 0 or not target.is_file():
+        last = lines[-1][:300] if lines else "no message"
+        raise ModelError(
+            f"{source}: the sandboxed reader failed (exit status {completed.returncode}: {last})"
+        )
 
 
 def parse_scale(text: str) -> float:
@@ -73,7 +148,14 @@ def import_model(
         raise ModelError(
             f"class names must be at most {MAX_CLASS_NAME} characters: {too_long[0]!r}"
         )
-    model = load_keras_model(source)
+    import keras
+
+    if not source.is_file():
+        raise ModelError(f"{source}: no such model file")
+    with tempfile.TemporaryDirectory(prefix="emolabel-import-") as converted:
+        plain = Path(converted) / "converted.keras"
+        convert_untrusted(source, plain, keras.backend.backend())
+        model = load_keras_model(plain)
     input_shape = tuple(model.inputs[0].shape)
     if len(model.inputs) != 1 or len(input_shape) != 4:
         raise ModelError(

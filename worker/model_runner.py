@@ -22,6 +22,7 @@ from emolabel.settings import Precision
 from training.artifacts import Artifact, load_artifact
 from training.inference import class_scores
 from training.preprocess import InputSpec
+from training.trust import ArtifactHashes, artifact_under
 from worker.precision import bfloat16_copy
 from worker.predict import ALIGNMENT, aligned_empty
 
@@ -135,8 +136,23 @@ class KerasRunner:
     def from_path(
         cls, directory: Path, batch_size: int, precision: Precision = "float32"
     ) -> KerasRunner:
-        """Load the artifact in `directory` (`<models_dir>/<name>/<version>`)."""
+        """Load the artifact in `directory` (`<models_dir>/<name>/<version>`), unregistered."""
         artifact = load_artifact(directory, directory.parent.parent, directory.parent.name)
+        return cls(artifact, batch_size, precision)
+
+    @classmethod
+    def from_registry(
+        cls,
+        directory: Path,
+        models_dir: Path,
+        expected: ArtifactHashes,
+        batch_size: int,
+        precision: Precision = "float32",
+    ) -> KerasRunner:
+        """Load a registered artifact: only from under `models_dir`, only with the registry's
+        hashes for both `model.keras` and `metadata.json`."""
+        resolved = artifact_under(directory, models_dir)
+        artifact = load_artifact(resolved, models_dir, resolved.parent.name, expected=expected)
         return cls(artifact, batch_size, precision)
 
     def predict(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:

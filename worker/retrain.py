@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import ModelStatus, RetrainDecision
 from db.repository import active_model, record_retrain_run, set_model_status
 from emolabel.errors import ConfigError, EmolabelError
-from emolabel.registry import register_artifact
+from emolabel.registry import register_artifact, registered_hashes
 from emolabel.settings import Settings
+from training.trust import artifact_under
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,16 @@ def _train_and_gate(
     challenger = outcome.evaluation
     champion_evaluation = None
     classes_differ = False
-    if champion_path is not None:
-        artifact = load_artifact(Path(champion_path), settings.models_dir, settings.model_name)
+    if champion_path is not None and champion_version is not None:
+        # The champion is loaded as a worker loads it: under the models folder, hashes checked.
+        with sessions() as session:
+            expected = registered_hashes(
+                session=session, version=champion_version, artifact_path=champion_path
+            )
+        directory = artifact_under(Path(champion_path), settings.models_dir)
+        artifact = load_artifact(
+            directory, settings.models_dir, settings.model_name, expected=expected
+        )
         names = artifact.metadata.class_names
         test = outcome.split.test
         classes_differ = names != challenger.class_names

@@ -3,7 +3,8 @@
 Created in the child process, never in the parent (TensorFlow and database connections do not
 survive fork): when the child starts, by `preload_active_model`, or else on its first task. The
 model is loaded once per process behind a lock and reloaded only when the registry's active
-version changes.
+version changes; only from under the models folder, and only if `model.keras` and `metadata.json`
+still have the hashes the registry recorded (`KerasRunner.from_registry`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.session import make_engine, make_sessionmaker
 from emolabel.resources import cpu_has_bfloat16, worker_layout
 from emolabel.settings import Settings
+from training.trust import ArtifactHashes
 from worker.model_runner import KerasRunner
 from worker.reading import Reader
 
@@ -53,8 +55,12 @@ class ProcessState:
                 logger.info("loading model %s from %s", version, artifact_path)
                 if worker.precision == "bfloat16" and not worker.gpus and not cpu_has_bfloat16():
                     logger.warning("this CPU has no bfloat16 units: bfloat16 will be slower")
-                runner = KerasRunner.from_path(
-                    Path(artifact_path), worker.batch_size, worker.precision
+                runner = KerasRunner.from_registry(
+                    Path(artifact_path),
+                    self.settings.models_dir,
+                    self._registered_hashes(version, artifact_path),
+                    worker.batch_size,
+                    worker.precision,
                 )
                 runner.warm_up()
                 logger.info(
@@ -73,6 +79,13 @@ class ProcessState:
                     )
                 self._runner = runner
             return self._runner
+
+    def _registered_hashes(self, version: str, artifact_path: str) -> ArtifactHashes:
+        """The hashes the registry recorded for `version`, which the files must match."""
+        from emolabel.registry import registered_hashes
+
+        with self.sessions() as session:
+            return registered_hashes(session=session, version=version, artifact_path=artifact_path)
 
 
 _state: ProcessState | None = None

@@ -1,4 +1,5 @@
-"""Registry and retraining commands: `models list|show|promote|rollback`, `retrain`, `beat`."""
+"""Registry and retraining commands: `models list|show|promote|rollback|trust`, `retrain`,
+`beat`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from emolabel.cli.main import app, console, fail, progress_line, settings_from
 from emolabel.cli.pipeline import _broker, _celery, _sessions
 
 models_app = typer.Typer(
-    help="The model registry: list, show, promote, rollback.", no_args_is_help=True
+    help="The model registry: list, show, promote, rollback, trust.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
 
@@ -33,6 +34,7 @@ def list_models_command(
                 print(json.dumps({
                     "version": model.version, "status": model.status, "name": model.name,
                     "metrics": model.metrics, "artifact_path": model.artifact_path,
+                    "model_sha256": model.model_sha256, "metadata_sha256": model.metadata_sha256,
                     "created_at": model.created_at.isoformat(),
                     "promoted_at": model.promoted_at.isoformat() if model.promoted_at else None,
                 }))  # fmt: skip
@@ -70,6 +72,8 @@ def show_model(version: Annotated[str, typer.Argument(help="A registered version
             "status": model.status,
             "artifact_path": model.artifact_path,
             "class_names": model.class_names,
+            "model_sha256": model.model_sha256,
+            "metadata_sha256": model.metadata_sha256,
             "created_at": model.created_at.isoformat(),
             "promoted_at": model.promoted_at.isoformat() if model.promoted_at else None,
         }
@@ -85,12 +89,15 @@ def promote(
     """Make a version the active model; workers switch at their next chunk."""
     from db.repository import NotFoundError, set_active_model
     from emolabel.registry import register_artifact
+    from training.trust import artifact_under
 
     settings = settings_from()
     sessions = _sessions(settings)
     with sessions.begin() as session:
         folder = Path(version)
         if (folder / "metadata.json").is_file():
+            # Workers load only from under the models folder: refuse any other folder now.
+            folder = artifact_under(folder, settings.models_dir)
             model = register_artifact(session=session, directory=folder, activate=True)
         else:
             try:
@@ -99,6 +106,24 @@ def promote(
                 fail(f"no model version {version!r} is registered (see `emolabel models list`)")
         promoted = model.version
     console.print(f"active model: {promoted}", highlight=False)
+
+
+@models_app.command("trust")
+def trust(version: Annotated[str, typer.Argument(help="A registered version.")]) -> None:
+    """Record the SHA-256 of a version's model.keras and metadata.json as they are now.
+
+    For a version registered before emolabel recorded hashes (workers refuse it until then), or
+    after a deliberate change to its files: check the files first, this vouches for them.
+    """
+    from emolabel.registry import trust_artifact
+
+    settings = settings_from()
+    with _sessions(settings).begin() as session:
+        model = trust_artifact(session=session, version=version, models_dir=settings.models_dir)
+        line = f"{model.version}: model.keras {model.model_sha256}, metadata.json " + str(
+            model.metadata_sha256
+        )
+    console.print(line, highlight=False)
 
 
 @models_app.command("rollback")
