@@ -30,7 +30,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, and_, bindparam, case, exists, func, null, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.models import (
     NAME_LENGTH,
@@ -907,6 +907,53 @@ def set_active_model(*, session: Session, version: str) -> ModelVersion:
     return model
 
 
+def promote_if_active(*, session: Session, version: str, expected: str | None) -> bool:
+    """Compare and set: make `version` active only while `expected` is still the active model
+    (None: while no model is active). False, changing nothing, when another promotion or a
+    rollback came first.
+
+    The comparison is the database's, in the same statement as the change: the row of `expected`
+    is retired only `WHERE` it is still active (or the new one activated only `WHERE NOT EXISTS`
+    an active row), so a promotion committed between a read and this write is never overwritten.
+    """
+    model = session.get(ModelVersion, version)
+    if model is None:
+        raise NotFoundError(f"no model version {version!r} is registered")
+    if expected is not None:
+        retired = session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.version == expected, ModelVersion.status == ModelStatus.ACTIVE)
+            .values(status=ModelStatus.RETIRED)
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(retired) != 1:
+            return False
+        # Retired before the new one is activated: the partial unique index allows one active.
+        promoted = session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.version == version)
+            .values(status=ModelStatus.ACTIVE, promoted_at=utc_now())
+            .execution_options(synchronize_session=False)
+        )
+    else:
+        active = aliased(ModelVersion)
+        promoted = session.execute(
+            update(ModelVersion)
+            .where(
+                ModelVersion.version == version,
+                ~select(active.version).where(active.status == ModelStatus.ACTIVE).exists(),
+            )
+            .values(status=ModelStatus.ACTIVE, promoted_at=utc_now())
+            .execution_options(synchronize_session=False)
+        )
+    session.expire_all()
+    return _rowcount(promoted) == 1
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0))
+
+
 def set_model_status(*, session: Session, version: str, status: ModelStatus) -> ModelVersion:
     """Reject or retire a model version (promotion goes through `set_active_model`)."""
     if status is ModelStatus.ACTIVE:
@@ -988,6 +1035,7 @@ __all__ = [
     "list_models",
     "mark_chunk_published",
     "pending_uris",
+    "promote_if_active",
     "record_chunks",
     "record_outcomes",
     "record_retrain_run",

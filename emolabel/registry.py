@@ -18,7 +18,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db.models import ModelVersion
-from db.repository import active_model, register_model, set_active_model, set_model_hashes
+from db.repository import (
+    active_model,
+    promote_if_active,
+    register_model,
+    set_active_model,
+    set_model_hashes,
+)
 from emolabel.errors import ConfigError, ModelError
 from training.trust import (
     METADATA_FILE,
@@ -81,6 +87,15 @@ def register_artifact(*, session: Session, directory: Path, activate: bool) -> M
     if activate:
         record = set_active_model(session=session, version=version)
     return record
+
+
+def register_trained(*, session: Session, directory: Path) -> tuple[ModelVersion, bool]:
+    """Record a freshly trained artifact; it becomes the active model only when none is active
+    (so `train` then `retrain` has a champion to beat). Returns the record and whether it was
+    activated."""
+    record = register_artifact(session=session, directory=directory, activate=False)
+    activated = promote_if_active(session=session, version=record.version, expected=None)
+    return record, activated
 
 
 def ensure_active_model(*, session: Session, models_dir: Path, name: str) -> ModelVersion:

@@ -162,6 +162,17 @@ class RetrainSettings(BaseModel):
         0.02, ge=0, le=1, description="Largest fall in any class's recall a promotion allows."
     )
     time_limit: int = Field(6 * 3600, ge=60, description="Seconds a retraining task may run.")
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a retrain message's data_dir must lie under (JSON list); empty: "
+        "data_dir itself. Any other folder is refused and nothing is trained.",
+    )
+
+    def training_roots(self) -> list[Path]:
+        """The folders a queued retraining may train on: `allowed_roots`, else `data_dir`."""
+        if self.allowed_roots:
+            return list(self.allowed_roots)
+        return [self.data_dir] if self.data_dir is not None else []
 
     @field_validator("schedule")
     @classmethod

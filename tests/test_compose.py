@@ -36,8 +36,8 @@ DOCKERFILE = REPO / "Dockerfile"
 
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-EMOLABEL_SERVICES = {"migrate", "worker", "beat", "flower", "producer"}
-LONG_RUNNING = {"redis", "postgres", "worker", "beat", "flower"}
+EMOLABEL_SERVICES = {"migrate", "worker", "retrainer", "beat", "flower", "producer"}
+LONG_RUNNING = {"redis", "postgres", "worker", "retrainer", "beat", "flower"}
 ONE_SHOT = {"migrate", "producer"}
 # Wide, plain help text: option names are never cut or wrapped.
 PLAIN_HELP = {
@@ -238,6 +238,36 @@ def test_workers_scale_and_reserve_the_gpus() -> None:
     assert "healthcheck" in worker
 
 
+def mount_of(service: dict[str, Any], target: str) -> tuple[str, str] | None:
+    """(source, options) of the bind mount at `target` ("" when none are given), or None."""
+    for mount in service.get("volumes", []):
+        # The source may be `${VARIABLE:-default}`, whose `:-` is no separator.
+        match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::(.*))?", str(mount))
+        if match and match[2] == target:
+            return match[1], match[3] or ""
+    return None
+
+
+def test_retraining_has_its_own_service_and_nothing_else_consumes_its_queue() -> None:
+    retrainer = SERVICES["retrainer"]
+    words = argv(retrainer["command"])
+    assert runs(words, "emolabel", "worker") and "--retrain" in words
+    assert "--concurrency" not in words  # a retrainer always runs one process
+    assert "container_name" in retrainer  # exactly one
+    assert "healthcheck" in retrainer
+    # The only service that may write artifacts; its training data is read-only.
+    assert mount_of(retrainer, "/models") == ("${MODELS_HOST_DIR:-./models}", "rw")
+    training = mount_of(retrainer, "/data/training")
+    assert training is not None and training[1] == "ro"
+    for name, service in SERVICES.items():
+        command = argv(service.get("command", []))
+        if name == "retrainer":
+            continue
+        assert "--retrain" not in command, name
+        # `emolabel worker` consumes the labeling queue alone unless given --retrain.
+        assert not any("retrain" in word for word in command if word not in {"retrain"}), name
+
+
 def test_exactly_one_beat() -> None:
     beats = [
         name
@@ -295,8 +325,8 @@ def test_settings_health_and_dependencies_everywhere() -> None:
                 assert source in declared, (name, mount)
 
 
-# Services that write model artifacts (a dedicated retraining service, when there is one).
-WRITES_MODELS = {"retrain"}
+# The one service that writes model artifacts: the dedicated retrainer.
+WRITES_MODELS = {"retrainer"}
 
 
 def models_mount_mode(mount: str) -> str | None:
@@ -314,6 +344,7 @@ def test_the_models_folder_is_read_only_except_where_models_are_written() -> Non
         for name, service in SERVICES.items()
     }
     assert mounted["worker"] == {"ro"}, mounted
+    assert mounted["retrainer"] == {"rw"}, mounted
     for name, modes in mounted.items():
         assert modes <= ({"rw"} if name in WRITES_MODELS else {"ro"}), (name, modes)
 

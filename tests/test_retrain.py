@@ -1,6 +1,14 @@
-"""Retraining through a real worker: the gate rejects a shuffled-label challenger, promotes a
-better one, `models rollback` restores the previous version, and a running worker switches to a
-promoted model at its next chunk."""
+"""Retraining through real workers: the gate promotes a challenger over a champion that is wrong
+by construction, a running worker switches to it at its next chunk, the gate rejects any
+challenger against a champion that is right by construction, a retrain message naming a folder
+outside the training roots is refused, and `models rollback` restores the previous version.
+
+The champions' predictions are fixed by their weights, not learned, so every gate decision here
+is certain on any machine and seed: the data is bright "happy" and dark "sad" images, the
+"inverted" champion calls bright images sad and dark ones happy (recall 0 for every class, macro
+F1 0: any challenger with a single right answer beats it, and no recall can fall), and the
+"perfect" champion calls them right (macro F1 1: nothing can beat it).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -22,13 +32,55 @@ from emolabel.registry import register_artifact
 from emolabel.settings import Settings, TrainSettings
 from tests.conftest import run_cli
 from tests.services import wait_for
+from training.artifacts import InputMetadata, ModelMetadata, save_artifact
 from training.sample_data import generate_sample_data
-from training.train import train_model
 from worker.celery_app import RETRAIN, make_celery, retrain_queue
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-TRAIN = TrainSettings(epochs=20, batch_size=16, image_size=64, patience=20, seed=3)
+# The challengers' quality does not matter (the champions decide every gate): train briefly.
+TRAIN = TrainSettings(epochs=2, batch_size=16, image_size=64, patience=2, seed=3)
+CLASSES = ["happy", "sad"]  # index order: the sigmoid gives the probability of "sad"
+
+
+def bright_and_dark(target: Path, per_class: int, seed: int) -> Path:
+    """`happy` images with every pixel in 200..255, `sad` ones in 0..55 (square PNGs)."""
+    rng = np.random.default_rng(seed)
+    for name, (low, high) in {"happy": (200, 256), "sad": (0, 56)}.items():
+        folder = target / name
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            side = int(rng.integers(64, 97))
+            pixels = rng.integers(low, high, (side, side, 3), dtype=np.uint8)
+            assert cv2.imwrite(str(folder / f"{name}-{index:03}.png"), pixels)
+    return target
+
+
+def brightness_model(settings: Settings, version: str, *, inverted: bool) -> Path:
+    """A saved artifact whose fixed weights call mean brightness above one half "happy" (or,
+    inverted, "sad"): p(sad) = sigmoid(-+20 x (mean - 0.5))."""
+    import keras
+    from keras import layers
+
+    size = settings.train.image_size
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = layers.GlobalAveragePooling2D(name="mean")(x)
+    dense = layers.Dense(1, activation="sigmoid", name="probability")
+    outputs = dense(x)
+    sign = 1.0 if inverted else -1.0
+    dense.set_weights([np.full((3, 1), sign * 20 / 3, np.float32), np.array([-sign * 10.0])])
+    model = keras.Model(inputs, outputs, name=f"brightness_{version}")
+    metadata = ModelMetadata(
+        name=settings.model_name,
+        version=version,
+        class_names=CLASSES,
+        head="sigmoid",
+        input=InputMetadata(height=size, width=size, color_mode="rgb", scaling_in_model=True),
+        source="imported",
+        training={"fixed_weights": "inverted brightness" if inverted else "brightness"},
+    )
+    return save_artifact(model, metadata, settings.models_dir / settings.model_name / version)
 
 
 def shuffled_copy(source: Path, target: Path, seed: int) -> Path:
@@ -54,43 +106,44 @@ def home() -> Iterator[Path]:
 def test_gate_rollback_and_hot_swap(
     home: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    data = tmp_path / "faces"
-    generate_sample_data(data, ["happy", "sad"], 60, seed=11, min_size=64, max_size=96)
-    shuffled = shuffled_copy(data, tmp_path / "shuffled", seed=1)
+    data = bright_and_dark(tmp_path / "training" / "faces", 30, seed=11)
+    shuffled = shuffled_copy(data, tmp_path / "training" / "shuffled", seed=1)
     settings = Settings(
         home=home / "state",
         models_dir=home / "models",
         model_name="faces",
         train=TRAIN,
-        retrain={"data_dir": data, "margin": 0.0, "max_recall_drop": 0.2},
+        retrain={
+            "data_dir": data,
+            "allowed_roots": [tmp_path / "training"],
+            "margin": 0.0,
+            "max_recall_drop": 0.2,
+        },
         queue=f"rt-{home.name}",
     )
     settings.home.mkdir(parents=True)
     upgrade(settings.effective_database_url)
     sessions = make_sessionmaker(make_engine(settings.effective_database_url))
-    # The first champion learned from shuffled labels: any real challenger should beat it.
-    weak = train_model(shuffled, TRAIN.model_copy(update={"epochs": 2}), settings.limits,
-                       settings.models_dir, "faces", progress=lambda _: None)  # fmt: skip
+    inverted = brightness_model(settings, "0-inverted", inverted=True)
+    perfect = brightness_model(settings, "0-perfect", inverted=False)
     with sessions.begin() as session:
-        register_artifact(session=session, directory=weak.artifact_dir, activate=True)
+        weak = register_artifact(session=session, directory=inverted, activate=True).version
 
     broker = ensure_redis(settings)
     request.addfinalizer(lambda: broker.stop())
     app = make_celery(settings)
     archive = tmp_path / "archive"
-    generate_sample_data(archive / "a", ["happy", "sad"], 4, seed=21, min_size=64, max_size=80)
+    generate_sample_data(archive / "a", CLASSES, 4, seed=21, min_size=64, max_size=80)
     with start_local_worker(settings, extra_env={"EMOLABEL_WORKER__CONCURRENCY": "1"}) as worker:
         # A worker that only labels: the retrain queue is consumed by a second, dedicated one.
         env = {"EMOLABEL_HOME": str(settings.home), "EMOLABEL_MODELS_DIR": str(settings.models_dir),
                "EMOLABEL_MODEL_NAME": "faces", "EMOLABEL_QUEUE": settings.queue}  # fmt: skip
         first = run_cli(["scan", str(archive / "a")], env=env)
         assert first.returncode == 0, first.stderr
-        wait_for(
-            lambda: results_by(sessions, weak.metadata.version) == 8, timeout=120, interval=0.5
-        )
+        wait_for(lambda: results_by(sessions, weak) == 8, timeout=120, interval=0.5)
 
-        # 1. A better challenger, through a real worker consuming the retrain queue.
-        sent = app.send_task(RETRAIN, queue=retrain_queue(settings))
+        # 1. Any challenger beats the inverted champion, through a real retrain worker.
+        app.send_task(RETRAIN, queue=retrain_queue(settings))
         retrainer = start_local_worker(
             settings.model_copy(update={"queue": retrain_queue(settings)}), name="retrain"
         )
@@ -98,44 +151,59 @@ def test_gate_rollback_and_hot_swap(
             wait_for(lambda: runs(sessions) >= 1, timeout=600, interval=0.5)
             promoted_run = latest_run(sessions)
             assert promoted_run.decision == "promoted", promoted_run.reason
-            assert promoted_run.champion_version == weak.metadata.version
+            assert promoted_run.champion_version == weak
             better = promoted_run.challenger_version
             with sessions() as session:
                 assert active_model(session=session).version == better
 
-            # 2. A challenger trained on shuffled labels is rejected, with the reason recorded.
+            # 2. The running labeling worker picks the promoted model for its next chunk.
+            generate_sample_data(archive / "b", CLASSES, 4, seed=22, min_size=64, max_size=80)
+            second = run_cli(["scan", str(archive / "b")], env=env)
+            assert second.returncode == 0, second.stderr
+            wait_for(lambda: results_by(sessions, better) == 8, timeout=120, interval=0.5)
+            assert worker.process.poll() is None, "the worker was not restarted"
+
+            # 3. A message naming a folder outside the training roots trains nothing.
+            app.send_task(
+                RETRAIN,
+                kwargs={"data_dir": f"{tmp_path}/training/../archive"},
+                queue=retrain_queue(settings),
+            )
+            wait_for(lambda: runs(sessions) >= 2, timeout=120, interval=0.5)
+            refused_run = latest_run(sessions)
+            assert refused_run.decision == "failed"
+            assert refused_run.reason.startswith("refused: "), refused_run.reason
+            assert refused_run.challenger_version is None
+
+            # 4. Against the perfect champion, promoted by hand, any challenger is rejected.
+            promoted = run_cli(["models", "promote", str(perfect)], env=env)
+            assert promoted.returncode == 0, promoted.stderr
             app.send_task(
                 RETRAIN, kwargs={"data_dir": str(shuffled)}, queue=retrain_queue(settings)
             )
-            wait_for(lambda: runs(sessions) >= 2, timeout=600, interval=0.5)
+            wait_for(lambda: runs(sessions) >= 3, timeout=600, interval=0.5)
         rejected_run = latest_run(sessions)
-        assert rejected_run.decision == "rejected"
-        assert "does not beat" in rejected_run.reason or "recall" in rejected_run.reason
+        assert rejected_run.decision == "rejected", rejected_run.reason
+        assert rejected_run.champion_version == "0-perfect"
+        assert "does not beat the champion's 1.0000" in rejected_run.reason
         with sessions() as session:
-            assert active_model(session=session).version == better
+            assert active_model(session=session).version == "0-perfect"
             status = session.get(ModelVersion, rejected_run.challenger_version).status
             assert status == ModelStatus.REJECTED
-        assert sent.id
 
-        # 3. The running labeling worker picks the promoted model for its next chunk.
-        generate_sample_data(archive / "b", ["happy", "sad"], 4, seed=22, min_size=64, max_size=80)
-        second = run_cli(["scan", str(archive / "b")], env=env)
-        assert second.returncode == 0, second.stderr
-        wait_for(lambda: results_by(sessions, better) == 8, timeout=120, interval=0.5)
-        assert worker.process.poll() is None, "the worker was not restarted"
-
-        # 4. Rollback restores the previous version.
+        # 5. Rollback restores the previous version.
         rolled = run_cli(["models", "rollback"], env=env)
         assert rolled.returncode == 0, rolled.stderr
         with sessions() as session:
-            assert active_model(session=session).version == weak.metadata.version
+            assert active_model(session=session).version == better
         listing = run_cli(["models", "list", "--json"], env=env)
         statuses = {
             row["version"]: row["status"] for row in map(json.loads, listing.stdout.splitlines())
         }
         assert statuses == {
-            weak.metadata.version: "active",
-            better: "retired",
+            weak: "retired",
+            better: "active",
+            "0-perfect": "retired",
             rejected_run.challenger_version: "rejected",
         }
 

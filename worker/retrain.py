@@ -1,8 +1,18 @@
 """One retraining run: train a challenger, score it and the champion on the frozen test split,
 promote it only if it passes the gate, and record the run with its metrics and decision.
 
-Called by the `emolabel.retrain` Celery task (beat schedules it nightly) and by
-`emolabel retrain`. Runs are serialised by a lock file next to the artifacts.
+Called by the `emolabel.retrain` Celery task (beat schedules it nightly; a dedicated worker,
+`emolabel worker --retrain`, consumes its queue) and by `emolabel retrain`. Runs are serialised
+by a lock file next to the artifacts.
+
+Promotion is compare-and-set: the run notes the champion when it starts and promotes only while
+that version is still the active one (`db.repository.promote_if_active`, decided by the
+database). A `models promote` or `models rollback` made during the run wins; the run is recorded
+as rejected, saying so.
+
+A queued message names its training folder; `queued_data_dir` accepts only a folder under
+`retrain.allowed_roots` (default: the configured `retrain.data_dir`), so whoever can write to
+the broker cannot make a worker train on, and promote a model from, any folder it can read.
 """
 
 from __future__ import annotations
@@ -10,24 +20,72 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import ModelStatus, RetrainDecision
-from db.repository import active_model, record_retrain_run, set_model_status
+from db.repository import active_model, promote_if_active, record_retrain_run, set_model_status
 from emolabel.errors import ConfigError, EmolabelError
 from emolabel.registry import register_artifact, registered_hashes
-from emolabel.settings import Settings
+from emolabel.settings import RetrainSettings, Settings
 from training.trust import artifact_under
+
+if TYPE_CHECKING:
+    from training.gate import Decision
 
 logger = logging.getLogger(__name__)
 
 FROZEN_FOLDER = "frozen_test"
+# Longest data_dir a queued message may carry (PATH_MAX on Linux).
+MAX_DATA_DIR = 4096
+
+
+class RefusedRetrain(ConfigError):
+    """A queued retraining whose arguments are not acceptable; nothing was trained."""
+
+
+def queued_data_dir(value: object, settings: RetrainSettings) -> Path | None:
+    """The training folder a queued retrain message may use, checked strictly; None: the
+    configured `data_dir`.
+
+    Refuses (`RefusedRetrain`) anything but an absolute path string of at most `MAX_DATA_DIR`
+    bytes, without NUL or `..` segments, naming an existing folder whose real path (symbolic
+    links resolved) lies inside one of `settings.training_roots()`.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RefusedRetrain(f"data_dir must be a string, got {type(value).__name__}")
+    if not value or len(value.encode("utf-8", "surrogateescape")) > MAX_DATA_DIR:
+        raise RefusedRetrain(f"data_dir must be 1 to {MAX_DATA_DIR} bytes long")
+    if "\x00" in value:
+        raise RefusedRetrain("data_dir holds a NUL character")
+    path = Path(value)
+    if not path.is_absolute():
+        raise RefusedRetrain(f"data_dir must be an absolute path, got {value!r}")
+    if ".." in path.parts:
+        raise RefusedRetrain(f"data_dir must not contain '..' segments: {value!r}")
+    roots = [Path(os.path.realpath(root)) for root in settings.training_roots()]
+    if not roots:
+        raise RefusedRetrain(
+            "no training roots are configured (EMOLABEL_RETRAIN__ALLOWED_ROOTS or "
+            "EMOLABEL_RETRAIN__DATA_DIR): a queued retrain may not name its own data_dir"
+        )
+    real = Path(os.path.realpath(path))
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        raise RefusedRetrain(
+            f"data_dir {value!r} is outside the training roots "
+            f"({', '.join(str(root) for root in roots)}); set EMOLABEL_RETRAIN__ALLOWED_ROOTS"
+        )
+    if not real.is_dir():
+        raise RefusedRetrain(f"data_dir {value!r} is not a folder")
+    return real
 
 
 @dataclass(frozen=True)
@@ -53,6 +111,17 @@ def _exclusive(path: Path) -> Iterator[None]:
         except BlockingIOError:
             raise ConfigError(f"another retraining run holds {path}") from None
         yield
+
+
+def record_refusal(sessions: sessionmaker[Session], error: RefusedRetrain) -> None:
+    """Record a refused retrain message as a failed run, so `models` history shows it."""
+    with sessions.begin() as session:
+        record_retrain_run(
+            session=session,
+            started_at=dt.datetime.now(dt.UTC),
+            decision=RetrainDecision.FAILED,
+            reason=f"refused: {error}",
+        )
 
 
 def run_retrain(
@@ -155,17 +224,16 @@ def _train_and_gate(
             margin=gate.margin,
             max_recall_drop=gate.max_recall_drop,
         )
-    progress(("promoted: " if decision.promote else "rejected: ") + decision.reason)
     new_metric = metric_value(challenger, gate.metric)
     old_metric = metric_value(champion_evaluation, gate.metric) if champion_evaluation else None
     with sessions.begin() as session:
-        register_artifact(
-            session=session, directory=outcome.artifact_dir, activate=decision.promote
+        decision = conclude(
+            session=session,
+            challenger_dir=outcome.artifact_dir,
+            challenger_version=outcome.metadata.version,
+            champion_version=champion_version,
+            decision=decision,
         )
-        if not decision.promote:
-            set_model_status(
-                session=session, version=outcome.metadata.version, status=ModelStatus.REJECTED
-            )
         run_id = record_retrain_run(
             session=session,
             started_at=started,
@@ -180,6 +248,7 @@ def _train_and_gate(
                 "champion": champion_evaluation.to_json() if champion_evaluation else None,
             },
         )
+    progress(("promoted: " if decision.promote else "rejected: ") + decision.reason)
     return RetrainReport(
         run_id,
         "promoted" if decision.promote else "rejected",
@@ -189,3 +258,36 @@ def _train_and_gate(
         new_metric,
         old_metric,
     )
+
+
+def conclude(
+    *,
+    session: Session,
+    challenger_dir: Path,
+    challenger_version: str,
+    champion_version: str | None,
+    decision: Decision,
+) -> Decision:
+    """Register the challenger and apply the gate's decision; returns the decision as applied.
+
+    A promotion is a compare-and-set against `champion_version`, the champion when the run
+    started: when another version was promoted (or rolled back to) meanwhile, that choice stands
+    and the challenger is rejected, with the reason saying why.
+    """
+    from training.gate import Decision
+
+    register_artifact(session=session, directory=challenger_dir, activate=False)
+    if decision.promote:
+        if promote_if_active(
+            session=session, version=challenger_version, expected=champion_version
+        ):
+            return decision
+        current = active_model(session=session)
+        decision = Decision(
+            False,
+            f"the active model changed during this run (from {champion_version or 'none'} to "
+            f"{current.version if current else 'none'}): that promotion or rollback stands; the "
+            f"gate had said: {decision.reason}",
+        )
+    set_model_status(session=session, version=challenger_version, status=ModelStatus.REJECTED)
+    return decision

@@ -211,17 +211,24 @@ def label_chunk(
 
 
 @shared_task(name=RETRAIN, bind=True)  # type: ignore[untyped-decorator]
-def retrain(self: Task, data_dir: str | None = None) -> dict[str, Any]:
-    """Train a challenger and promote it only if it passes the gate (see worker.retrain)."""
-    from pathlib import Path
+def retrain(self: Task, data_dir: object = None) -> dict[str, Any]:
+    """Train a challenger and promote it only if it passes the gate (see worker.retrain).
 
-    from worker.retrain import run_retrain
+    `data_dir` comes from the broker: anything but a folder under the training roots is refused
+    before a byte is read, and the refusal is recorded as a failed run.
+    """
+    from worker.retrain import RefusedRetrain, queued_data_dir, record_refusal, run_retrain
     from worker.state import process_state
 
     settings = self.app.emolabel_settings
     state = process_state(settings)
-    report = run_retrain(settings, state.sessions, data_dir=Path(data_dir) if data_dir else None)
-    return report.to_json()
+    try:
+        source = queued_data_dir(data_dir, settings.retrain)
+    except RefusedRetrain as error:
+        logger.error("retrain message %s refused: %s", self.request.id, error)
+        record_refusal(state.sessions, error)
+        raise
+    return run_retrain(settings, state.sessions, data_dir=source).to_json()
 
 
 @shared_task(name=RECONCILE, bind=True)  # type: ignore[untyped-decorator]

@@ -165,6 +165,21 @@ def train(
         f"({outcome.seconds:.0f}s)\nartifact: {outcome.artifact_dir}",
         highlight=False,
     )
+    from emolabel.cli.pipeline import _sessions
+    from emolabel.registry import register_trained
+
+    with _sessions(settings).begin() as session:
+        _, activated = register_trained(session=session, directory=outcome.artifact_dir)
+    version = outcome.metadata.version
+    console.print(
+        f"registered {version}: "
+        + (
+            "active (no model was)"
+            if activated
+            else f"candidate; `emolabel models promote {version}`"
+        ),
+        highlight=False,
+    )
 
 
 @app.command()

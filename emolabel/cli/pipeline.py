@@ -272,18 +272,32 @@ def run_worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Worker processes.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Node name, e.g. gpu0@%h.")] = None,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            "--retrain",
+            help="Consume only the retraining queue, one run at a time (a retrainer service), "
+            "instead of the labeling queue.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a Celery worker in the foreground (same as `celery -A worker worker`)."""
+    """Run a Celery worker in the foreground (same as `celery -A worker worker`).
+
+    A worker labels (it consumes `EMOLABEL_QUEUE`) unless `--retrain` makes it the retrainer:
+    a retraining run takes hours, and must not sit in front of label chunks.
+    """
     settings = settings_from()
     _broker(settings)
     _sessions(settings)  # migrate or check before taking work
     from worker.celery_app import retrain_queue
 
-    queues = f"{settings.queue},{retrain_queue(settings)}"
-    arguments = ["worker", f"--loglevel={loglevel}", f"--queues={queues}"]
+    queue = retrain_queue(settings) if retrain else settings.queue
+    arguments = ["worker", f"--loglevel={loglevel}", f"--queues={queue}"]
     from emolabel.resources import worker_layout
 
-    processes = concurrency or worker_layout(settings.worker).processes
+    if retrain and concurrency not in (None, 1):
+        fail("a retrainer runs one retraining at a time: drop --concurrency or set it to 1")
+    processes = 1 if retrain else concurrency or worker_layout(settings.worker).processes
     arguments.append(f"--concurrency={processes}")
     if hostname:
         arguments.append(f"--hostname={hostname}")

@@ -19,7 +19,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,16 @@ class Workers:
     def __init__(self) -> None:
         self.started: list[LocalWorker] = []
 
-    def start(self, settings: Settings, *, concurrency: int | None = None) -> LocalWorker:
-        local = start_local_worker(settings, concurrency=concurrency, timeout=120)
+    def start(
+        self,
+        settings: Settings,
+        *,
+        concurrency: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> LocalWorker:
+        local = start_local_worker(
+            settings, concurrency=concurrency, extra_env=extra_env, timeout=120
+        )
         self.started.append(local)
         return local
 

@@ -285,16 +285,28 @@ def test_postgresql_connections_terminated_mid_write_retry_and_land_once(
 
 # --- (d) an image that kills the process that decodes it --------------------------------------
 
-# Seconds a delivery of the poison image's chunk may take before the watcher calls it
-# "decoding": far above a split or the poison verdict (a few database statements), far below
-# decoding the poison image (a 9000 x 9000 PNG: over a second on its own).
-GRACE = 0.3
-POISON_SIDE = 9000
+# Put on the worker's PYTHONPATH: its `sitecustomize` stops (SIGSTOP) any process that opens the
+# file named by STOP_ON_OPEN, at the open, before a byte is decoded.
+STOP_ON_OPEN = Path(__file__).parent / "stop_on_open"
 
 
-class PoisonWatcher(threading.Thread):
-    """Plays the decoder crash: SIGKILLs the worker's pool processes whenever the chunk that
-    holds the poison image is started and still busy `GRACE` seconds later."""
+def process_state(pid: int) -> str | None:
+    """The one-letter state of a process (`T` when stopped), or None once it is gone."""
+    try:
+        stat_line = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rpartition(")")[2].split()[0]
+
+
+class PoisonKiller(threading.Thread):
+    """Plays the decoder crash: SIGKILLs every pool process that stopped itself opening the
+    poison image, and notes which delivery of which chunk it was holding then.
+
+    Deterministic: a pool process stops before it reads the image, so each delivery that tries
+    to decode it dies, however fast the machine; deliveries that only split the chunk or record
+    the verdict never open it and are left alone. Independent of how the worker counts deaths.
+    """
 
     def __init__(
         self, sessions: sessionmaker[Session], job_id: int, image_id: int, worker_pid: int
@@ -304,10 +316,11 @@ class PoisonWatcher(threading.Thread):
         self.job_id = job_id
         self.image_id = image_id
         self.worker_pid = worker_pid
-        self.kills = 0
+        self.killed_in: list[tuple[int, int, ChunkStatus] | None] = []
         self.stopped = threading.Event()
 
     def holding_chunk(self) -> tuple[int, int, ChunkStatus] | None:
+        """(chunk index, deliveries, status) of the chunk that holds the poison image now."""
         with self.sessions() as session:
             row = session.execute(
                 select(Chunk.chunk_index, Chunk.deliveries, Chunk.status)
@@ -320,20 +333,14 @@ class PoisonWatcher(threading.Thread):
         return None if row is None else (row[0], row[1], ChunkStatus(row[2]))
 
     def run(self) -> None:
-        handled: set[tuple[int, int]] = set()
         while not self.stopped.wait(0.02):
-            seen = self.holding_chunk()
-            if seen is None or seen[2] == ChunkStatus.DONE or seen[1] == 0:
-                continue
-            if (seen[0], seen[1]) in handled:
-                continue
-            handled.add((seen[0], seen[1]))
-            time.sleep(GRACE)
-            if self.holding_chunk() == seen:  # the same delivery, still at work
-                for child in child_pids(self.worker_pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGKILL)
-                self.kills += 1
+            for child in child_pids(self.worker_pid):
+                if process_state(child) != "T":
+                    continue
+                # Stopped inside the delivery: nothing of it is committed past the count.
+                self.killed_in.append(self.holding_chunk())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -344,13 +351,13 @@ def test_an_image_that_kills_its_process_ends_as_poison_and_its_chunk_mates_are_
     tmp_path: Path,
 ) -> None:
     archive = build_archive(tmp_path / "archive", 15)
-    # First in the walk, so in the first chunk; slow to decode, so a delivery that decodes it is
-    # easy to tell from one that only splits the chunk or records the verdict.
+    # First in the walk, so in the first chunk. A small, valid image: were it ever decoded, it
+    # would be labeled and the test would fail.
     poison = archive.root / "0-poison" / "poison.png"
     poison.parent.mkdir()
-    pixels = np.zeros((POISON_SIDE, POISON_SIDE, 3), np.uint8)
+    pixels = np.zeros((64, 64, 3), np.uint8)
     pixels[::7] = 200
-    write_bytes(poison, cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes())
+    write_bytes(poison, cv2.imencode(".png", pixels)[1].tobytes())
     settings = make_settings(
         scan=ScanSettings(chunk_size=4),
         worker=WorkerSettings(concurrency=1, decode_threads=2, batch_size=16, max_attempts=3),
@@ -372,14 +379,17 @@ def test_an_image_that_kills_its_process_ends_as_poison_and_its_chunk_mates_are_
         ) - {poison_uri}
     assert len(mates) == 3
 
-    local = workers.start(settings)
-    watcher = PoisonWatcher(sessions, job_id, poison_id, local.pid)
-    watcher.start()
+    python_path = os.pathsep.join(filter(None, [str(STOP_ON_OPEN), os.environ.get("PYTHONPATH")]))
+    local = workers.start(
+        settings, extra_env={"PYTHONPATH": python_path, "STOP_ON_OPEN": str(poison)}
+    )
+    killer = PoisonKiller(sessions, job_id, poison_id, local.pid)
+    killer.start()
     try:
         balance = wait_for_job(sessions, job_id, settings, timeout=240)
     finally:
-        watcher.stopped.set()
-        watcher.join(timeout=10)
+        killer.stopped.set()
+        killer.join(timeout=10)
 
     rows = ledger(sessions, job_id)
     assert (rows[poison_uri].state, rows[poison_uri].reason) == ("failed", "poison")
@@ -387,5 +397,12 @@ def test_an_image_that_kills_its_process_ends_as_poison_and_its_chunk_mates_are_
     assert_balanced(balance)
     assert balance.labeled == len(archive.generated) and balance.failed == 1
     assert results_per_image(sessions) == dict.fromkeys(archive.generated, 1)
+    # Every kill hit a delivery of the poison image's chunk that was started and not finished,
+    # each delivery once.
+    assert all(
+        seen is not None and seen[1] > 0 and seen[2] != ChunkStatus.DONE
+        for seen in killer.killed_in
+    ), killer.killed_in
+    assert len(set(killer.killed_in)) == len(killer.killed_in), killer.killed_in
     # Chunk of 4, then 2, then the image alone until max_attempts deliveries: 2 + 2 kills.
-    assert watcher.kills == 2 + settings.worker.max_attempts - 1, worker_log(settings)
+    assert len(killer.killed_in) == 2 + settings.worker.max_attempts - 1, worker_log(settings)
