@@ -8,7 +8,6 @@ timing.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +45,24 @@ def sessions(
 
 
 def artifact_folder(models_dir: Path, version: str) -> Path:
-    """An artifact folder as the registry reads it (metadata only: no Keras needed here)."""
-    folder = models_dir / "faces" / version
-    folder.mkdir(parents=True)
-    metadata = {"version": version, "name": "faces", "class_names": CLASSES, "metrics": {}}
-    (folder / "metadata.json").write_text(json.dumps(metadata))
-    return folder
+    """A real (tiny, untrained) artifact: registration checks the model file and its hashes."""
+    import keras
+    from keras import layers
+
+    from training.artifacts import InputMetadata, ModelMetadata, save_artifact
+
+    inputs = keras.Input(shape=(8, 8, 3), name="image")
+    pooled = layers.GlobalAveragePooling2D()(layers.Rescaling(1.0 / 255)(inputs))
+    model = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(pooled))
+    metadata = ModelMetadata(
+        name="faces",
+        version=version,
+        class_names=list(CLASSES),
+        head="sigmoid",
+        input=InputMetadata(height=8, width=8, color_mode="rgb", scaling_in_model=True),
+        source="imported",
+    )
+    return save_artifact(model, metadata, models_dir / "faces" / version)
 
 
 def statuses(sessions: sessionmaker[Session]) -> dict[str, ModelStatus]:
