@@ -58,6 +58,8 @@ def _cases(width: int, height: int) -> dict[str, Callable[[], bytes]]:
     rgba = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
     image = Image.fromarray(rgba, "RGBA")
     rgb = image.convert("RGB")
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # turned 90 degrees to display
 
     def png16(channels: int) -> bytes:
         deep = rgba[:, :, :channels].astype(np.uint16) * 257
@@ -78,6 +80,7 @@ def _cases(width: int, height: int) -> dict[str, Callable[[], bytes]]:
         "jpeg progressive": lambda: _encode(rgb, "JPEG", progressive=True),
         "jpeg progressive 4:4:4": lambda: _encode(rgb, "JPEG", progressive=True, subsampling=0),
         "jpeg cmyk": lambda: _encode(image.convert("CMYK"), "JPEG"),
+        "jpeg exif-rotated": lambda: _encode(rgb, "JPEG", exif=rotated.tobytes()),
     }
 
 

@@ -133,6 +133,23 @@ def test_a_damaged_progressive_jpeg_is_corrupt_not_decoded_leniently() -> None:
     assert "libjpeg" in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["cmyk", "exif-rotated"])
+def test_jpegs_opencv_used_to_take_are_checked_strictly_too(kind: str) -> None:
+    image = _noise(200, 150, "RGB")
+    if kind == "cmyk":
+        data = encode(image.convert("CMYK"), "JPEG")
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 8
+        data = encode(image, "JPEG", exif=exif.tobytes())
+    assert load_image(data, SPEC, LIMITS).shape == SPEC.shape
+    damaged = data[: len(data) * 2 // 3] + b"\xff\xd9"  # libjpeg warns; OpenCV would fill it
+    assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(ImageError) as caught:
+        load_image(damaged, SPEC, LIMITS)
+    assert caught.value.reason == ReasonCode.CORRUPT
+
+
 # --- memory estimates ----------------------------------------------------------------------------
 
 

@@ -232,10 +232,10 @@ def test_decoding_matches_opencv_bgr_then_convert(case: str, side: int, mode: st
 def test_plain_jpegs_and_only_those_take_turbojpeg(case: str) -> None:
     data = DECODE_CASES[case](_textured(300, 260))
     header = read_header(data)
-    plain = case in {"jpeg", "jpeg 4:4:4", "jpeg progressive", "jpeg grey"}
+    plain = case in {"jpeg", "jpeg 4:4:4", "jpeg progressive", "jpeg grey", "jpeg exif-rotated"}
     if header.image_type == "jpeg":
         assert (_decode_plain_jpeg(data, header, 1, grayscale=False) is not None) == plain
-    # Where TurboJPEG cannot take it, OpenCV decodes it: everything still decodes.
+    # Where TurboJPEG cannot take it (CMYK), OpenCV decodes it: everything still decodes.
     assert decode(data, header, SPEC).ndim == 3
 
 
@@ -248,7 +248,29 @@ def test_exif_orientation_is_read_with_the_header() -> None:
         read_header(_with_orientation(image, "JPEG")),
         InputSpec(80, 40, "rgb"),
     )
-    assert rotated.shape == (80, 40, 3)  # OpenCV applied the rotation
+    assert rotated.shape == (80, 40, 3)  # the rotation was applied
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_every_exif_orientation_is_applied_as_opencv_applies_it(
+    orientation: int, mode: str
+) -> None:
+    # TurboJPEG decodes (strictly) and the image is turned here: OpenCV's pixels, at every scale.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_textured(340, 180), "JPEG", quality=90, exif=exif.tobytes())
+    header = read_header(data)
+    assert header.orientation == orientation
+    spec = InputSpec(64, 64, mode)  # type: ignore[arg-type]
+    factor = jpeg_reduction(header, spec)
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[mode][factor])
+    if mode == "rgb":
+        reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
+    else:
+        reference = reference[:, :, np.newaxis]
+    assert _decode_plain_jpeg(data, header, factor, grayscale=mode == "grayscale") is not None
+    np.testing.assert_array_equal(decode(data, header, spec), reference)
 
 
 def test_a_jpeg_libjpeg_warns_about_is_refused_as_corrupt_not_handed_to_opencv() -> None:

@@ -9,12 +9,14 @@ access. The header is read first (libjpeg's header parser for a plain JPEG, Pill
 which reads only the header, for the rest), so size and pixel-count limits are enforced before a
 decoder allocates anything.
 
-A plain JPEG (YCbCr or grey, not EXIF-rotated) is decoded by TurboJPEG through simplejpeg, every
-other image by OpenCV. Both wrap libjpeg-turbo and give the same pixels (tests/test_preprocess.py
-compares them), but TurboJPEG decodes a face crop in ~20% less CPU than `cv2.imdecode`, and a
-face crop's decode is a quarter of what the worker spends on it beside the model. TurboJPEG
+A JPEG in YCbCr or grey is decoded by TurboJPEG through simplejpeg (and turned here as its EXIF
+orientation says), every other image by OpenCV. Both wrap libjpeg-turbo and give the same pixels
+(tests/test_preprocess.py compares them), but TurboJPEG decodes a face crop in ~20% less CPU than
+`cv2.imdecode`, and a face crop's decode is a quarter of what the worker spends on it beside the
+model. TurboJPEG
 decodes strictly: a JPEG libjpeg warns about is refused as corrupt, never handed to OpenCV, which
-would decode it leniently, however long its damaged or repeated scans take.
+would decode it leniently, however long its damaged or repeated scans take (a CMYK JPEG, which
+OpenCV converts, is checked by a strict TurboJPEG decode first).
 
 What a decode costs is bounded before it starts (`check_decode_budget`): a JPEG's scans are
 counted in its bytes, and its passes over the image (pixels x scans) and the memory the decode
@@ -397,8 +399,10 @@ def _jpeg_memory(data: bytes, header: ImageHeader, spec: InputSpec, scans: int) 
     factor = jpeg_reduction(header, spec)
     decoded = -(-header.width // factor) * -(-header.height // factor) * spec.channels
     frame = jpeg_frame(data)
-    if header.orientation != 1 or frame is None or len(frame.sampling) not in (1, 3):
-        decoded *= 3  # OpenCV: its array, the binding's copy, a turned copy
+    if header.orientation != 1:
+        decoded *= 2  # and the turned copy
+    if frame is None or len(frame.sampling) not in (1, 3):
+        decoded *= 4  # TurboJPEG's strict CMYK check, then OpenCV's array and the binding's copy
     coefficients = 0
     if frame is None or frame.progressive or scans > 1:
         # libjpeg keeps every DCT coefficient (2 bytes each, 64 a block, whole MCUs) of an image
@@ -494,15 +498,16 @@ def _decode_plain_jpeg(
     grayscale: bool,
     out: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.uint8] | None:
-    """TurboJPEG's decode at 1/`factor` scale, or None where OpenCV must decode it.
+    """TurboJPEG's decode at 1/`factor` scale, EXIF orientation applied, or None for OpenCV.
 
-    None for an EXIF-rotated JPEG (OpenCV turns it) and for colour spaces outside
-    `_TURBO_COLORSPACES`. Any libjpeg warning (`strict`) is refused as corrupt: OpenCV would
-    decode the same damage leniently, and a file built of hundreds of damaged or repeated scans
-    costs it minutes. Decodes into `out` (and returns it) when `out` has exactly the decoded
-    shape; a refused decode may leave `out` half written.
+    None for colour spaces outside `_TURBO_COLORSPACES` (CMYK, YCCK: TurboJPEG checks them
+    strictly first, then OpenCV converts them) and for an EXIF block that does not parse
+    (orientation 0: OpenCV reads it its own way). Any libjpeg warning (`strict`) is refused as
+    corrupt: OpenCV would decode the same damage leniently, and a file built of hundreds of
+    damaged or repeated scans costs it minutes. Decodes into `out` (and returns it)
+    when `out` has exactly the decoded shape; a refused decode may leave `out` half written.
     """
-    if header.orientation != 1:
+    if header.orientation not in _ORIENTATIONS:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -511,6 +516,7 @@ def _decode_plain_jpeg(
             ReasonCode.CORRUPT, f"JPEG header does not parse (libjpeg: {error})"
         ) from None
     if colorspace not in _TURBO_COLORSPACES:
+        _check_strictly(data, int(height), int(width), factor)
         return None
     try:
         # TurboJPEG scales by M/8; asking for at least 1/factor of each side and a factor of at
@@ -518,6 +524,7 @@ def _decode_plain_jpeg(
         height, width = -(-int(height) // factor), -(-int(width) // factor)
         into = (
             out is not None
+            and header.orientation == 1
             and out.shape == (height, width, 1 if grayscale else 3)
             and out.flags.c_contiguous
         )
@@ -537,7 +544,51 @@ def _decode_plain_jpeg(
         return None
     if into and out is not None:
         return out
-    return image.reshape(height, width) if grayscale else image  # OpenCV's grey is 2-D
+    if grayscale:
+        image = image.reshape(height, width)  # OpenCV's grey is 2-D
+    return _orient(image, header.orientation)
+
+
+def _check_strictly(data: bytes, height: int, width: int, factor: int) -> None:
+    """Decode a CMYK or YCCK JPEG with TurboJPEG, strictly, only to refuse what libjpeg warns of.
+
+    TurboJPEG gives these as CMYK, not RGB; OpenCV converts them, leniently. Decoding twice costs
+    a rare type one more reduced-scale decode, so that damage is refused as for every JPEG.
+    """
+    try:
+        simplejpeg.decode_jpeg(
+            data,
+            "CMYK",
+            min_height=-(-height // factor),
+            min_width=-(-width // factor),
+            min_factor=factor,
+        )
+    except ValueError as error:
+        raise UnsupportedImage(
+            ReasonCode.CORRUPT, f"JPEG does not decode cleanly (libjpeg: {error})"
+        ) from None
+
+
+# EXIF orientation -> (transpose first, then cv2.flip code or None), as OpenCV applies it.
+_ORIENTATIONS: dict[int, tuple[bool, int | None]] = {
+    1: (False, None),
+    2: (False, 1),
+    3: (False, -1),
+    4: (False, 0),
+    5: (True, None),
+    6: (True, 1),
+    7: (True, -1),
+    8: (True, 0),
+}
+
+
+def _orient(image: NDArray[np.uint8], orientation: int) -> NDArray[np.uint8]:
+    """Turn a decoded image as its EXIF orientation says (1: as stored)."""
+    transpose, flip = _ORIENTATIONS[orientation]
+    turned: NDArray[Any] = cv2.transpose(image) if transpose else image
+    if flip is not None:
+        turned = cv2.flip(turned, flip)
+    return np.asarray(turned, dtype=np.uint8)
 
 
 def _decode_with_opencv(data: bytes, factor: int, grayscale: bool) -> NDArray[Any] | None:
