@@ -10,6 +10,7 @@ BENCHMARKS = {
     "producer": "bench.producer",
     "real-dataset": "bench.real_dataset",
     "precision": "bench.precision",
+    "decode_memory": "bench.decode_memory",
 }
 
 

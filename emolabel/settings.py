@@ -63,7 +63,11 @@ class TrainSettings(BaseModel):
 
 
 class LimitSettings(BaseModel):
-    """What an input file may be before we refuse it, checked before decoding."""
+    """What an input file may be before we refuse it, checked before decoding.
+
+    The byte and pixel limits bound the file; the last three bound what decoding it costs, so that
+    a small file inside them cannot take gigabytes or minutes (see `training.preprocess`).
+    """
 
     max_file_bytes: int = Field(64 * MiB, ge=1, description="Largest file read, in bytes.")
     max_pixels: int = Field(
@@ -72,6 +76,28 @@ class LimitSettings(BaseModel):
         description="Largest width x height decoded (a 20000x20000 bomb is 400M).",
     )
     min_side: int = Field(8, ge=1, description="Smallest width or height accepted (pixels).")
+    # Encoders write 1 (baseline), 3 (one per component) or about 10 scans (libjpeg's and
+    # Pillow's progressive script is 10, mozjpeg's ~10-12); hundreds are only ever written to make
+    # a decoder redo the whole image hundreds of times.
+    max_jpeg_scans: int = Field(
+        64,
+        ge=1,
+        description="Most scans (SOS markers) a JPEG may have; each one is a pass over the image.",
+    )
+    # 16-bit RGBA at the default pixel limit needs ~0.9 GiB (decoded into 8 bytes a pixel and
+    # composed in place); a progressive JPEG keeps every DCT coefficient (2 bytes per sample).
+    max_decode_bytes: int = Field(
+        1024 * MiB,
+        ge=1,
+        description="Largest memory one image's decode may need, estimated from its header "
+        "(pixels x bytes per pixel, plus a progressive JPEG's coefficients) before decoding.",
+    )
+    max_decode_work: int = Field(
+        2_400_000_000,
+        ge=1,
+        description="Largest decode work of one image, in pixels x passes (a JPEG makes one pass "
+        "per scan, other types one): 20 scans at the default pixel limit.",
+    )
 
 
 Precision = Literal["float32", "bfloat16"]

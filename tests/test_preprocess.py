@@ -232,10 +232,10 @@ def test_decoding_matches_opencv_bgr_then_convert(case: str, side: int, mode: st
 def test_plain_jpegs_and_only_those_take_turbojpeg(case: str) -> None:
     data = DECODE_CASES[case](_textured(300, 260))
     header = read_header(data)
-    plain = case in {"jpeg", "jpeg 4:4:4", "jpeg progressive", "jpeg grey"}
+    plain = case in {"jpeg", "jpeg 4:4:4", "jpeg progressive", "jpeg grey", "jpeg exif-rotated"}
     if header.image_type == "jpeg":
         assert (_decode_plain_jpeg(data, header, 1, grayscale=False) is not None) == plain
-    # Where TurboJPEG cannot take it, OpenCV decodes it: everything still decodes.
+    # Where TurboJPEG cannot take it (CMYK), OpenCV decodes it: everything still decodes.
     assert decode(data, header, SPEC).ndim == 3
 
 
@@ -248,30 +248,54 @@ def test_exif_orientation_is_read_with_the_header() -> None:
         read_header(_with_orientation(image, "JPEG")),
         InputSpec(80, 40, "rgb"),
     )
-    assert rotated.shape == (80, 40, 3)  # OpenCV applied the rotation
+    assert rotated.shape == (80, 40, 3)  # the rotation was applied
 
 
-def test_a_jpeg_libjpeg_warns_about_falls_back_to_opencv() -> None:
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_every_exif_orientation_is_applied_as_opencv_applies_it(
+    orientation: int, mode: str
+) -> None:
+    # TurboJPEG decodes (strictly) and the image is turned here: OpenCV's pixels, at every scale.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_textured(340, 180), "JPEG", quality=90, exif=exif.tobytes())
+    header = read_header(data)
+    assert header.orientation == orientation
+    spec = InputSpec(64, 64, mode)  # type: ignore[arg-type]
+    factor = jpeg_reduction(header, spec)
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[mode][factor])
+    if mode == "rgb":
+        reference = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
+    else:
+        reference = reference[:, :, np.newaxis]
+    assert _decode_plain_jpeg(data, header, factor, grayscale=mode == "grayscale") is not None
+    np.testing.assert_array_equal(decode(data, header, spec), reference)
+
+
+def test_a_jpeg_libjpeg_warns_about_is_refused_as_corrupt_not_handed_to_opencv() -> None:
     data = encode(_textured(120, 100), "JPEG", quality=90)
     # Cut inside the entropy-coded data, end-of-image marker put back: libjpeg warns and fills.
     damaged = data[: len(data) * 2 // 3] + b"\xff\xd9"
-    assert _decode_plain_jpeg(damaged, read_header(damaged), 1, grayscale=False) is None
-    reference = cv2.cvtColor(
-        cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
-    )
-    spec = InputSpec(64, 64, "rgb")  # decoded at full size
-    np.testing.assert_array_equal(decode(damaged, read_header(damaged), spec), reference)
+    assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(ImageError) as caught:
+        _decode_plain_jpeg(damaged, read_header(damaged), 1, grayscale=False)
+    assert caught.value.reason == ReasonCode.CORRUPT
+    assert "libjpeg" in str(caught.value)
+    with pytest.raises(ImageError) as caught:
+        load_image(damaged, InputSpec(64, 64, "rgb"), LIMITS)
+    assert caught.value.reason == ReasonCode.CORRUPT
 
 
-def test_corrupted_jpegs_decode_exactly_as_opencv_alone_decodes_them() -> None:
+def test_corrupted_jpegs_are_refused_or_decode_exactly_as_opencv_decodes_them() -> None:
     # Damage inside the entropy-coded data either makes libjpeg warn (TurboJPEG's strict mode
-    # refuses, OpenCV decodes) or passes unnoticed (both decode it): either way, the pixels must
-    # be OpenCV's, as they were before TurboJPEG took plain JPEGs.
+    # refuses: corrupt, and OpenCV's lenient decode is never tried) or passes unnoticed (both
+    # decode it, and the pixels must be OpenCV's, as they were before TurboJPEG took plain JPEGs).
     data = encode(_textured(256, 256), "JPEG", quality=90)
     scan_start = data.index(b"\xff\xda") + 16
     rng = np.random.default_rng(7)
     spec = InputSpec(256, 256, "rgb")
-    turbo = 0
+    refused = 0
     for _ in range(60):
         damaged = bytearray(data)
         for _ in range(int(rng.integers(1, 4))):
@@ -280,13 +304,19 @@ def test_corrupted_jpegs_decode_exactly_as_opencv_alone_decodes_them() -> None:
         reference = cv2.imdecode(np.frombuffer(damaged_bytes, np.uint8), cv2.IMREAD_COLOR)
         assert reference is not None  # libjpeg fills what it cannot decode
         header = read_header(damaged_bytes)
-        turbo += _decode_plain_jpeg(damaged_bytes, header, 1, grayscale=False) is not None
-        expected = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
-        np.testing.assert_array_equal(decode(damaged_bytes, header, spec), expected)
-        # Into a batch slot too: what strict mode half-wrote before refusing is overwritten.
         slot = np.full(spec.shape, 7, dtype=np.uint8)
+        try:
+            decoded = decode(damaged_bytes, header, spec)
+        except ImageError as error:
+            assert error.reason == ReasonCode.CORRUPT
+            with pytest.raises(ImageError):
+                load_image(damaged_bytes, spec, LIMITS, out=slot)
+            refused += 1
+            continue
+        expected = cv2.cvtColor(reference, cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(decoded, expected)
         np.testing.assert_array_equal(load_image(damaged_bytes, spec, LIMITS, out=slot), expected)
-    assert 0 < turbo < 60  # both decoders were exercised
+    assert 0 < refused < 60  # both outcomes were exercised
 
 
 @pytest.mark.parametrize("case", sorted(DECODE_CASES))

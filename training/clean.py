@@ -277,6 +277,8 @@ def _judge_content(
     try:
         header = preprocess.read_header(data)
         preprocess.check_limits(header, len(data), limits)
+        # Scans, passes and memory are the file's own: refused here as training would refuse it.
+        preprocess.check_decode_budget(data, header, _CHECK_SPEC, limits)
         if check_decode:
             preprocess.decode(data, header, _CHECK_SPEC)
     except ImageError as error:
