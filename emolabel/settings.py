@@ -84,8 +84,10 @@ class LimitSettings(BaseModel):
         ge=1,
         description="Most scans (SOS markers) a JPEG may have; each one is a pass over the image.",
     )
-    # 16-bit RGBA at the default pixel limit needs ~0.9 GiB (decoded into 8 bytes a pixel and
-    # composed in place); a progressive JPEG keeps every DCT coefficient (2 bytes per sample).
+    # OpenCV needs ~8 bytes a pixel for 8-bit RGBA (its array and the binding's copy; composed in
+    # place), so 1 GiB labels one at the default pixel limit and refuses 16-bit RGBA over ~57 Mpx;
+    # a worker decodes `decode_threads` images at once. A progressive JPEG keeps every DCT
+    # coefficient (2 bytes per sample) whatever scale it is decoded at.
     max_decode_bytes: int = Field(
         1024 * MiB,
         ge=1,

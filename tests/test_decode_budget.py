@@ -91,7 +91,8 @@ def test_a_jpeg_with_hundreds_of_scans_is_refused_before_any_decoder_runs(
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LIMITS)
     assert caught.value.reason == ReasonCode.UNSUPPORTED_TYPE
-    assert "300 scans" in str(caught.value)
+    assert "65 scans or more, over the 64 limit" in str(caught.value)  # counting stopped there
+    assert count_jpeg_scans(data) == 300
 
 
 def test_the_scan_limit_is_a_setting_and_real_progressive_jpegs_are_far_below_it() -> None:
@@ -106,6 +107,20 @@ def test_the_scan_limit_is_a_setting_and_real_progressive_jpegs_are_far_below_it
     assert caught.value.reason == ReasonCode.CORRUPT
 
 
+def test_extra_scans_after_a_complete_sequential_scan_cost_nothing_and_are_refused() -> None:
+    # libjpeg decodes a baseline JPEG's one interleaved scan and refuses a second one outright,
+    # so such a file is one pass however many scans follow (and its scans are not even counted).
+    data = encode(_noise(400, 300, "RGB"), "JPEG", quality=90)
+    scan, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    repeated = data[:end] + data[scan:end] * 200 + data[end:]
+    cost = decode_cost(repeated, read_header(repeated), SPEC, LIMITS)
+    assert cost.scans == 1 and cost.work == 400 * 300
+    with pytest.raises(ImageError) as caught:
+        load_image(repeated, SPEC, LIMITS)
+    assert caught.value.reason == ReasonCode.CORRUPT
+    assert "more than one scan" in str(caught.value)
+
+
 def _with_dimensions(data: bytes, width: int, height: int) -> bytes:
     """The same JPEG bytes with the frame header claiming another size (never decoded)."""
     frame = data.index(b"\xff\xc2")
@@ -116,8 +131,9 @@ def _with_dimensions(data: bytes, width: int, height: int) -> bytes:
 def test_passes_over_a_large_image_are_bounded_by_the_work_budget() -> None:
     # 40 scans are fine at 2 megapixels, not at 100: each scan is a pass over every pixel.
     data = repeated_scan_jpeg(1600, 1200, 40)
-    cost = check_decode_budget(data, read_header(data), SPEC, LIMITS)
+    cost = decode_cost(data, read_header(data), SPEC, LIMITS)
     assert cost.scans == 40 and cost.work == 40 * 1600 * 1200
+    check_decode_budget(data, read_header(data), SPEC, LIMITS)
     huge = _with_dimensions(data, 10_000, 10_000)
     with pytest.raises(ImageError) as caught:
         check_decode_budget(huge, read_header(huge), SPEC, LIMITS)

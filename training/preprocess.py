@@ -29,6 +29,7 @@ alpha channel is dropped, so it needs no full-size copy beyond the decoded pixel
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import re
 import sys
@@ -273,22 +274,33 @@ def jpeg_reduction(header: ImageHeader, spec: InputSpec) -> int:
 # Start-of-frame markers (C4 is DHT, C8 JPG, CC DAC) and those of progressive frames.
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE_FRAME_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
-# The end of entropy-coded data: 0xFF (and fill bytes) then a byte that is neither a stuffed 0x00
-# nor a restart marker, which both belong to the data.
-_MARKER_AFTER_SCAN = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")
+# The end of entropy-coded data: 0xFF then a byte that is neither a stuffed 0x00 nor a restart
+# marker, which both belong to the data, nor a fill byte (the last 0xFF of a run then matches).
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_START_OF_SCAN = re.compile(rb"\xff\xda")
 
 
 @dataclass(frozen=True)
 class JpegFrame:
-    """What a JPEG's frame header says: its coding process and each component's sampling."""
+    """What a JPEG's frame header and first scan header say about the work of decoding it."""
 
     progressive: bool
     sampling: tuple[tuple[int, int], ...]  # (horizontal, vertical) per component
+    # False for a sequential frame whose first scan holds every component: libjpeg then decodes
+    # that one scan and refuses any other ("Didn't expect more than one scan"), so more cost
+    # nothing. Otherwise every scan is read, and every coefficient kept until the last.
+    multiple_scans: bool = True
+
+
+# Sequential Huffman frames (baseline, extended), the ones whose single-scan rule is relied on.
+_SEQUENTIAL_FRAME_MARKERS = frozenset({0xC0, 0xC1})
 
 
 def jpeg_frame(data: bytes) -> JpegFrame | None:
-    """The first frame header (SOF) before the first scan, or None where none can be found."""
+    """The frame header (SOF) and first scan header of a JPEG, or None where they do not parse."""
     position, end = 2, len(data)
+    frame: JpegFrame | None = None
+    marker_of_frame = 0
     while position + 4 <= end:
         if data[position] != 0xFF:
             return None
@@ -300,9 +312,15 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
             position += 2
             continue
         if marker == 0xDA:
-            return None
+            if frame is None or position + 5 > end:
+                return None
+            in_first_scan = data[position + 4]
+            single = marker_of_frame in _SEQUENTIAL_FRAME_MARKERS and (
+                in_first_scan == len(frame.sampling)
+            )
+            return JpegFrame(frame.progressive, frame.sampling, multiple_scans=not single)
         length = (data[position + 2] << 8) | data[position + 3]
-        if marker in _FRAME_MARKERS:
+        if marker in _FRAME_MARKERS and frame is None:
             count = data[position + 9] if position + 10 <= end else 0
             fields = data[position + 10 : position + 10 + 3 * count]
             if count == 0 or len(fields) < 3 * count:
@@ -310,17 +328,18 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
             sampling = tuple(
                 (fields[i + 1] >> 4, fields[i + 1] & 0x0F) for i in range(0, len(fields), 3)
             )
-            return JpegFrame(marker in _PROGRESSIVE_FRAME_MARKERS, sampling)
+            frame = JpegFrame(marker in _PROGRESSIVE_FRAME_MARKERS, sampling)
+            marker_of_frame = marker
         position += 2 + length
     return None
 
 
-def count_jpeg_scans(data: bytes) -> int:
+def count_jpeg_scans(data: bytes, stop_at: int | None = None) -> int:
     """The scans (SOS segments) libjpeg would read in the first picture, up to its end marker.
 
     Segments are skipped by their lengths and entropy-coded data up to the next marker, so an EXIF
     thumbnail or an MPO's second picture is not counted; bytes between segments are skipped as
-    libjpeg skips them (with a warning), so junk cannot hide a scan.
+    libjpeg skips them (with a warning), so junk cannot hide a scan. Counting ends at `stop_at`.
     """
     position, end, scans = 2, len(data), 0
     while position + 2 <= end:
@@ -343,10 +362,12 @@ def count_jpeg_scans(data: bytes) -> int:
         position += 2 + ((data[position + 2] << 8) | data[position + 3])
         if marker == 0xDA:
             scans += 1
+            if scans == stop_at:
+                break
             found = _MARKER_AFTER_SCAN.search(data, position)
             if found is None:
                 break
-            position = found.end() - 2
+            position = found.start()
     return scans
 
 
@@ -374,15 +395,16 @@ _DECODE_OVERHEAD_BYTES = 16 * 1024 * 1024
 def decode_cost(
     data: bytes, header: ImageHeader, spec: InputSpec, limits: LimitSettings
 ) -> DecodeCost:
-    """Estimate the passes and peak memory of decoding `data` as `decode` will (no decoding)."""
+    """Estimate the passes and peak memory of decoding `data` as `decode` will (no decoding).
+
+    A sequential JPEG whose first scan holds every component (nearly every face crop) is one
+    pass whatever follows it, and only its headers are read; any other JPEG's scans are counted.
+    """
     pixels = header.width * header.height
     if header.image_type == "jpeg":
-        # A cheap upper bound first (every FF DA pair, thumbnails included); the exact walk only
-        # when that bound is over a limit.
-        scans = data.count(b"\xff\xda")
-        if scans > limits.max_jpeg_scans or pixels * scans > limits.max_decode_work:
-            scans = count_jpeg_scans(data)
-        return DecodeCost(scans, pixels * scans, _jpeg_memory(data, header, spec, scans))
+        frame = jpeg_frame(data) or _UNKNOWN_FRAME
+        scans = _jpeg_scans(data, pixels, limits) if frame.multiple_scans else 1
+        return DecodeCost(scans, pixels * scans, _jpeg_memory(header, spec, scans, frame))
     # 16-bit samples: OpenCV keeps them where alpha is kept, and its TIFF decoder converts late.
     wide = 2 if header.bits_per_sample > 8 else 1
     if header.has_alpha:
@@ -395,24 +417,41 @@ def decode_cost(
     return DecodeCost(1, pixels, math.ceil(pixels * per_pixel) + _DECODE_OVERHEAD_BYTES)
 
 
-def _jpeg_memory(data: bytes, header: ImageHeader, spec: InputSpec, scans: int) -> int:
+def _jpeg_scans(data: bytes, pixels: int, limits: LimitSettings) -> int:
+    """The scans to budget for: every FF DA pair while that is within the limits, else exact.
+
+    The pairs (thumbnails' included) are an upper bound found in C, a few microseconds for a face
+    crop; the exact walk, a Python step per segment and scan, runs only when that bound is over.
+    Both stop one past what the limits allow, so a file of millions of scans costs no more than
+    one just over the limit (the count is then a lower bound, and over the limits).
+    """
+    allowed = min(limits.max_jpeg_scans, limits.max_decode_work // max(1, pixels))
+    pairs = sum(1 for _ in itertools.islice(_START_OF_SCAN.finditer(data), allowed + 1))
+    return pairs if pairs <= allowed else count_jpeg_scans(data, stop_at=allowed + 1)
+
+
+# What a frame header that cannot be parsed is taken to say: the most memory a decode can need
+# (libjpeg's MAX_COMPONENTS is 10, each at full resolution, every coefficient kept).
+_UNKNOWN_FRAME = JpegFrame(progressive=True, sampling=((1, 1),) * 10)
+
+
+def _jpeg_memory(header: ImageHeader, spec: InputSpec, scans: int, frame: JpegFrame) -> int:
     factor = jpeg_reduction(header, spec)
     decoded = -(-header.width // factor) * -(-header.height // factor) * spec.channels
-    frame = jpeg_frame(data)
     if header.orientation != 1:
         decoded *= 2  # and the turned copy
-    if frame is None or len(frame.sampling) not in (1, 3):
+    if len(frame.sampling) not in (1, 3):
         decoded *= 4  # TurboJPEG's strict CMYK check, then OpenCV's array and the binding's copy
     coefficients = 0
-    if frame is None or frame.progressive or scans > 1:
+    if frame.multiple_scans:
         # libjpeg keeps every DCT coefficient (2 bytes each, 64 a block, whole MCUs) of an image
         # that comes in more than one scan, whatever scale it is decoded at.
         coefficients = _coefficient_bytes(header, frame)
     return decoded + coefficients + _DECODE_OVERHEAD_BYTES
 
 
-def _coefficient_bytes(header: ImageHeader, frame: JpegFrame | None) -> int:
-    sampling = frame.sampling if frame is not None else ((1, 1),) * 4  # unknown: 4 full components
+def _coefficient_bytes(header: ImageHeader, frame: JpegFrame) -> int:
+    sampling = frame.sampling
     horizontal = max(1, *(h for h, _ in sampling))
     vertical = max(1, *(v for _, v in sampling))
     mcu_columns = -(-header.width // (8 * horizontal))
@@ -429,14 +468,14 @@ def check_decode_budget(
     if cost.scans > limits.max_jpeg_scans:
         raise UnsupportedImage(
             ReasonCode.UNSUPPORTED_TYPE,
-            f"JPEG has {cost.scans} scans, over the {limits.max_jpeg_scans} limit "
+            f"JPEG has {cost.scans} scans or more, over the {limits.max_jpeg_scans} limit "
             "(encoders write at most about a dozen)",
         )
     if cost.work > limits.max_decode_work:
         raise ImageTooLarge(
             ReasonCode.TOO_LARGE,
-            f"decoding {header.width}x{header.height} in {cost.scans} scans is {cost.work} "
-            f"pixel passes, over the {limits.max_decode_work} limit",
+            f"decoding {header.width}x{header.height} in {cost.scans} scans or more is "
+            f"{cost.work} pixel passes or more, over the {limits.max_decode_work} limit",
         )
     if cost.memory_bytes > limits.max_decode_bytes:
         raise ImageTooLarge(
