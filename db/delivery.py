@@ -21,28 +21,27 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
-    Chunk,
     ChunkStatus,
-    Image,
     ItemState,
-    Job,
-    JobItem,
     JobStatus,
     RefusedMessage,
     utc_now,
 )
-from db.repository import ChunkRow, NotFoundError, allocate_chunk_indices, record_chunks
-
-IMAGES = cast(Table, Image.__table__)
-JOBS = cast(Table, Job.__table__)
-CHUNKS = cast(Table, Chunk.__table__)
-JOB_ITEMS = cast(Table, JobItem.__table__)
+from db.repository import (
+    CHUNKS,
+    IMAGES,
+    JOB_ITEMS,
+    JOBS,
+    ChunkRow,
+    NotFoundError,
+    allocate_chunk_indices,
+    record_chunks,
+)
 
 # A refusal's message is for people; a forged message must not fill the table.
 _MESSAGE_LENGTH = 2000

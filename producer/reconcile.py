@@ -23,22 +23,19 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus
+from db.models import ChunkStatus, ItemState, JobStatus
+from db.repository import CHUNKS, JOB_ITEMS, JOBS
 from emolabel.settings import ReconcileSettings
 from producer import ledger_queries
 from producer.enqueue import Publisher, republish_chunk
 
 logger = logging.getLogger(__name__)
-
-CHUNKS = cast(Table, Chunk.__table__)
-JOBS = cast(Table, Job.__table__)
-JOB_ITEMS = cast(Table, JobItem.__table__)
 
 # kombu's Redis transport: a queue with priorities is one list per step, named with this
 # separator; delivered messages wait in this hash until acknowledged.

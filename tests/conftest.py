@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
 from emolabel.settings import LimitSettings, TrainSettings
 from tests.services import TEST_REDIS_URL, forget_queue
@@ -80,6 +81,28 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer(POSTGRES_ADMIN_URL)
     yield server
     server.drop_databases()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=pytest.mark.integration),
+    ]
+)
+def ledger_sessions(
+    request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path
+) -> Iterator[sessionmaker[Session]]:
+    """A fresh ledger migrated to head, once on SQLite and once on PostgreSQL."""
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = postgres.create_database()
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

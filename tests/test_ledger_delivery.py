@@ -27,33 +27,15 @@ from db.delivery import (
 )
 from db.models import Chunk, ChunkStatus, ItemState, JobItem, RefusedMessage
 from db.repository import FailureRow
-from db.session import make_engine, make_sessionmaker, upgrade
 from producer.enqueue import run_scan
 from producer.entries import Entry
 from producer.retry import requeue_failed
-from tests.test_db import PostgresServer
 from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
 
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.integration),
-]
 
-
-@pytest.fixture(params=BACKENDS)
-def sessions(
-    request: pytest.FixtureRequest,
-    postgres: PostgresServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
-    else:
-        url = postgres.create_database()
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+@pytest.fixture
+def sessions(ledger_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return ledger_sessions
 
 
 def entries(prefix: str, count: int, *, repeat: int | None = None) -> list[Entry]:

@@ -9,7 +9,6 @@ timing.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import ModelStatus, ModelVersion
 from db.repository import active_model, promote_if_active, set_active_model
-from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.registry import register_artifact, register_trained
 from emolabel.settings import RetrainSettings
 from tests.conftest import run_cli
-from tests.test_db import PostgresServer
 from training.gate import Decision
 from training.sample_data import generate_sample_data
 from worker.retrain import MAX_DATA_DIR, RefusedRetrain, conclude, queued_data_dir
@@ -30,18 +27,9 @@ from worker.retrain import MAX_DATA_DIR, RefusedRetrain, conclude, queued_data_d
 CLASSES = ["happy", "sad"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(
-    request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path: Path
-) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = postgres.create_database()
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+@pytest.fixture
+def sessions(ledger_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return ledger_sessions
 
 
 def artifact_folder(models_dir: Path, version: str) -> Path:
