@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -58,7 +59,13 @@ def test_unreadable_model(copied_artifact: Path, sample_dir: Path) -> None:
     image = next((sample_dir / "happy").iterdir())
     assert_one_clear_line(run_cli(["predict", "--model", str(copied_artifact), str(image)]), "hash")
     metadata = json.loads((copied_artifact / "metadata.json").read_text())
+    # An empty hash is no way around the check (issue 14): it is refused as unverifiable.
     metadata["model_sha256"] = ""
+    (copied_artifact / "metadata.json").write_text(json.dumps(metadata))
+    result = run_cli(["predict", "--model", str(copied_artifact), str(image)])
+    assert_one_clear_line(result, "cannot be verified")
+    # With the garbage's own hash recorded, the file itself is what is refused.
+    metadata["model_sha256"] = hashlib.sha256(b"garbage").hexdigest()
     (copied_artifact / "metadata.json").write_text(json.dumps(metadata))
     result = run_cli(["predict", "--model", str(copied_artifact), str(image)])
     assert_one_clear_line(result, "cannot load Keras model")
