@@ -12,7 +12,9 @@ in exactly one state and one result per (image, model version).
 
 Nothing races a timer: a worker is caught inside its write by a table lock the test holds, a
 pool process or a producer stops itself (SIGSTOP) when it opens a file the test names, and every
-wait is on ledger, broker or process state, bounded.
+wait is on ledger, broker or process state, bounded. The workers keep the default task time
+limit (not test_faults' 15 s): no chunk here is meant to die, and a short hard limit kills a
+first chunk that loads the model slowly on a loaded machine, or a pool process held stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sqlalchemy.pool import NullPool
 
 from db.models import Chunk, ChunkStatus, Image, Job, JobItem, JobStatus, RefusedMessage
 from emolabel.embedded import worker_environment
-from emolabel.settings import ReconcileSettings, Settings
+from emolabel.settings import ReconcileSettings, ScanSettings, Settings
 from producer.reconcile import redis_task_ids, task_ids_in_broker
 from producer.uris import path_to_uri
 from tests.conftest import REPO
@@ -62,7 +64,6 @@ from tests.integration.test_faults import (
     TERMINATE,
     OwnRedis,
     chunk_in_progress,
-    fault_settings,
     process_state,
 )
 from tests.services import wait_for
@@ -141,9 +142,8 @@ def test_a_retry_refused_by_a_full_redis_is_sent_again_by_the_reconciler(
     # One chunk: with nothing else queued, the worker fetches no other message while Redis is
     # full (a fetch would lose that message too, at a moment no test can choose).
     archive = build_archive(tmp_path / "archive", 8)
-    settings = fault_settings(
-        make_settings,
-        chunk_size=8,
+    settings = make_settings(
+        scan=ScanSettings(chunk_size=8),
         broker_url=own_redis.url,
         reconcile=ReconcileSettings(stale_after=0),
     )
@@ -178,7 +178,7 @@ def test_a_retry_refused_by_a_full_redis_is_sent_again_by_the_reconciler(
 
             wait_for(
                 lambda: activity(BLOCKED),
-                timeout=60,
+                timeout=120,
                 interval=0.05,
                 what="the worker waiting inside its write transaction",
             )
@@ -243,7 +243,7 @@ def test_a_warm_shutdown_mid_chunk_finishes_the_chunk_and_counts_no_crash(
     holder.parent.mkdir()
     write_bytes(holder, encode(noise(), "PNG"))
     images = [*archive.generated, path_to_uri(holder)]
-    settings = fault_settings(make_settings, chunk_size=6)
+    settings = make_settings(scan=ScanSettings(chunk_size=6))
     job_id = cli_scan(settings, str(archive.root))
     with sessions() as session:
         held_index = session.scalar(
@@ -255,7 +255,7 @@ def test_a_warm_shutdown_mid_chunk_finishes_the_chunk_and_counts_no_crash(
 
     [child] = wait_for(
         lambda: [pid for pid in child_pids(local.pid) if process_state(pid) == "T"],
-        timeout=90,
+        timeout=120,
         interval=0.02,
         what="the pool process to stop at the image",
     )
@@ -337,7 +337,7 @@ def test_two_producers_scanning_the_same_folder_at_once(
     gate = archive.root / "m-gate.png"
     write_bytes(gate, encode(noise(), "PNG"))
     images = [*archive.generated, path_to_uri(gate)]
-    settings = fault_settings(make_settings, chunk_size=4)
+    settings = make_settings(scan=ScanSettings(chunk_size=4))
     workers.start(settings)
 
     # The producer opens a file by its name inside its folder (openat), so the name is matched.
