@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Image, ItemState, Job, JobItem, JobStatus
@@ -60,8 +60,15 @@ def requeue_failed(
             job_id=job_id,
             chunks=[ChunkRow(index, len(uris)) for index, uris in chunks],
         )
+        # A job still scanning keeps its status: were it queued now, a worker finishing the
+        # last chunk recorded so far would mark it done mid-scan (and a producer that died then
+        # would leave it without its `enqueued` count, out of the reconciler's sight).
+        reopened = case(
+            (Job.status.in_([JobStatus.SCANNING, JobStatus.RUNNING]), Job.status),
+            else_=JobStatus.QUEUED.value,
+        )
         session.execute(
-            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, finished_at=None)
+            update(Job).where(Job.id == job_id).values(status=reopened, finished_at=None)
         )
     for index, uris in chunks:
         task_id = publish(job_id, index, uris)

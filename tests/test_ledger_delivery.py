@@ -25,7 +25,7 @@ from db.delivery import (
     record_refusal,
     split_chunk,
 )
-from db.models import Chunk, ChunkStatus, ItemState, JobItem, RefusedMessage
+from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus, RefusedMessage
 from db.repository import FailureRow
 from producer.enqueue import run_scan
 from producer.entries import Entry
@@ -181,6 +181,40 @@ def test_failures_retry_while_a_scan_of_the_job_runs_loses_nothing(
         )
     assert (counts.enqueued, counts.pending, counts.failed) == (20, 0, 20)
     assert open_chunks == 0
+
+
+def test_failures_retry_while_a_scan_runs_does_not_end_the_job_before_its_scan(
+    sessions: sessionmaker[Session],
+) -> None:
+    prefix = uuid.uuid4().hex
+    broker = Broker()
+    mid_scan: list[JobStatus] = []
+
+    def retry_and_deliver(job_id: int) -> None:
+        # Everything recorded so far fails, is retried and fails again: for a moment nothing
+        # of the job is pending, yet its scan has more to record.
+        deliver_everything(sessions, broker, job_id)
+        requeue_failed(job_id, sessions=sessions, publish=broker, chunk_size=3)
+        deliver_everything(sessions, broker, job_id)
+        with sessions() as session:
+            mid_scan.append(session.scalars(select(Job.status).where(Job.id == job_id)).one())
+
+    broker.during[2] = retry_and_deliver
+    summary = run_scan(
+        ListSource(prefix, entries(prefix, 20)),
+        sessions=sessions,
+        publish=broker,
+        chunk_size=4,
+        model_version=None,
+    )
+    # Once queued by the retry, the job was done here, and its scan's later chunks came after.
+    assert mid_scan == [JobStatus.SCANNING]
+    deliver_everything(sessions, broker, summary.job_id)
+    with sessions() as session:
+        counts = repository.job_counts(session=session, job_id=summary.job_id)
+        status = session.scalars(select(Job.status).where(Job.id == summary.job_id)).one()
+    assert (counts.enqueued, counts.pending, counts.failed) == (20, 0, 20)
+    assert status is JobStatus.DONE
 
 
 def test_a_uri_listed_twice_stays_in_its_first_chunk_and_every_message_matches_the_ledger(
