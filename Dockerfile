@@ -28,6 +28,7 @@ RUN mkdir emolabel worker producer training db \
  && rm -rf /src/*
 
 COPY pyproject.toml README.md ./
+COPY core core
 COPY emolabel emolabel
 COPY worker worker
 COPY producer producer

@@ -25,7 +25,7 @@ from PIL import Image
 
 _CHILD = """
 import json, sys, time
-from emolabel.settings import LimitSettings
+from core.settings import LimitSettings
 from training.preprocess import InputSpec, decode_cost, load_image, read_header
 
 def resident(field):

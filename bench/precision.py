@@ -29,8 +29,8 @@ from numpy.typing import NDArray
 
 def _images(folder: Path, artifact: Any) -> tuple[NDArray[np.uint8], NDArray[np.int64], int]:
     """Every usable image of a folder-per-class set, decoded as the worker does, and its class."""
-    from emolabel.errors import DataError
-    from emolabel.settings import LimitSettings
+    from core.errors import DataError
+    from core.settings import LimitSettings
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
     from training.evaluate import load_labeled_images
@@ -70,8 +70,8 @@ def _timed(runner: Any, images: NDArray[np.uint8], batch_size: int) -> dict[str,
 
 
 def compare(model_dir: Path, folder: Path, batch_size: int) -> dict[str, Any]:
-    from emolabel.resources import cpu_has_bfloat16
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
+    from worker.resources import cpu_has_bfloat16
 
     keras = load_keras()
     from training.artifacts import load_artifact

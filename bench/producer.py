@@ -310,7 +310,7 @@ class ScanSpec:
 
 def walk_phase(root: str, expected: int) -> dict[str, Any]:
     """Iterate FolderSource.iter_entries with nothing behind it."""
-    from emolabel.settings import load_settings
+    from core.settings import load_settings
     from producer.folder_source import FolderSource
 
     settings = load_settings()
@@ -354,10 +354,11 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
     """run_scan over the tree into a fresh database and a fresh Redis queue, no worker."""
     import redis
 
+    from core.publishing import celery_publisher
+    from core.settings import load_settings
     from db.repository import job_counts
     from db.session import make_engine, make_sessionmaker, upgrade
-    from emolabel.settings import load_settings
-    from producer.enqueue import celery_publisher, run_scan
+    from producer.enqueue import run_scan
     from producer.folder_source import FolderSource
     from worker.celery_app import make_celery
 

@@ -99,16 +99,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.machine import describe, machine, package_versions
-from emolabel.errors import ConfigError, EmolabelError
-from emolabel.resources import available_cpus, worker_layout
-from emolabel.settings import Precision, ScanSettings, WorkerSettings
+from core.errors import ConfigError, EmolabelError
+from core.settings import Precision, ScanSettings, WorkerSettings
 from worker.precision import PRECISIONS
+from worker.resources import available_cpus, worker_layout
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from core.settings import Settings
     from emolabel.embedded import LocalWorker
-    from emolabel.settings import Settings
 
 KINDS = ("crops", "photos")
 DEFAULT_IMAGES = {"crops": 2000, "photos": 300}
@@ -404,7 +404,7 @@ def _measured(result: dict[str, Any]) -> Iterator[None]:
 
 def build_model(models_dir: Path) -> Path:
     """Save the seeds' CNN with random weights as an artifact `<models_dir>/bench/<version>`."""
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
 
     keras = load_keras()
     from training.artifacts import (
@@ -438,7 +438,7 @@ def build_model_phase(models_dir: str) -> dict[str, Any]:
 
 def local_phases(spec: LocalSpec) -> dict[str, Any]:
     """(b), (c) and (a) for every set; runs in a fresh process."""
-    from emolabel.settings import LimitSettings
+    from core.settings import LimitSettings
     from training.artifacts import load_artifact
     from worker.model_runner import KerasRunner
 
@@ -486,7 +486,7 @@ def decode_floor_phase(
     paths: Sequence[Path], input_spec: Any, limits: Any, spec: LocalSpec
 ) -> tuple[dict[str, Any], list[NDArray[np.uint8]]]:
     """(b): read + preprocess.load_image in a pool of `decode_threads`; keeps the first few."""
-    from emolabel.errors import ImageError
+    from core.errors import ImageError
     from training.preprocess import load_image
 
     def decode(path: Path) -> NDArray[np.uint8] | None:
@@ -606,10 +606,10 @@ class LayoutSpec:
 
 def _layout_child(spec: LayoutSpec, barrier: Any, results: Any) -> None:
     """One model process of (c'): same batches as (c), timed between shared barriers."""
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
 
     load_keras(threads=spec.threads)
-    from emolabel.settings import LimitSettings
+    from core.settings import LimitSettings
     from training.artifacts import load_artifact
     from training.preprocess import load_image
     from worker.model_runner import KerasRunner
@@ -1056,7 +1056,8 @@ def run_job(
 
     `force` relabels images the active model labeled already (a later round on the same set).
     """
-    from producer.enqueue import celery_publisher, run_scan
+    from core.publishing import celery_publisher
+    from producer.enqueue import run_scan
     from producer.sources import open_source
     from worker.celery_app import make_celery
 
@@ -1257,10 +1258,10 @@ def end_to_end(
     arguments: argparse.Namespace,
 ) -> Iterator[EndToEnd]:
     """Start Redis, a database and a worker for (d), and label a small warm-up job first."""
+    from core.settings import ScanSettings, Settings, WorkerSettings
     from db.session import make_engine, make_sessionmaker, upgrade
     from emolabel.embedded import ensure_redis, start_local_worker
-    from emolabel.registry import register_artifact
-    from emolabel.settings import ScanSettings, Settings, WorkerSettings
+    from training.registry import register_artifact
 
     home = run_dir / "home"
     settings = Settings(

@@ -39,9 +39,9 @@ from pydantic_core import to_jsonable_python
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from emolabel.errors import ConfigError
-from emolabel.redaction import mask_url, redact
-from emolabel.settings import Settings
+from core.errors import ConfigError
+from core.redaction import mask_url, redact
+from core.settings import Settings
 from worker.celery_app import make_celery
 
 logger = logging.getLogger(__name__)

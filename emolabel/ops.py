@@ -17,15 +17,13 @@ import logging
 import shutil
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.settings import Settings
 from emolabel.embedded import process_alive
-from emolabel.errors import ConfigError
-from emolabel.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 METRICS_FOLDER = "metrics"
-# prometheus_client's own switch; named here so that reading it imports no prometheus_client.
-MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def flower_arguments(settings: Settings) -> list[str]:

@@ -44,22 +44,23 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError, EmolabelError
+from core.publishing import Publisher, PublishError
+from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ChunkStatus, ItemState, Job
 from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
-from emolabel.errors import ConfigError, EmolabelError
 from producer import ledger_queries
 from producer.chunking import chunked, cut_chunks
 from producer.entries import Entry, Source
-from producer.uris import display_name
 
 if TYPE_CHECKING:
-    from celery import Celery
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,6 @@ The others (`missing`, `unreadable`, `not_a_file`, `outside_root`) may pass on t
 """
 
 
-class PublishError(EmolabelError):
-    """The broker did not take a chunk's message (down, unreachable, refusing)."""
-
-
 class ScanInterrupted(EmolabelError):
     """A scan stopped because a chunk could not be published; nothing recorded is lost."""
 
@@ -99,47 +96,6 @@ class ScanInterrupted(EmolabelError):
         super().__init__(message)
         self.job_id = job_id
         self.unpublished_chunks = unpublished_chunks
-
-
-# --- publishing -------------------------------------------------------------------------------
-
-
-class Publisher(Protocol):
-    """Sends one chunk's message and returns its task id; raises `PublishError` on failure."""
-
-    def __call__(self, job_id: int, chunk_index: int, uris: list[str]) -> str: ...
-
-
-def celery_publisher(app: Celery, queue: str) -> Publisher:
-    """A publisher that sends `label_chunk(job_id, chunk_index, uris)` by name to `queue`."""
-    # Imported here: kombu and redis load only when something is published.
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    from emolabel.redaction import mask_url
-    from worker.celery_app import LABEL_CHUNK
-
-    broker = mask_url(str(app.conf.broker_url))
-    refused = (OperationalError, RedisConnectionError, RedisTimeoutError, OSError)
-
-    def publish(job_id: int, chunk_index: int, uris: list[str]) -> str:
-        try:
-            result = app.send_task(
-                LABEL_CHUNK,
-                args=[job_id, chunk_index, uris],
-                queue=queue,
-                # The header would repeat every URI; Flower and logs need only the shape.
-                argsrepr=f"[{job_id}, {chunk_index}, <{len(uris)} URIs>]",
-            )
-        except refused as error:
-            raise PublishError(
-                f"the broker at {broker} did not take chunk {chunk_index} of job {job_id}"
-                f" ({str(error).rstrip('.')})"
-            ) from error
-        return str(result.id)
-
-    return publish
 
 
 # --- --where ----------------------------------------------------------------------------------
@@ -694,14 +650,11 @@ __all__ = [
     "FINAL_FAILURES",
     "NOT_SELECTED",
     "WHERE_FORMS",
-    "PublishError",
-    "Publisher",
     "ScanInterrupted",
     "ScanProgress",
     "ScanSummary",
     "Selection",
     "SelectionKind",
-    "celery_publisher",
     "parse_where",
     "republish_chunk",
     "republish_unpublished",

@@ -24,10 +24,10 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
+from core.uris import display_name, path_to_uri
 from producer.entries import Entry, SkipReason
 from producer.sniff import HEAD_BYTES, sniff_image_type
-from producer.uris import display_name, path_to_uri
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: should a FIFO or device replace a file between lstat and open, neither the open

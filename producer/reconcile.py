@@ -28,12 +28,13 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.publishing import Publisher
+from core.settings import ReconcileSettings
 from db import repository
 from db.models import ChunkStatus, ItemState, JobStatus
 from db.repository import CHUNKS, JOB_ITEMS, JOBS
-from emolabel.settings import ReconcileSettings
 from producer import ledger_queries
-from producer.enqueue import Publisher, republish_chunk
+from producer.enqueue import republish_chunk
 
 logger = logging.getLogger(__name__)
 

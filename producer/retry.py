@@ -11,6 +11,7 @@ import math
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.publishing import Publisher
 from db.models import Image, ItemState, Job, JobItem, JobStatus
 from db.repository import (
     ChunkRow,
@@ -19,7 +20,6 @@ from db.repository import (
     mark_chunk_published,
     record_chunks,
 )
-from producer.enqueue import Publisher
 
 
 def requeue_failed(

@@ -14,10 +14,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
+from core.uris import parse_s3_uri, s3_dot_segment, s3_uri
 from producer.entries import Entry, SkipReason
 from producer.sniff import HEAD_BYTES, sniff_image_type
-from producer.uris import parse_s3_uri, s3_dot_segment, s3_uri
 
 CONCURRENT_READS = 32
 """Ranged GETs in flight at once while a listing page is sniffed."""

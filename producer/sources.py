@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
+from core.uris import FILE_SCHEME, S3_SCHEME, uri_to_path
 from producer.entries import Entry, SkipReason, Source
 from producer.folder_source import FolderSource
 from producer.s3_source import S3Source
-from producer.uris import FILE_SCHEME, S3_SCHEME, uri_to_path
 
 __all__ = [
     "Entry",

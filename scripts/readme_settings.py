@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from emolabel.settings import settings_table
+from core.settings import settings_table
 
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
 readme = Path(__file__).resolve().parents[1] / "README.md"

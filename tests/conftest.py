@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from emolabel.settings import LimitSettings, TrainSettings
+from core.settings import LimitSettings, TrainSettings
 from tests.services import TEST_REDIS_URL, forget_queue
 from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
 from training.sample_data import generate_sample_data

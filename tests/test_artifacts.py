@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from emolabel.errors import ModelError
+from core.errors import ModelError
 from training.artifacts import (
     InputMetadata,
     ModelMetadata,

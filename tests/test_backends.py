@@ -19,7 +19,7 @@ SCRIPT = """
 import json, sys
 import numpy as np
 from pathlib import Path
-from emolabel.runtime import load_keras
+from training.runtime import load_keras
 keras = load_keras(sys.argv[1])
 from worker.model_runner import KerasRunner
 runner = KerasRunner.from_path(Path(sys.argv[2]), 4, sys.argv[3])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emolabel.errors import DataError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import DataError, ReasonCode
+from core.settings import LimitSettings
 from tests.images import bomb_png
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, quarantine, scan_dataset
 

@@ -27,7 +27,7 @@ import yaml
 from dotenv import dotenv_values
 from sqlalchemy.engine import make_url
 
-from emolabel.settings import Settings, WorkerSettings, iter_setting_rows
+from core.settings import Settings, WorkerSettings, iter_setting_rows
 from tests.conftest import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from emolabel.errors import DataError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import DataError, ReasonCode
+from core.settings import LimitSettings
 from training.clean import scan_dataset
 from training.dataset import (
     DatasetSplit,

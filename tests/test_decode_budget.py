@@ -23,8 +23,8 @@ import simplejpeg
 from PIL import Image
 
 import training.preprocess as preprocess
-from emolabel.errors import ImageError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import ImageError, ReasonCode
+from core.settings import LimitSettings
 from tests.images import flat_png, repeated_scan_jpeg
 from training.clean import scan_dataset
 from training.preprocess import (
@@ -303,7 +303,7 @@ _CAPPED_WORKER = textwrap.dedent(
     import json, sys
     from concurrent.futures import ThreadPoolExecutor
     import numpy as np
-    from emolabel.settings import LimitSettings
+    from core.settings import LimitSettings
     from training.preprocess import InputSpec, decode_cost, read_header
     from worker.predict import label_images
     from worker.reading import Reader

@@ -21,6 +21,8 @@ from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core.errors import ConfigError
+from core.settings import S3Settings, Settings, TrainSettings, WorkerSettings
 from emolabel.embedded import (
     check_broker,
     ensure_redis,
@@ -29,8 +31,6 @@ from emolabel.embedded import (
     worker_environment,
     worker_running,
 )
-from emolabel.errors import ConfigError
-from emolabel.settings import S3Settings, Settings, TrainSettings, WorkerSettings
 from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.skipif(
@@ -185,7 +185,7 @@ def test_commands_starting_at_once_start_one_server(home: Path) -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "from emolabel.embedded import ensure_redis\n"
-        "from emolabel.settings import Settings\n"
+        "from core.settings import Settings\n"
         "home = Path(sys.argv[1])\n"
         "embedded = ensure_redis(Settings(home=home, models_dir=home / 'models'))\n"
         "print(embedded.pid, embedded.started)\n"

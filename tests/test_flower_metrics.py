@@ -36,20 +36,20 @@ from PIL import Image as PillowImage
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from db.models import Job, JobStatus
-from db.repository import JobCounts, job_counts
-from db.session import make_engine, make_sessionmaker, upgrade
-from emolabel.embedded import EmbeddedRedis, LocalWorker, ensure_redis, start_local_worker
-from emolabel.embedded import worker_environment as environment_for
-from emolabel.errors import ConfigError
-from emolabel.ops import flower_arguments, prepare_metrics_directory
-from emolabel.settings import (
+from core.errors import ConfigError
+from core.settings import (
     FlowerSettings,
     MetricsSettings,
     ScanSettings,
     Settings,
     WorkerSettings,
 )
+from db.models import Job, JobStatus
+from db.repository import JobCounts, job_counts
+from db.session import make_engine, make_sessionmaker, upgrade
+from emolabel.embedded import EmbeddedRedis, LocalWorker, ensure_redis, start_local_worker
+from emolabel.embedded import worker_environment as environment_for
+from emolabel.ops import flower_arguments, prepare_metrics_directory
 from tests.conftest import REPO, run_cli
 from tests.services import TEST_REDIS_URL, wait_for
 from training.sample_data import generate_sample_data
@@ -220,7 +220,7 @@ def test_the_worker_command_sets_the_folder_before_prometheus_is_imported(tmp_pa
         "import json, os, sys\n"
         "from emolabel.cli import main\n"
         "from emolabel.cli.pipeline import _metrics_directory_for_pool\n"
-        "from emolabel.settings import Settings\n"
+        "from core.settings import Settings\n"
         f"_metrics_directory_for_pool(Settings(home={str(tmp_path / 'home')!r}))\n"
         "print(json.dumps({'folder': os.environ.get('PROMETHEUS_MULTIPROC_DIR'),"
         " 'imported': 'prometheus_client' in sys.modules}))\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from emolabel.errors import ModelError
+from core.errors import ModelError
 from tests.conftest import run_cli
 from training.artifacts import load_artifact
 from training.importing import import_model, parse_scale

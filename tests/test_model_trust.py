@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ModelError
+from core.settings import Settings
 from db.repository import register_model
 from db.session import make_engine, make_sessionmaker, upgrade
-from emolabel.errors import ModelError
-from emolabel.registry import register_artifact, trust_artifact
-from emolabel.settings import Settings
 from tests.conftest import run_cli
 from training.artifacts import (
     METADATA_FILE,
@@ -33,6 +32,7 @@ from training.artifacts import (
     read_metadata,
     write_metadata,
 )
+from training.registry import register_artifact, trust_artifact
 from training.train import TrainOutcome
 from training.trust import artifact_hashes, check_model_file
 from worker.reading import Reader

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emolabel.errors import ImageError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import ImageError, ReasonCode
+from core.settings import LimitSettings
 from tests.images import bomb_png
 from training.preprocess import (
     ImageHeader,

@@ -28,33 +28,32 @@ from PIL import Image as PillowImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError
+from core.names import LABEL_CHUNK
+from core.publishing import Publisher, PublishError, celery_publisher
+from core.settings import Settings
+from core.uris import path_to_uri, uri_to_path
 from db import repository
 from db.models import Chunk, ChunkStatus, Image, ItemState, Job, JobItem, JobStatus
 from db.repository import FailureRow, ResultRow
 from db.session import make_engine, make_sessionmaker, upgrade
-from emolabel.errors import ConfigError
-from emolabel.settings import Settings
 from producer.enqueue import (
     ALREADY_LABELED,
     NOT_SELECTED,
-    Publisher,
-    PublishError,
     ScanInterrupted,
     ScanProgress,
     ScanSummary,
     Selection,
     SelectionKind,
-    celery_publisher,
     parse_where,
     republish_unpublished,
     run_scan,
 )
 from producer.entries import Entry, SkipReason
 from producer.sources import FolderSource
-from producer.uris import path_to_uri, uri_to_path
 from tests.services import TEST_REDIS_URL
 from tests.test_db import PostgresServer
-from worker.celery_app import LABEL_CHUNK, make_celery
+from worker.celery_app import make_celery
 
 CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 MiB = 1024 * 1024
@@ -741,8 +740,9 @@ def test_memory_stays_flat_however_many_files(tmp_path: Path) -> None:
 def test_publishing_loads_no_tensorflow_keras_opencv_or_worker_tasks(queue: str) -> None:
     program = f"""
 import sys
-from emolabel.settings import Settings
-from producer.enqueue import celery_publisher, run_scan
+from core.settings import Settings
+from core.publishing import celery_publisher
+from producer.enqueue import run_scan
 from worker.celery_app import make_celery
 app = make_celery(Settings(broker_url={TEST_REDIS_URL!r}, queue={queue!r}))
 celery_publisher(app, {queue!r})(1, 0, ["file:///a.jpg"])

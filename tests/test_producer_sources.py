@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
+from core.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
 from producer.sources import Entry, FolderSource, S3Source, SkipReason, open_source
-from producer.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
 
 MiB = 1024 * 1024
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
@@ -437,7 +437,7 @@ def test_the_producer_loads_no_tensorflow_keras_or_opencv(tmp_path: Path) -> Non
     write(tmp_path / "a.png", PNG)
     program = f"""
 import sys
-import producer.chunking, producer.sniff, producer.sources, producer.uris
+import producer.chunking, producer.sniff, producer.sources, core.uris
 import producer.enqueue, producer.ledger_queries
 from producer.sources import FolderSource, S3Source
 source = FolderSource({str(tmp_path)!r}, max_file_bytes=1 << 20)

@@ -15,14 +15,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import RetrainSettings
 from db.models import ModelStatus, ModelVersion
 from db.repository import active_model, promote_if_active, set_active_model
-from emolabel.registry import register_artifact, register_trained
-from emolabel.settings import RetrainSettings
 from tests.conftest import run_cli
 from training.gate import Decision
+from training.registry import register_artifact, register_trained
+from training.retrain import MAX_DATA_DIR, RefusedRetrain, conclude, queued_data_dir
 from training.sample_data import generate_sample_data
-from worker.retrain import MAX_DATA_DIR, RefusedRetrain, conclude, queued_data_dir
 
 CLASSES = ["happy", "sad"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emolabel.redaction import mask_url, mask_urls, mask_urls_in_text, redact
+from core.redaction import mask_url, mask_urls, mask_urls_in_text, redact
 from tests.conftest import run_cli
 
 # Two halves each, both unlike any other word the output may hold.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from emolabel.resources import GiB, available_cpus, available_memory, worker_layout
-from emolabel.settings import WorkerSettings
+from core.settings import WorkerSettings
+from worker.resources import GiB, available_cpus, available_memory, worker_layout
 
 
 @pytest.mark.parametrize(

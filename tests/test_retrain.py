@@ -24,17 +24,18 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from core.names import RETRAIN, retrain_queue
+from core.settings import Settings, TrainSettings
 from db.models import ModelStatus, ModelVersion, Result, RetrainRun
 from db.repository import active_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import ensure_redis, start_local_worker
-from emolabel.registry import register_artifact
-from emolabel.settings import Settings, TrainSettings
 from tests.conftest import run_cli
 from tests.services import wait_for
 from training.artifacts import InputMetadata, ModelMetadata, save_artifact
+from training.registry import register_artifact
 from training.sample_data import generate_sample_data
-from worker.celery_app import RETRAIN, make_celery, retrain_queue
+from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

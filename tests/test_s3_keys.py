@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from emolabel.errors import ConfigError, ImageError, ReasonCode
-from emolabel.settings import S3Settings
+from core.errors import ConfigError, ImageError, ReasonCode
+from core.settings import S3Settings
+from core.uris import parse_s3_uri, s3_dot_segment, s3_uri
 from producer.s3_source import S3Source
-from producer.uris import parse_s3_uri, s3_dot_segment, s3_uri
 from worker.reading import Reader
 
 MiB = 1024 * 1024

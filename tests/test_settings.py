@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from emolabel.errors import ConfigError
-from emolabel.settings import Settings, load_settings, settings_table
+from core.errors import ConfigError
+from core.settings import Settings, load_settings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

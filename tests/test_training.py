@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emolabel.settings import LimitSettings
+from core.settings import LimitSettings
 from tests.conftest import TINY, run_cli
 from training.dataset import read_manifest
 from training.train import TrainOutcome, train_model

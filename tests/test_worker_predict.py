@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emolabel.settings import LimitSettings
+from core.settings import LimitSettings
 from training.train import TrainOutcome
 from worker.model_runner import KerasRunner
 from worker.predict import StageTimes, label_images
@@ -122,7 +122,7 @@ def test_a_bfloat16_runner_computes_in_bfloat16_from_the_same_weights(
 
 
 def test_a_model_that_cannot_be_rebuilt_is_served_in_float32() -> None:
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
     from worker.precision import bfloat16_copy
 
     keras = load_keras()

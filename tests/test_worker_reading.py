@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from emolabel.errors import ImageError, ReasonCode
-from producer.uris import path_to_uri
+from core.errors import ImageError, ReasonCode
+from core.uris import path_to_uri
 from worker import reading
 from worker.reading import Reader
 
@@ -143,7 +143,7 @@ def test_read_all_reads_the_whole_file_whatever_size_fstat_gave(
 
 
 def test_read_all_refuses_a_file_that_grew_over_the_limit(tmp_path: Path) -> None:
-    from emolabel.errors import ImageTooLarge
+    from core.errors import ImageTooLarge
     from worker.reading import _read_all
 
     path = tmp_path / "grew.bin"

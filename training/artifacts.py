@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from emolabel.errors import ModelError
+from core.errors import ModelError
 from training.preprocess import PREPROCESS_VERSION, InputSpec
 from training.trust import METADATA_FILE as METADATA_FILE
 from training.trust import MODEL_FILE as MODEL_FILE

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from numpy.typing import NDArray
 
-from emolabel.settings import LimitSettings
+from core.settings import LimitSettings
 from training.preprocess import InputSpec, load_image_file
 
 

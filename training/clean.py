@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emolabel.errors import DataError, ImageError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import DataError, ImageError, ReasonCode
+from core.settings import LimitSettings
 from training import preprocess
 
 logger = logging.getLogger(__name__)

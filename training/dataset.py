@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from emolabel.errors import DataError, ReasonCode
+from core.errors import DataError, ReasonCode
 from training.artifacts import MAX_CLASS_NAME, overlong_class_names
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, Finding
 

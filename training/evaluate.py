@@ -17,8 +17,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from emolabel.errors import DataError, ImageError
-from emolabel.settings import LimitSettings
+from core.errors import DataError, ImageError
+from core.settings import LimitSettings
 from training.artifacts import Artifact
 from training.inference import predict_scores
 from training.plots import plot_confusion_matrix

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from emolabel.errors import DataError
+from core.errors import DataError
 from training.dataset import DatasetSplit, Example
 
 MANIFEST = "frozen_test.json"

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from emolabel.errors import ModelError
+from core.errors import ModelError
 from training.artifacts import (
     MAX_CLASS_NAME,
     Head,
@@ -59,7 +59,7 @@ sys.exit(_convert_in_sandbox(sys.argv[2], sys.argv[3]))
 
 def _convert_in_sandbox(source: str, target: str) -> int:
     """In the child: check, load safely and re-save `source` as `target`; exit status."""
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
 
     load_keras()
     try:

@@ -44,8 +44,8 @@ import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
-from emolabel.errors import ImageTooLarge, ReasonCode, UnsupportedImage
-from emolabel.settings import LimitSettings
+from core.errors import ImageTooLarge, ReasonCode, UnsupportedImage
+from core.settings import LimitSettings
 
 PREPROCESS_VERSION = 1
 

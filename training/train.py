@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from emolabel.errors import DataError
-from emolabel.settings import LimitSettings, TrainSettings
+from core.errors import DataError
+from core.settings import LimitSettings, TrainSettings
 from training.artifacts import (
     MODEL_FILE,
     InputMetadata,

@@ -8,7 +8,7 @@ called at inference) and any object from a module outside Keras (a function refe
 `builtins.exec`). `artifact_hashes` covers `model.keras` and `metadata.json`, which the registry
 stores and every worker load checks; `artifact_under` keeps the registry from pointing a worker at
 a folder outside the models folder. Standard library only (h5py is imported for `.h5` files): the
-producer imports this through `emolabel.registry` without TensorFlow.
+producer imports this through `training.registry` without TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emolabel.errors import ModelError
+from core.errors import ModelError
 
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"

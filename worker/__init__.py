@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
     global _app
     if name in {"app", "celery"}:
         if _app is None:
-            from emolabel.settings import load_settings
+            from core.settings import load_settings
             from worker.celery_app import make_celery
 
             _app = make_celery(load_settings())

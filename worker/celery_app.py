@@ -14,17 +14,9 @@ from typing import Any
 from celery import Celery
 from celery.schedules import crontab
 
-from emolabel.resources import worker_layout
-from emolabel.settings import Settings
-
-LABEL_CHUNK = "emolabel.label_chunk"
-RETRAIN = "emolabel.retrain"
-RECONCILE = "emolabel.reconcile"
-
-
-def retrain_queue(settings: Settings) -> str:
-    """Retraining runs on its own queue, so a long run never sits in front of label chunks."""
-    return f"{settings.queue}.retrain"
+from core.names import LABEL_CHUNK, RECONCILE, RETRAIN, retrain_queue
+from core.settings import Settings
+from worker.resources import worker_layout
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.errors import ReasonCode
 from db.delivery import (
     ChunkImage,
     MessageRefused,
@@ -40,8 +41,7 @@ from db.repository import (
     mark_chunk_published,
     record_outcomes,
 )
-from emolabel.errors import ReasonCode
-from emolabel.registry import ensure_active_model
+from training.registry import ensure_active_model
 from worker.predict import ImageOutcome, StageTimes, label_images
 from worker.state import ProcessState
 

@@ -45,8 +45,8 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from emolabel.ops import MULTIPROCESS_VARIABLE
-from emolabel.settings import Settings
+from core.names import MULTIPROCESS_VARIABLE
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from emolabel.settings import Precision
+from core.settings import Precision
 from training.artifacts import Artifact, load_artifact
 from training.inference import class_scores
 from training.preprocess import InputSpec

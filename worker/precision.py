@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, get_args
 
-from emolabel.settings import Precision
+from core.settings import Precision
 
 logger = logging.getLogger(__name__)
 

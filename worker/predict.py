@@ -19,8 +19,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from emolabel.errors import ImageError, ReasonCode
-from emolabel.settings import LimitSettings
+from core.errors import ImageError, ReasonCode
+from core.settings import LimitSettings
 from training.inference import Prediction, to_predictions
 from training.preprocess import InputSpec, load_image
 

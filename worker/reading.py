@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emolabel.errors import ImageError, ImageTooLarge, ReasonCode
-from emolabel.settings import S3Settings
-from producer.uris import S3_SCHEME, parse_s3_uri, s3_dot_segment, uri_to_path
+from core.errors import ImageError, ImageTooLarge, ReasonCode
+from core.settings import S3Settings
+from core.uris import S3_SCHEME, parse_s3_uri, s3_dot_segment, uri_to_path
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REOPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)

@@ -20,12 +20,12 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import Settings
 from db.session import make_engine, make_sessionmaker
-from emolabel.resources import cpu_has_bfloat16, worker_layout
-from emolabel.settings import Settings
 from training.trust import ArtifactHashes
 from worker.model_runner import KerasRunner
 from worker.reading import Reader
+from worker.resources import cpu_has_bfloat16, worker_layout
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ProcessState:
         """The model for `version`, loading it (once) if it is not the one in memory."""
         with self._lock:
             if self._runner is None or self._runner.version != version:
-                from emolabel.runtime import load_keras
+                from training.runtime import load_keras
 
                 worker = self.settings.worker
                 threads = worker_layout(worker).model_threads
@@ -82,7 +82,7 @@ class ProcessState:
 
     def _registered_hashes(self, version: str, artifact_path: str) -> ArtifactHashes:
         """The hashes the registry recorded for `version`, which the files must match."""
-        from emolabel.registry import registered_hashes
+        from training.registry import registered_hashes
 
         with self.sessions() as session:
             return registered_hashes(session=session, version=version, artifact_path=artifact_path)
@@ -124,7 +124,7 @@ def preload_active_model(settings: Settings) -> threading.Thread:
     """
 
     def load() -> None:
-        from emolabel.registry import ensure_active_model
+        from training.registry import ensure_active_model
 
         try:
             state = process_state(settings)

@@ -21,9 +21,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from core.errors import ConfigError, ModelError
+from core.names import LABEL_CHUNK, RECONCILE, RETRAIN
 from db.delivery import RefusalReason
-from emolabel.errors import ConfigError, ModelError
-from worker.celery_app import LABEL_CHUNK, RECONCILE, RETRAIN
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _note_pool_size(sender: Any, instance: Any, **_: Any) -> None:
     """Record the pool size the worker really runs (`--concurrency` wins over the settings).
 
     Runs in the main process before the pool forks, so every child sizes its model and decode
-    threads (`emolabel.resources.worker_layout`) from the number of processes sharing the CPUs.
+    threads (`worker.resources.worker_layout`) from the number of processes sharing the CPUs.
     """
     settings = getattr(instance.app, "emolabel_settings", None)
     if settings is not None and instance.concurrency:
@@ -61,7 +61,7 @@ def _fresh_child(**_: Any) -> None:
     from billiard.process import current_process
     from celery import current_app
 
-    from emolabel.runtime import pin_gpu
+    from training.runtime import pin_gpu
     from worker.state import forget_inherited_state, preload_active_model
 
     forget_inherited_state()
@@ -212,12 +212,12 @@ def label_chunk(
 
 @shared_task(name=RETRAIN, bind=True)  # type: ignore[untyped-decorator]
 def retrain(self: Task, data_dir: object = None) -> dict[str, Any]:
-    """Train a challenger and promote it only if it passes the gate (see worker.retrain).
+    """Train a challenger and promote it only if it passes the gate (see training.retrain).
 
     `data_dir` comes from the broker: anything but a folder under the training roots is refused
     before a byte is read, and the refusal is recorded as a failed run.
     """
-    from worker.retrain import RefusedRetrain, queued_data_dir, record_refusal, run_retrain
+    from training.retrain import RefusedRetrain, queued_data_dir, record_refusal, run_retrain
     from worker.state import process_state
 
     settings = self.app.emolabel_settings
@@ -234,7 +234,7 @@ def retrain(self: Task, data_dir: object = None) -> dict[str, Any]:
 @shared_task(name=RECONCILE, bind=True)  # type: ignore[untyped-decorator]
 def reconcile(self: Task) -> dict[str, Any]:
     """Resend chunks with no message, end scans whose producer is gone (producer.reconcile)."""
-    from producer.enqueue import celery_publisher
+    from core.publishing import celery_publisher
     from producer.reconcile import reconcile as run_reconcile
     from producer.reconcile import redis_task_ids
     from worker.metrics import record_images_without_message

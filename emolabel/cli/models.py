@@ -10,8 +10,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from emolabel.cli.main import app, console, fail, progress_line, settings_from
-from emolabel.cli.pipeline import _broker, _celery, _sessions
+from emolabel.cli.app import (
+    app,
+    broker_for,
+    celery_for,
+    console,
+    fail,
+    progress_line,
+    sessions_for,
+    settings_from,
+)
 
 models_app = typer.Typer(
     help="The model registry: list, show, promote, rollback, trust.", no_args_is_help=True
@@ -26,7 +34,7 @@ def list_models_command(
     """Every registered version with its status and test metrics (the active one labels)."""
     from db.repository import list_models
 
-    sessions = _sessions(settings_from())
+    sessions = sessions_for(settings_from())
     table = Table("version", "status", "name", "macro F1", "accuracy", "created", "promoted")
     with sessions() as session:
         for model in list_models(session=session):
@@ -60,7 +68,7 @@ def show_model(version: Annotated[str, typer.Argument(help="A registered version
     """The registry row and the artifact's metadata of one version, as JSON."""
     from db.models import ModelVersion
 
-    sessions = _sessions(settings_from())
+    sessions = sessions_for(settings_from())
     with sessions() as session:
         model = session.get(ModelVersion, version)
         if model is None:
@@ -88,11 +96,11 @@ def promote(
 ) -> None:
     """Make a version the active model; workers switch at their next chunk."""
     from db.repository import NotFoundError, set_active_model
-    from emolabel.registry import register_artifact
+    from training.registry import register_artifact
     from training.trust import artifact_under
 
     settings = settings_from()
-    sessions = _sessions(settings)
+    sessions = sessions_for(settings)
     with sessions.begin() as session:
         folder = Path(version)
         if (folder / "metadata.json").is_file():
@@ -115,10 +123,10 @@ def trust(version: Annotated[str, typer.Argument(help="A registered version.")])
     For a version registered before emolabel recorded hashes (workers refuse it until then), or
     after a deliberate change to its files: check the files first, this vouches for them.
     """
-    from emolabel.registry import trust_artifact
+    from training.registry import trust_artifact
 
     settings = settings_from()
-    with _sessions(settings).begin() as session:
+    with sessions_for(settings).begin() as session:
         model = trust_artifact(session=session, version=version, models_dir=settings.models_dir)
         line = f"{model.version}: model.keras {model.model_sha256}, metadata.json " + str(
             model.metadata_sha256
@@ -134,7 +142,7 @@ def rollback() -> None:
     from db.models import ModelStatus, ModelVersion
     from db.repository import active_model, set_active_model
 
-    sessions = _sessions(settings_from())
+    sessions = sessions_for(settings_from())
     with sessions.begin() as session:
         current = active_model(session=session)
         previous = session.scalars(
@@ -166,19 +174,21 @@ def retrain(
     only if it is better; the run and its decision are recorded either way."""
     settings = settings_from()
     if send:
-        from worker.celery_app import RETRAIN, retrain_queue
+        from core.names import RETRAIN, retrain_queue
 
-        _broker(settings)
-        sent = _celery(settings).send_task(
+        broker_for(settings)
+        sent = celery_for(settings).send_task(
             RETRAIN,
             kwargs={"data_dir": str(data_dir.resolve()) if data_dir else None},
             queue=retrain_queue(settings),
         )
         console.print(f"retraining sent as task {sent.id}", highlight=False)
         return
-    from worker.retrain import run_retrain
+    from training.retrain import run_retrain
 
-    report = run_retrain(settings, _sessions(settings), data_dir=data_dir, progress=progress_line)
+    report = run_retrain(
+        settings, sessions_for(settings), data_dir=data_dir, progress=progress_line
+    )
     console.print(
         f"run {report.run_id}: {report.decision} challenger {report.challenger_version} "
         f"(champion {report.champion_version}): {report.reason}",
@@ -194,6 +204,6 @@ def beat(
     settings = settings_from()
     if settings.retrain.data_dir is None:
         fail("nothing to schedule: set EMOLABEL_RETRAIN__DATA_DIR to the training folder")
-    _broker(settings)
+    broker_for(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    _celery(settings).start(["beat", f"--loglevel={loglevel}"])
+    celery_for(settings).start(["beat", f"--loglevel={loglevel}"])

@@ -22,57 +22,23 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from emolabel.cli.main import app, console, fail, settings_from
-from emolabel.settings import Settings
+from core.settings import Settings
+from emolabel.cli.app import (
+    app,
+    broker_for,
+    celery_for,
+    console,
+    fail,
+    first_line,
+    safe_url,
+    sessions_for,
+    settings_from,
+)
 
 db_app = typer.Typer(
     help="Database schema: upgrade, check, current revision.", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
-
-
-def _sessions(settings: Settings) -> sessionmaker[Session]:
-    from db.session import check_schema, make_engine, make_sessionmaker, upgrade
-
-    url = settings.effective_database_url
-    if settings.database_url is None:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        upgrade(url)
-    else:
-        try:
-            check_schema(url)
-        except Exception as error:  # SchemaMismatchError or a connection error: one line either way
-            fail(
-                f"database {_safe_url(url)} is not ready ({_first_line(error, url)}); "
-                "run `emolabel db upgrade`"
-            )
-    return make_sessionmaker(make_engine(url))
-
-
-def _safe_url(url: str) -> str:
-    from emolabel.redaction import mask_url
-
-    return mask_url(url)
-
-
-def _first_line(error: BaseException, url: str) -> str:
-    """The first line of an error about the database at `url`, without its password."""
-    from emolabel.redaction import mask_urls_in_text, redact
-
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return mask_urls_in_text(redact(lines[0], url))
-
-
-def _broker(settings: Settings) -> None:
-    from emolabel.embedded import ensure_redis
-
-    ensure_redis(settings)
-
-
-def _celery(settings: Settings) -> Any:
-    from worker.celery_app import make_celery
-
-    return make_celery(settings)
 
 
 @db_app.command("upgrade")
@@ -84,7 +50,7 @@ def db_upgrade() -> None:
     if settings.database_url is None:
         settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
-    console.print(f"database {_safe_url(settings.effective_database_url)} is at the newest schema")
+    console.print(f"database {safe_url(settings.effective_database_url)} is at the newest schema")
 
 
 @db_app.command("check")
@@ -96,7 +62,7 @@ def db_check() -> None:
     try:
         check_schema(settings.effective_database_url)
     except Exception as error:
-        fail(_first_line(error, settings.effective_database_url))
+        fail(first_line(error, settings.effective_database_url))
     console.print("schema is up to date")
 
 
@@ -131,9 +97,10 @@ def _scan(
 ) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from emolabel.registry import ensure_active_model
-    from producer.enqueue import ScanProgress, celery_publisher, parse_where, run_scan
+    from core.publishing import celery_publisher
+    from producer.enqueue import ScanProgress, parse_where, run_scan
     from producer.sources import open_source
+    from training.registry import ensure_active_model
 
     selections = [parse_where(text) for text in where]
     with sessions.begin() as session:
@@ -151,7 +118,7 @@ def _scan(
         secret=secret,
         region=settings.s3.region,
     )
-    publish = celery_publisher(_celery(settings), settings.queue)
+    publish = celery_publisher(celery_for(settings), settings.queue)
     columns = (
         TextColumn("scanning"),
         BarColumn(),
@@ -215,8 +182,8 @@ def scan(
             update={"scan": base.scan.model_copy(update={"chunk_size": chunk_size})}
         )
     )
-    _broker(settings)
-    _scan(settings, _sessions(settings), source, force=force, where=where or [])
+    broker_for(settings)
+    _scan(settings, sessions_for(settings), source, force=force, where=where or [])
 
 
 @app.command()
@@ -228,15 +195,16 @@ def republish(
     ] = None,
 ) -> None:
     """Publish a job's recorded-but-unpublished chunks (after a broker outage or a lost message)."""
-    from producer.enqueue import celery_publisher, republish_unpublished
+    from core.publishing import celery_publisher
+    from producer.enqueue import republish_unpublished
 
     settings = settings_from()
-    _broker(settings)
-    sessions = _sessions(settings)
+    broker_for(settings)
+    sessions = sessions_for(settings)
     count = republish_unpublished(
         job,
         sessions=sessions,
-        publish=celery_publisher(_celery(settings), settings.queue),
+        publish=celery_publisher(celery_for(settings), settings.queue),
         older_than=older_than,
     )
     console.print(f"job {job}: {count} chunks published", highlight=False)
@@ -246,16 +214,16 @@ def republish(
 def reconcile() -> None:
     """Finish what crashes left half-done: resend chunks with no message in Redis, end scans
     whose producer is gone (the `emolabel.reconcile` beat task runs the same every few minutes)."""
-    from producer.enqueue import celery_publisher
+    from core.publishing import celery_publisher
     from producer.reconcile import reconcile as run_reconcile
     from producer.reconcile import redis_task_ids
 
     settings = settings_from()
-    _broker(settings)
-    sessions = _sessions(settings)
+    broker_for(settings)
+    sessions = sessions_for(settings)
     report = run_reconcile(
         sessions=sessions,
-        publish=celery_publisher(_celery(settings), settings.queue),
+        publish=celery_publisher(celery_for(settings), settings.queue),
         broker_task_ids=redis_task_ids(settings.effective_broker_url, settings.queue),
         settings=settings.reconcile,
     )
@@ -287,13 +255,13 @@ def run_worker(
     a retraining run takes hours, and must not sit in front of label chunks.
     """
     settings = settings_from()
-    _broker(settings)
-    _sessions(settings)  # migrate or check before taking work
-    from worker.celery_app import retrain_queue
+    broker_for(settings)
+    sessions_for(settings)  # migrate or check before taking work
+    from core.names import retrain_queue
 
     queue = retrain_queue(settings) if retrain else settings.queue
     arguments = ["worker", f"--loglevel={loglevel}", f"--queues={queue}"]
-    from emolabel.resources import worker_layout
+    from worker.resources import worker_layout
 
     if retrain and concurrency not in (None, 1):
         fail("a retrainer runs one retraining at a time: drop --concurrency or set it to 1")
@@ -302,7 +270,7 @@ def run_worker(
     if hostname:
         arguments.append(f"--hostname={hostname}")
     _metrics_directory_for_pool(settings)
-    celery_app = _celery(settings)
+    celery_app = celery_for(settings)
     celery_app.loader.import_default_modules()
     celery_app.worker_main(arguments)
 
@@ -311,7 +279,7 @@ def run_worker(
 def _local_worker_if_needed(settings: Settings) -> Iterator[bool]:
     from emolabel.embedded import start_local_worker, worker_running
 
-    if not settings.embedded_broker or worker_running(_celery(settings)):
+    if not settings.embedded_broker or worker_running(celery_for(settings)):
         yield False
         return
     console.print("starting a local worker (embedded default)", highlight=False)
@@ -364,8 +332,8 @@ def label(
 ) -> None:
     """Scan, then follow the job live until every image is labeled, failed or skipped."""
     settings = settings_from()
-    _broker(settings)
-    sessions = _sessions(settings)
+    broker_for(settings)
+    sessions = sessions_for(settings)
     summary = _scan(settings, sessions, source, force=force, where=where or [])
     with _local_worker_if_needed(settings):
         counts = _follow(sessions, summary.job_id)
@@ -388,7 +356,7 @@ def status(
     from db.repository import NotFoundError, job_counts
 
     settings = settings_from()
-    sessions = _sessions(settings)
+    sessions = sessions_for(settings)
     with sessions() as session:
         jobs = (
             [session.get(Job, job)]
@@ -477,7 +445,7 @@ def export(
     if output_format not in ("csv", "jsonl"):
         fail(f"--format {output_format!r}: use csv or jsonl")
     settings = settings_from()
-    sessions = _sessions(settings)
+    sessions = sessions_for(settings)
     handle = output.open("w", newline="") if output else sys.stdout
     try:
         writer = csv.writer(handle) if output_format == "csv" else None
@@ -525,18 +493,18 @@ def failures(
     from db.repository import failed_items
 
     settings = settings_from()
-    sessions = _sessions(settings)
+    sessions = sessions_for(settings)
     if retry:
         if job is None:
             fail("--retry needs --job")
-        from producer.enqueue import celery_publisher
+        from core.publishing import celery_publisher
         from producer.retry import requeue_failed
 
-        _broker(settings)
+        broker_for(settings)
         count = requeue_failed(
             job,
             sessions=sessions,
-            publish=celery_publisher(_celery(settings), settings.queue),
+            publish=celery_publisher(celery_for(settings), settings.queue),
             chunk_size=settings.scan.chunk_size,
         )
         console.print(f"job {job}: {count} failed images enqueued again", highlight=False)
@@ -567,7 +535,8 @@ def _metrics_directory_for_pool(settings: Settings) -> None:
     import os
     import socket
 
-    from emolabel.ops import MULTIPROCESS_VARIABLE, prepare_metrics_directory
+    from core.names import MULTIPROCESS_VARIABLE
+    from emolabel.ops import prepare_metrics_directory
 
     if settings.metrics.port == 0 or os.environ.get(MULTIPROCESS_VARIABLE):
         return
@@ -609,7 +578,7 @@ def flower(
         }
     )
     flower_arguments(settings)  # no credentials: refuse before starting anything
-    _broker(settings)
+    broker_for(settings)
     logging.getLogger("flower").setLevel(logging.INFO)  # its "Visit me at" line
     console.print(
         f"Flower on http://{settings.flower.address}:{settings.flower.port} "

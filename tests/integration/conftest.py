@@ -31,12 +31,12 @@ from PIL import Image as PillowImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import LimitSettings, ScanSettings, Settings, WorkerSettings
+from core.uris import path_to_uri
 from db.models import Image, Job, JobItem, JobStatus, Result
 from db.repository import JobCounts, job_counts
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import LocalWorker, start_local_worker, worker_environment
-from emolabel.settings import LimitSettings, ScanSettings, Settings, WorkerSettings
-from producer.uris import path_to_uri
 from tests.conftest import run_cli
 from tests.images import bomb_png
 from tests.services import TEST_REDIS_URL

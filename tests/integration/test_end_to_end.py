@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import ScanSettings, WorkerSettings
+from core.uris import path_to_uri, uri_to_path
 from db.models import Chunk, Image, Result
-from emolabel.settings import ScanSettings, WorkerSettings
-from producer.uris import path_to_uri, uri_to_path
 from tests.integration.conftest import (
     CLASSES,
     SettingsFactory,

@@ -26,9 +26,9 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from core.settings import ScanSettings, Settings, WorkerSettings
+from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Image, JobItem
-from emolabel.settings import ScanSettings, Settings, WorkerSettings
-from producer.uris import path_to_uri
 from tests.integration.conftest import (
     SettingsFactory,
     Workers,

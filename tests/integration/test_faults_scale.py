@@ -36,11 +36,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from core.settings import ScanSettings, Settings, WorkerSettings
+from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Job, JobItem, JobStatus, RefusedMessage
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import LocalWorker, worker_environment
-from emolabel.settings import ScanSettings, Settings, WorkerSettings
-from producer.uris import path_to_uri
 from tests.conftest import REPO
 from tests.integration.conftest import (
     SettingsFactory,

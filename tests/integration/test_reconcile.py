@@ -24,10 +24,10 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.publishing import celery_publisher
+from core.settings import ReconcileSettings, ScanSettings, Settings
 from db.models import Chunk, ChunkStatus, Job, JobStatus
 from emolabel.embedded import worker_environment
-from emolabel.settings import ReconcileSettings, ScanSettings, Settings
-from producer.enqueue import celery_publisher
 from producer.reconcile import reconcile, redis_task_ids, task_ids_in_broker
 from tests.conftest import REPO
 from tests.integration.conftest import (
@@ -107,8 +107,9 @@ SCAN_UNTIL_TOLD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from db.session import make_engine, make_sessionmaker
-    from emolabel.settings import Settings
-    from producer.enqueue import celery_publisher, run_scan
+    from core.settings import Settings
+    from core.publishing import celery_publisher
+    from producer.enqueue import run_scan
     from producer.sources import FolderSource
     from worker.celery_app import make_celery
 

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.names import LABEL_CHUNK
+from core.settings import ScanSettings
+from core.uris import path_to_uri
 from db.models import Chunk, Image, JobItem, RefusedMessage
-from emolabel.settings import ScanSettings
-from producer.uris import path_to_uri
 from tests.integration.conftest import (
     SettingsFactory,
     Workers,
@@ -26,7 +27,7 @@ from tests.integration.conftest import (
     write_bytes,
 )
 from tests.services import wait_for
-from worker.celery_app import LABEL_CHUNK, make_celery
+from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import S3Settings, ScanSettings
+from core.uris import s3_uri
 from db.models import Result
-from emolabel.settings import S3Settings, ScanSettings
-from producer.uris import s3_uri
 from tests.integration.conftest import (
     LABELED,
     S3_KEY,

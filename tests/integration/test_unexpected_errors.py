@@ -18,8 +18,8 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import ScanSettings
 from db.models import JobItem
-from emolabel.settings import ScanSettings
 from tests.integration.conftest import (
     SettingsFactory,
     Workers,

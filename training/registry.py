@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.errors import ConfigError, ModelError
 from db.models import ModelVersion
 from db.repository import (
     active_model,
@@ -25,7 +26,6 @@ from db.repository import (
     set_active_model,
     set_model_hashes,
 )
-from emolabel.errors import ConfigError, ModelError
 from training.trust import (
     METADATA_FILE,
     MODEL_FILE,

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from emolabel.settings import WorkerSettings
+from core.settings import WorkerSettings
 
 GiB = 1024**3
 # Resident memory budgeted per automatic worker process (VmHWM measured at batch 64: 1.25-1.31 GiB).

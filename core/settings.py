@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
 
 ColorMode = Literal["rgb", "grayscale"]
 

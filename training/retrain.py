@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ConfigError, EmolabelError
+from core.settings import RetrainSettings, Settings
 from db.models import ModelStatus, RetrainDecision
 from db.repository import active_model, promote_if_active, record_retrain_run, set_model_status
-from emolabel.errors import ConfigError, EmolabelError
-from emolabel.registry import register_artifact, registered_hashes
-from emolabel.settings import RetrainSettings, Settings
+from training.registry import register_artifact, registered_hashes
 from training.trust import artifact_under
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def run_retrain(
     progress: Callable[[str], None] = logger.info,
 ) -> RetrainReport:
     """Train, gate, register and record; returns the decision (a failure is recorded too)."""
-    from emolabel.runtime import load_keras
+    from training.runtime import load_keras
 
     source = data_dir or settings.retrain.data_dir
     if source is None:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from types import ModuleType
 
-from emolabel.errors import ConfigError
+from core.errors import ConfigError
 
 _import_lock = threading.Lock()
 

@@ -1,0 +1,298 @@
+"""Commands on datasets and model files: sample-data, clean, train, evaluate, predict,
+import-model, and `settings`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from emolabel.cli.app import (
+    EXIT_PARTIAL,
+    app,
+    console,
+    fail,
+    progress_line,
+    sessions_for,
+    settings_from,
+    split_names,
+)
+from training.runtime import load_keras
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write <class>/<image> files into.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class names.")] = "happy,sad",
+    per_class: Annotated[int, typer.Option(min=1, help="Images per class.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed draws the same files.")] = 0,
+) -> None:
+    """Draw a folder-per-class set of synthetic face images (nothing is downloaded)."""
+    from training.sample_data import generate_sample_data
+
+    try:
+        summary = generate_sample_data(out, split_names(classes), per_class, seed)
+    except ValueError as error:
+        fail(str(error))
+    console.print(f"wrote {summary.total_files} images to {out}", highlight=False)
+
+
+@app.command()
+def clean(
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class dataset.")],
+    quarantine: Annotated[
+        Path | None,
+        typer.Option(help="Move bad files here (keeping relative paths); nothing is deleted."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Report files that are not usable images (by content), too small, or exact duplicates."""
+    from training.clean import quarantine as move_to_quarantine
+    from training.clean import scan_dataset
+    from training.train import ensure_trainable
+
+    settings = settings_from()
+    ensure_trainable(data_dir)
+    report = scan_dataset(data_dir, settings.limits)
+    moved = move_to_quarantine(report, quarantine) if quarantine is not None else []
+    if as_json:
+        console.print_json(data=report.to_json() | {"moved": [[str(a), str(b)] for a, b in moved]})
+        return
+    table = Table(
+        "file", "reason", "detail", title=f"{len(report.findings)} of {report.scanned} files"
+    )
+    for finding in report.findings:
+        table.add_row(str(finding.path.relative_to(data_dir)), finding.reason.value, finding.detail)
+    console.print(table)
+    for reason, count in sorted(report.counts_by_reason().items()):
+        console.print(f"{reason}: {count}", highlight=False)
+    if moved:
+        console.print(f"moved {len(moved)} files to {quarantine}", highlight=False)
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class dataset (>= 2 classes).")],
+    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    image_size: Annotated[int | None, typer.Option(min=8, help="Input height and width.")] = None,
+    color: Annotated[str | None, typer.Option(help="rgb or grayscale.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    patience: Annotated[int | None, typer.Option(min=1)] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Where artifacts go.")] = None,
+    name: Annotated[str | None, typer.Option(help="Artifact family name.")] = None,
+) -> None:
+    """Clean, split 70/20/10, train the CNN, evaluate it on the test split, save an artifact."""
+    from training.train import ensure_trainable, train_model
+
+    base = settings_from()
+    chosen = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "color_mode": color,
+        "seed": seed,
+        "learning_rate": learning_rate,
+        "patience": patience,
+        "augment": augment,
+    }
+    settings = settings_from(
+        train=base.train.model_dump() | {k: v for k, v in chosen.items() if v is not None},
+        limits=base.limits,
+        models_dir=models_dir or base.models_dir,
+        model_name=name or base.model_name,
+        home=base.home,
+    )
+    ensure_trainable(data_dir)
+    load_keras(settings.keras_backend)
+    outcome = train_model(
+        data_dir,
+        settings.train,
+        settings.limits,
+        settings.models_dir,
+        settings.model_name,
+        progress=progress_line,
+    )
+    evaluation = outcome.evaluation
+    console.print(evaluation.report, highlight=False)
+    console.print(
+        f"model {outcome.metadata.version}: test accuracy {evaluation.accuracy:.4f}, "
+        f"macro F1 {evaluation.macro['f1']:.4f} on {evaluation.support} images "
+        f"({outcome.seconds:.0f}s)\nartifact: {outcome.artifact_dir}",
+        highlight=False,
+    )
+    from training.registry import register_trained
+
+    with sessions_for(settings).begin() as session:
+        _, activated = register_trained(session=session, directory=outcome.artifact_dir)
+    version = outcome.metadata.version
+    console.print(
+        f"registered {version}: "
+        + (
+            "active (no model was)"
+            if activated
+            else f"candidate; `emolabel models promote {version}`"
+        ),
+        highlight=False,
+    )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Artifact folder or version.")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class set to score the model on.")],
+    out: Annotated[Path | None, typer.Option(help="Write metrics, matrix and plot here.")] = None,
+    update_metadata: Annotated[
+        bool, typer.Option(help="Also store the metrics in the artifact's metadata.")
+    ] = False,
+) -> None:
+    """Score a model on every usable image of a folder-per-class set (class names must match)."""
+    from training.artifacts import load_artifact, write_metadata
+    from training.clean import scan_dataset
+    from training.dataset import discover_classes, examples_from_report
+    from training.evaluate import evaluate_files, write_evaluation
+    from training.train import ensure_trainable
+
+    settings = settings_from()
+    ensure_trainable(data_dir)
+    load_keras(settings.keras_backend)
+    artifact = load_artifact(model, settings.models_dir, settings.model_name)
+    folder_classes = discover_classes(data_dir)
+    known = artifact.metadata.class_names
+    unknown = sorted(set(folder_classes) - set(known))
+    if unknown:
+        fail(f"{data_dir} has classes the model does not know: {', '.join(unknown)}")
+    report = scan_dataset(data_dir, settings.limits)
+    examples, _ = examples_from_report(report, folder_classes)
+    # Labels follow the model's class order, not the folder order.
+    evaluation = evaluate_files(
+        artifact,
+        [example.path for example in examples],
+        [known.index(example.class_name) for example in examples],
+        settings.limits,
+    )
+    target = out or artifact.path
+    written = write_evaluation(evaluation, target, prefix="evaluation")
+    if update_metadata:
+        metadata = artifact.metadata.model_copy(
+            update={"metrics": artifact.metadata.metrics | {"evaluation": evaluation.to_json()}}
+        )
+        write_metadata(artifact.path, metadata)
+    console.print(evaluation.report, highlight=False)
+    console.print(
+        f"accuracy {evaluation.accuracy:.4f}, macro F1 {evaluation.macro['f1']:.4f} on "
+        f"{evaluation.support} images; {len(report.findings)} files left out; wrote {written[0]}",
+        highlight=False,
+    )
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    model: Annotated[
+        str | None, typer.Option(help="Artifact folder or version (default: latest).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+) -> None:
+    """Print label and confidence per image, preprocessing taken from the model's metadata."""
+    import numpy as np
+
+    from core.errors import ImageError
+    from training.artifacts import load_artifact
+    from training.inference import predict_scores, to_predictions
+    from training.preprocess import load_image_file
+
+    settings = settings_from()
+    load_keras(settings.keras_backend)
+    artifact = load_artifact(model, settings.models_dir, settings.model_name)
+    rows: list[dict[str, Any]] = []
+    loaded: list[tuple[int, Any]] = []
+    for index, path in enumerate(images):
+        rows.append({"image": str(path)})
+        try:
+            loaded.append((index, load_image_file(path, artifact.spec, settings.limits)))
+        except ImageError as error:
+            rows[index] |= {"error": error.reason.value, "detail": str(error)}
+        except OSError as error:
+            rows[index] |= {"error": "unreadable", "detail": error.strerror or str(error)}
+    if loaded:
+        scores = predict_scores(artifact, np.stack([pixels for _, pixels in loaded]))
+        for (index, _), result in zip(
+            loaded, to_predictions(scores, artifact.metadata.class_names), strict=True
+        ):
+            rows[index] |= {"label": result.label, "confidence": round(result.confidence, 6)}
+            rows[index]["scores"] = {k: round(v, 6) for k, v in result.scores.items()}
+    for row in rows:
+        if as_json:
+            print(json.dumps(row | {"model_version": artifact.metadata.version}))
+        elif "error" in row:
+            console.print(
+                f"{row['image']}\t[red]{row['error']}[/]\t{row['detail']}", highlight=False
+            )
+        else:
+            console.print(
+                f"{row['image']}\t{row['label']}\t{row['confidence']:.4f}", highlight=False
+            )
+    if any("error" in row for row in rows):
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("import-model")
+def import_model_command(
+    file: Annotated[Path, typer.Argument(help="A .keras or legacy .h5 Keras model.")],
+    classes: Annotated[str, typer.Option(help="Class names in output order, comma-separated.")],
+    color: Annotated[
+        str | None, typer.Option(help="grayscale or rgb (checked against the model).")
+    ] = None,
+    scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Pixel multiplier such as 1/255 (default: 1 if the model rescales, else 1/255)."
+        ),
+    ] = None,
+    offset: Annotated[float, typer.Option(help="Added after scaling (e.g. -1 for [-1, 1]).")] = 0.0,
+    image_size: Annotated[
+        int | None, typer.Option(help="Only for models of any input size.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Artifact family name.")] = None,
+) -> None:
+    """Wrap a third-party Keras classifier with metadata so it is served like ours."""
+    from training.importing import import_model
+
+    if color is not None and color not in ("rgb", "grayscale"):
+        fail(f"--color {color!r}: use rgb or grayscale")
+    settings = settings_from()
+    load_keras(settings.keras_backend)
+    directory = import_model(
+        file,
+        split_names(classes),
+        settings.models_dir,
+        name or settings.model_name,
+        color_mode=color,  # type: ignore[arg-type]
+        scale=scale,
+        offset=offset,
+        image_size=image_size,
+    )
+    console.print(f"imported {file} as {directory}", highlight=False)
+
+
+@app.command("settings")
+def show_settings(
+    table: Annotated[
+        bool, typer.Option("--table", help="Print the README's Markdown table.")
+    ] = False,
+) -> None:
+    """Show the effective settings (or the table of every setting and its default)."""
+    from core.redaction import mask_urls
+    from core.settings import settings_table
+
+    if table:
+        print(settings_table())
+        return
+    # Secret settings dump as `**********`; URLs keep everything but their passwords.
+    console.print_json(data=mask_urls(settings_from().model_dump(mode="json")))
