@@ -14,7 +14,7 @@ raised to the caller.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from core.reasons import Reason
 
 
 class EmolabelError(Exception):
@@ -33,32 +33,10 @@ class ModelError(EmolabelError):
     """A model artifact that is missing, unreadable, or disagrees with its metadata."""
 
 
-class ReasonCode(StrEnum):
-    """Why one input was refused; stored with failure rows, so values are stable."""
-
-    EMPTY = "empty"
-    TOO_SMALL = "too_small"
-    TOO_LARGE = "too_large"
-    TOO_MANY_PIXELS = "too_many_pixels"
-    NOT_AN_IMAGE = "not_an_image"
-    UNSUPPORTED_TYPE = "unsupported_type"
-    CORRUPT = "corrupt"
-    DUPLICATE = "duplicate"
-    UNREADABLE = "unreadable"
-    NOT_A_FILE = "not_a_file"
-    MISSING = "missing"
-    OUTSIDE_ROOT = "outside_root"
-    POISON = "poison"
-    # Our bug or an unforeseen library error, not the file's fault: a rescan sends it again.
-    INTERNAL_ERROR = "internal_error"
-    NO_CLASS = "no_class"  # a training file that is not inside any class folder
-    LABEL_CONFLICT = "label_conflict"  # the same content filed under two or more classes
-
-
 class ImageError(EmolabelError):
     """One image that cannot be used; `reason` is a stable code, the message is for people."""
 
-    def __init__(self, reason: ReasonCode, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from core.reasons import Reason
 from db.models import (
     ChunkStatus,
     ItemState,
@@ -47,19 +47,10 @@ from db.repository import (
 _MESSAGE_LENGTH = 2000
 
 
-class RefusalReason(StrEnum):
-    """Why a chunk message was refused; stored in `refused_messages.reason`."""
-
-    MALFORMED = "malformed"  # wrong types, too many or too long URIs
-    UNKNOWN_JOB = "unknown_job"
-    UNKNOWN_CHUNK = "unknown_chunk"
-    NOT_THE_CHUNKS_IMAGES = "not_the_chunks_images"
-
-
 class MessageRefused(ValueError):
-    """A chunk message the ledger disagrees with; `reason` is a `RefusalReason`."""
+    """A chunk message the ledger disagrees with; `reason` is a `Reason`."""
 
-    def __init__(self, reason: RefusalReason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -96,16 +87,14 @@ def begin_delivery(
     """
     job = session.execute(select(JOBS.c.source, JOBS.c.status).where(JOBS.c.id == job_id)).first()
     if job is None:
-        raise MessageRefused(RefusalReason.UNKNOWN_JOB, f"no job with id {job_id}")
+        raise MessageRefused(Reason.UNKNOWN_JOB, f"no job with id {job_id}")
     chunk = session.execute(
         select(CHUNKS.c.status).where(
             CHUNKS.c.job_id == job_id, CHUNKS.c.chunk_index == chunk_index
         )
     ).first()
     if chunk is None:
-        raise MessageRefused(
-            RefusalReason.UNKNOWN_CHUNK, f"job {job_id} has no chunk {chunk_index}"
-        )
+        raise MessageRefused(Reason.UNKNOWN_CHUNK, f"job {job_id} has no chunk {chunk_index}")
     if chunk.status == ChunkStatus.DONE:
         return ChunkDelivery(0, 0, ChunkStatus.DONE, job.source, JobStatus(job.status), [])
     rows = session.execute(
@@ -147,7 +136,7 @@ def _check_same_images(job_id: int, chunk_index: int, ledger: set[str], message:
         return
     extra, missing = sorted(message - ledger), sorted(ledger - message)
     raise MessageRefused(
-        RefusalReason.NOT_THE_CHUNKS_IMAGES,
+        Reason.NOT_THE_CHUNKS_IMAGES,
         f"the message for chunk {chunk_index} of job {job_id} names {len(extra)} image(s) the"
         f" chunk does not hold (first: {extra[:3]}) and leaves out {len(missing)} it holds"
         f" (first: {missing[:3]})",
@@ -157,7 +146,7 @@ def _check_same_images(job_id: int, chunk_index: int, ledger: set[str], message:
 def record_refusal(
     *,
     session: Session,
-    reason: RefusalReason,
+    reason: Reason,
     message: str,
     job_id: int | None = None,
     chunk_index: int | None = None,
@@ -254,7 +243,6 @@ __all__ = [
     "ChunkImage",
     "MessageRefused",
     "NotFoundError",
-    "RefusalReason",
     "begin_delivery",
     "pending_images",
     "record_crash",

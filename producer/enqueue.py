@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ConfigError, EmolabelError
 from core.publishing import Publisher, PublishError
+from core.reasons import FINAL_FAILURES, Reason
 from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ChunkStatus, ItemState, Job
@@ -63,30 +64,6 @@ if TYPE_CHECKING:
     pass
 
 logger = logging.getLogger(__name__)
-
-ALREADY_LABELED = "already_labeled"
-"""Skip reason: `model_version` labeled this version of the file (same fingerprint)."""
-NOT_SELECTED = "not_selected"
-"""Skip reason: the image does not match every `--where` selection."""
-ALREADY_FAILED = "already_failed"
-"""Skip reason: a worker failed on this version of the file for its content (`FINAL_FAILURES`)."""
-FINAL_FAILURES = frozenset(
-    {
-        "empty",
-        "too_small",
-        "too_large",
-        "too_many_pixels",
-        "not_an_image",
-        "unsupported_type",
-        "corrupt",
-        "poison",
-    }
-)
-"""Failure reasons that the same file meets again: a scan does not enqueue it once more.
-
-The others (`missing`, `unreadable`, `not_a_file`, `outside_root`) may pass on their own.
-`--where failed`, `--force` and `emolabel failures --retry` send such images all the same.
-"""
 
 
 class ScanInterrupted(EmolabelError):
@@ -369,12 +346,12 @@ class _Scan:
             if entry.skip_reason is not None:
                 items.append(_skipped(image_id, entry.skip_reason, entry.skip_message))
             elif labeled.get(entry.uri) == entry.fingerprint:
-                items.append(_skipped(image_id, ALREADY_LABELED))
+                items.append(_skipped(image_id, Reason.ALREADY_LABELED))
             elif image_id in failed:
                 message = f"failed as {failed[image_id]} and unchanged since"
-                items.append(_skipped(image_id, ALREADY_FAILED, message))
+                items.append(_skipped(image_id, Reason.ALREADY_FAILED, message))
             elif image_id not in selected:
-                items.append(_skipped(image_id, NOT_SELECTED))
+                items.append(_skipped(image_id, Reason.NOT_SELECTED))
             else:
                 pending.append(_Pending(image_id, entry.uri, entry.size_bytes))
         return items, pending
@@ -645,10 +622,6 @@ def _skipped(image_id: int, reason: str, message: str | None = None) -> JobItemR
 
 
 __all__ = [
-    "ALREADY_FAILED",
-    "ALREADY_LABELED",
-    "FINAL_FAILURES",
-    "NOT_SELECTED",
     "WHERE_FORMS",
     "ScanInterrupted",
     "ScanProgress",

@@ -8,24 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
-
-
-class SkipReason(StrEnum):
-    """Why a listed file is not sent to the workers; stored in the ledger, so values are stable."""
-
-    NOT_AN_IMAGE = "not_an_image"
-    EMPTY = "empty"
-    TOO_LARGE = "too_large"
-    NOT_A_FILE = "not_a_file"
-    UNREADABLE = "unreadable"
-    MISSING = "missing"
-    SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
-    # An S3 key with a `.` or `..` segment: a store may resolve it outside the prefix.
-    OUTSIDE_ROOT = "outside_root"  # the worker's reason for the same refusal
-    SYMLINK_LOOP = "symlink_loop"
-    DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.reasons import Reason
 from core.uris import display_name, path_to_uri
-from producer.entries import Entry, SkipReason
+from producer.entries import Entry
 from producer.sniff import HEAD_BYTES, sniff_image_type
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -111,16 +112,16 @@ class FolderSource:
         try:
             status = os.stat(name, dir_fd=directory.descriptor, follow_symlinks=False)
         except FileNotFoundError:
-            return _entry(path, None, SkipReason.MISSING, "deleted while its folder was walked")
+            return _entry(path, None, Reason.MISSING, "deleted while its folder was walked")
         except OSError as error:
-            return _entry(path, None, SkipReason.UNREADABLE, _describe(error))
+            return _entry(path, None, Reason.UNREADABLE, _describe(error))
         if stat.S_ISDIR(status.st_mode):
             return _enter_directory(directory, name, path, status, on_path)
         if stat.S_ISLNK(status.st_mode):
             return self._symlink_entry(directory, path, status)
         if not stat.S_ISREG(status.st_mode):
             message = f"{_kind(status.st_mode)}, never opened"
-            return _entry(path, status, SkipReason.NOT_A_FILE, message)
+            return _entry(path, status, Reason.NOT_A_FILE, message)
         return self._file_entry(directory, name, path, status)
 
     def _symlink_entry(
@@ -128,25 +129,25 @@ class FolderSource:
     ) -> Entry:
         if not self._follow_symlinks:
             message = "symbolic link, not followed (following links is turned off)"
-            return _entry(path, status, SkipReason.NOT_A_FILE, message)
+            return _entry(path, status, Reason.NOT_A_FILE, message)
         target = os.path.realpath(path)
         if not _is_within(target, self._root):
             message = "symbolic link to a path outside the root, not followed"
-            return _entry(path, status, SkipReason.SYMLINK_OUTSIDE_ROOT, message)
+            return _entry(path, status, Reason.SYMLINK_OUTSIDE_ROOT, message)
         try:
             target_status = os.stat(path)  # noqa: PTH116
         except FileNotFoundError:
-            return _entry(path, status, SkipReason.MISSING, "broken symbolic link")
+            return _entry(path, status, Reason.MISSING, "broken symbolic link")
         except OSError as error:
             if error.errno == errno.ELOOP:
-                return _entry(path, status, SkipReason.SYMLINK_LOOP, "symbolic links form a loop")
-            return _entry(path, status, SkipReason.UNREADABLE, _describe(error))
+                return _entry(path, status, Reason.SYMLINK_LOOP, "symbolic links form a loop")
+            return _entry(path, status, Reason.UNREADABLE, _describe(error))
         if stat.S_ISDIR(target_status.st_mode) and _is_within(directory.path, target):
             message = "symbolic link to its own folder or a parent"
-            return _entry(path, status, SkipReason.SYMLINK_LOOP, message)
+            return _entry(path, status, Reason.SYMLINK_LOOP, message)
         shown = target.decode("utf-8", errors="backslashreplace")
         message = f"symbolic link to {shown}, which is listed under its own path"
-        return _entry(path, status, SkipReason.DUPLICATE, message)
+        return _entry(path, status, Reason.DUPLICATE, message)
 
     def _file_entry(
         self, directory: _OpenDirectory, name: bytes, path: bytes, status: os.stat_result
@@ -157,20 +158,20 @@ class FolderSource:
         try:
             descriptor = os.open(name, _FILE_FLAGS, dir_fd=directory.descriptor)
         except FileNotFoundError:
-            return _entry(path, status, SkipReason.MISSING, "deleted before it could be read")
+            return _entry(path, status, Reason.MISSING, "deleted before it could be read")
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.ENXIO):
                 message = "replaced by a link or socket while its folder was walked"
-                return _entry(path, status, SkipReason.NOT_A_FILE, message)
-            return _entry(path, status, SkipReason.UNREADABLE, _describe(error))
+                return _entry(path, status, Reason.NOT_A_FILE, message)
+            return _entry(path, status, Reason.UNREADABLE, _describe(error))
         try:
             opened = os.fstat(descriptor)
             if not stat.S_ISREG(opened.st_mode):
                 message = f"became a {_kind(opened.st_mode)} while its folder was walked"
-                return _entry(path, opened, SkipReason.NOT_A_FILE, message)
+                return _entry(path, opened, Reason.NOT_A_FILE, message)
             head = _read_head(descriptor)
         except OSError as error:
-            return _entry(path, status, SkipReason.UNREADABLE, _describe(error))
+            return _entry(path, status, Reason.UNREADABLE, _describe(error))
         finally:
             os.close(descriptor)
         # The file may have been replaced since lstat; what was read belongs to `opened`.
@@ -180,15 +181,15 @@ class FolderSource:
         image_type = sniff_image_type(head)
         if image_type is None:
             message = f"content is not a supported image (starts with {head[:8].hex(' ')})"
-            return _entry(path, opened, SkipReason.NOT_AN_IMAGE, message)
+            return _entry(path, opened, Reason.NOT_AN_IMAGE, message)
         return _entry(path, opened, None, None, image_type)
 
-    def _size_problem(self, status: os.stat_result) -> tuple[SkipReason, str] | None:
+    def _size_problem(self, status: os.stat_result) -> tuple[Reason, str] | None:
         if status.st_size == 0:
-            return SkipReason.EMPTY, "zero bytes"
+            return Reason.EMPTY, "zero bytes"
         if status.st_size > self._max_file_bytes:
             limit = self._max_file_bytes
-            return SkipReason.TOO_LARGE, f"{status.st_size} bytes, over the limit of {limit}"
+            return Reason.TOO_LARGE, f"{status.st_size} bytes, over the limit of {limit}"
         return None
 
 
@@ -218,13 +219,13 @@ def _enter_directory(
     try:
         child = _open_directory(parent.descriptor, name, path)
     except FileNotFoundError:
-        return _entry(path, status, SkipReason.MISSING, "deleted while its folder was walked")
+        return _entry(path, status, Reason.MISSING, "deleted while its folder was walked")
     except OSError as error:
-        return _entry(path, status, SkipReason.UNREADABLE, f"cannot list: {_describe(error)}")
+        return _entry(path, status, Reason.UNREADABLE, f"cannot list: {_describe(error)}")
     if child.identity in on_path:
         os.close(child.descriptor)
         message = "folder contains itself (a bind mount loop)"
-        return _entry(path, status, SkipReason.SYMLINK_LOOP, message)
+        return _entry(path, status, Reason.SYMLINK_LOOP, message)
     return child
 
 
@@ -241,7 +242,7 @@ def _read_head(descriptor: int) -> bytes:
 def _entry(
     path: bytes,
     status: os.stat_result | None,
-    skip_reason: SkipReason | None,
+    skip_reason: Reason | None,
     skip_message: str | None,
     image_type: str | None = None,
 ) -> Entry:

@@ -15,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from core.errors import ConfigError
+from core.reasons import Reason
 from core.uris import parse_s3_uri, s3_dot_segment, s3_uri
-from producer.entries import Entry, SkipReason
+from producer.entries import Entry
 from producer.sniff import HEAD_BYTES, sniff_image_type
 
 CONCURRENT_READS = 32
@@ -118,19 +119,19 @@ class S3Source:
         segment = s3_dot_segment(info["Key"])
         if segment is not None:
             message = f"key has a {segment!r} segment, which may resolve outside {self.uri}"
-            return self._entry(info, SkipReason.OUTSIDE_ROOT, message)
+            return self._entry(info, Reason.OUTSIDE_ROOT, message)
         if info["Key"].endswith("/"):
             message = "key ends in '/' (a folder name)"
-            return self._entry(info, SkipReason.NOT_A_FILE, message)
+            return self._entry(info, Reason.NOT_A_FILE, message)
         if size == 0:
-            return self._entry(info, SkipReason.EMPTY, "zero bytes")
+            return self._entry(info, Reason.EMPTY, "zero bytes")
         if size > self._max_file_bytes:
             message = f"{size} bytes, over the limit of {self._max_file_bytes}"
-            return self._entry(info, SkipReason.TOO_LARGE, message)
+            return self._entry(info, Reason.TOO_LARGE, message)
         storage_class = info.get("StorageClass")
         if storage_class in _ARCHIVED_STORAGE_CLASSES:
             message = f"in storage class {storage_class}; restore it before labeling"
-            return self._entry(info, SkipReason.UNREADABLE, message)
+            return self._entry(info, Reason.UNREADABLE, message)
         return None
 
     def _entry_from_head(self, info: dict[str, Any], head: bytes | BaseException) -> Entry:
@@ -139,13 +140,13 @@ class S3Source:
         image_type = sniff_image_type(head)
         if image_type is None:
             message = f"content is not a supported image (starts with {head[:8].hex(' ')})"
-            return self._entry(info, SkipReason.NOT_AN_IMAGE, message)
+            return self._entry(info, Reason.NOT_AN_IMAGE, message)
         return self._entry(info, None, None, image_type)
 
     def _entry(
         self,
         info: dict[str, Any],
-        skip_reason: SkipReason | None,
+        skip_reason: Reason | None,
         skip_message: str | None,
         image_type: str | None = None,
     ) -> Entry:
@@ -196,7 +197,7 @@ async def _read_heads(client: Any, bucket: str, keys: list[str]) -> list[bytes |
     return await asyncio.gather(*(read_head(key) for key in keys), return_exceptions=True)
 
 
-def _read_failure(error: BaseException) -> tuple[SkipReason, str]:
+def _read_failure(error: BaseException) -> tuple[Reason, str]:
     """The skip reason for an object whose first bytes could not be read; re-raises outages."""
     from botocore.exceptions import ClientError
 
@@ -209,8 +210,8 @@ def _read_failure(error: BaseException) -> tuple[SkipReason, str]:
     if status >= 500:
         raise error
     if error.response.get("Error", {}).get("Code") in _MISSING_CODES:
-        return SkipReason.MISSING, "deleted after it was listed"
-    return SkipReason.UNREADABLE, _describe(error)
+        return Reason.MISSING, "deleted after it was listed"
+    return Reason.UNREADABLE, _describe(error)
 
 
 def _describe(error: Any) -> str:

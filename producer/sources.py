@@ -4,7 +4,7 @@
     ├── FolderSource       a local folder tree (producer.folder_source)
     └── S3Source           an S3 bucket and prefix, any S3-compatible store (producer.s3_source)
 
-Both report every file they list as an `Entry`, usable or skipped with a `SkipReason`.
+Both report every file they list as an `Entry`, usable or skipped with a `Reason`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import os
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.reasons import Reason
 from core.uris import FILE_SCHEME, S3_SCHEME, uri_to_path
-from producer.entries import Entry, SkipReason, Source
+from producer.entries import Entry, Source
 from producer.folder_source import FolderSource
 from producer.s3_source import S3Source
 
 __all__ = [
     "Entry",
     "FolderSource",
+    "Reason",
     "S3Source",
-    "SkipReason",
     "Source",
     "open_source",
 ]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import DataError, ReasonCode
+from core.errors import DataError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from tests.images import bomb_png
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, quarantine, scan_dataset
@@ -41,7 +42,7 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def reasons_by_name(report: CleanReport) -> dict[str, ReasonCode]:
+def reasons_by_name(report: CleanReport) -> dict[str, Reason]:
     return {
         finding.path.relative_to(report.root).as_posix(): finding.reason
         for finding in report.findings
@@ -80,15 +81,15 @@ def test_scan_judges_every_file_by_content(hostile_dataset: Path) -> None:
         "sad/ok.png",
     ]
     assert reasons_by_name(report) == {
-        "happy/good_copy.jpg": ReasonCode.DUPLICATE,
-        "sad/.DS_Store": ReasonCode.NOT_AN_IMAGE,
-        "sad/bomb.png": ReasonCode.TOO_MANY_PIXELS,
-        "sad/corrupt.jpg": ReasonCode.NOT_AN_IMAGE,
-        "sad/empty.jpg": ReasonCode.EMPTY,
-        "sad/icon.jpg": ReasonCode.UNSUPPORTED_TYPE,
-        "sad/notes.txt": ReasonCode.NOT_AN_IMAGE,
-        "sad/tiny.png": ReasonCode.TOO_SMALL,
-        "sad/truncated.jpg": ReasonCode.CORRUPT,
+        "happy/good_copy.jpg": Reason.DUPLICATE,
+        "sad/.DS_Store": Reason.NOT_AN_IMAGE,
+        "sad/bomb.png": Reason.TOO_MANY_PIXELS,
+        "sad/corrupt.jpg": Reason.NOT_AN_IMAGE,
+        "sad/empty.jpg": Reason.EMPTY,
+        "sad/icon.jpg": Reason.UNSUPPORTED_TYPE,
+        "sad/notes.txt": Reason.NOT_AN_IMAGE,
+        "sad/tiny.png": Reason.TOO_SMALL,
+        "sad/truncated.jpg": Reason.CORRUPT,
     }
     assert report.scanned == len(report.good) + len(report.findings) == 13
 
@@ -103,7 +104,7 @@ def test_good_files_carry_hash_and_header_size(hostile_dataset: Path) -> None:
 
 def test_duplicate_points_at_first_copy_in_path_order(hostile_dataset: Path) -> None:
     report = scan_dataset(hostile_dataset, LIMITS)
-    (duplicate,) = [f for f in report.findings if f.reason is ReasonCode.DUPLICATE]
+    (duplicate,) = [f for f in report.findings if f.reason is Reason.DUPLICATE]
     assert duplicate.path == hostile_dataset / "happy" / "good_copy.jpg"
     assert duplicate.duplicate_of == hostile_dataset / "happy" / "good.jpg"
 
@@ -113,7 +114,7 @@ def test_copy_of_a_refused_file_gets_the_same_reason(tmp_path: Path) -> None:
     write(tmp_path / "b" / "2.txt", b"hello")
     report = scan_dataset(tmp_path, LIMITS)
     first, second = report.findings
-    assert first.reason is second.reason is ReasonCode.NOT_AN_IMAGE
+    assert first.reason is second.reason is Reason.NOT_AN_IMAGE
     assert second.duplicate_of == first.path
 
 
@@ -126,7 +127,7 @@ def test_without_decode_only_the_header_is_judged(hostile_dataset: Path) -> None
 def test_file_over_the_byte_limit_is_refused_unread(tmp_path: Path) -> None:
     write(tmp_path / "big.png", image_bytes(".png", size=64))
     report = scan_dataset(tmp_path, limit_settings(max_file_bytes=100))
-    assert [finding.reason for finding in report.findings] == [ReasonCode.TOO_LARGE]
+    assert [finding.reason for finding in report.findings] == [Reason.TOO_LARGE]
 
 
 def test_scan_order_and_result_are_deterministic(hostile_dataset: Path) -> None:
@@ -175,7 +176,7 @@ def test_fifo_is_reported_and_never_opened(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(os, "open", recording_open)
     report = scan_dataset(tmp_path, LIMITS)
 
-    assert [(f.path, f.reason) for f in report.findings] == [(fifo, ReasonCode.NOT_A_FILE)]
+    assert [(f.path, f.reason) for f in report.findings] == [(fifo, Reason.NOT_A_FILE)]
     assert "FIFO" in report.findings[0].detail
     assert os.fspath(fifo) not in opened
     assert os.fspath(tmp_path / "happy" / "a.png") in opened
@@ -188,7 +189,7 @@ def test_symlinked_folder_is_not_followed(tmp_path: Path) -> None:
     (root / "linked").symlink_to(outside, target_is_directory=True)
     report = scan_dataset(root, LIMITS)
     assert [good.path.name for good in report.good] == ["a.png"]
-    assert reasons_by_name(report) == {"linked": ReasonCode.NOT_A_FILE}
+    assert reasons_by_name(report) == {"linked": Reason.NOT_A_FILE}
 
 
 def test_symlinked_file_is_judged_and_broken_link_is_missing(tmp_path: Path) -> None:
@@ -199,7 +200,7 @@ def test_symlinked_file_is_judged_and_broken_link_is_missing(tmp_path: Path) -> 
     (root / "happy" / "broken.png").symlink_to(tmp_path / "gone.png")
     report = scan_dataset(root, LIMITS)
     assert [good.path.name for good in report.good] == ["a.png", "link.png"]
-    assert reasons_by_name(report) == {"happy/broken.png": ReasonCode.MISSING}
+    assert reasons_by_name(report) == {"happy/broken.png": Reason.MISSING}
 
 
 def test_unreadable_file_is_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +215,7 @@ def test_unreadable_file_is_a_finding(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(os, "open", refusing_open)
     report = scan_dataset(tmp_path, LIMITS)
-    assert [(f.path, f.reason) for f in report.findings] == [(locked, ReasonCode.UNREADABLE)]
+    assert [(f.path, f.reason) for f in report.findings] == [(locked, Reason.UNREADABLE)]
     assert "Permission denied" in report.findings[0].detail
 
 
@@ -267,7 +268,7 @@ def test_quarantine_moves_findings_and_deletes_nothing(
 
 def test_quarantine_filters_by_reason(hostile_dataset: Path, tmp_path: Path) -> None:
     report = scan_dataset(hostile_dataset, LIMITS)
-    moved = quarantine(report, tmp_path / "q", reasons={ReasonCode.DUPLICATE, ReasonCode.EMPTY})
+    moved = quarantine(report, tmp_path / "q", reasons={Reason.DUPLICATE, Reason.EMPTY})
     assert sorted(source.name for source, _ in moved) == ["empty.jpg", "good_copy.jpg"]
 
 

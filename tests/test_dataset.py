@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from core.errors import DataError, ReasonCode
+from core.errors import DataError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from training.clean import scan_dataset
 from training.dataset import (
@@ -151,7 +152,7 @@ def test_file_outside_class_folders_is_a_finding(tmp_path: Path) -> None:
     loose = write(tmp_path / "loose.png", png(3))
     examples, findings = examples_from_report(scan_dataset(tmp_path, LIMITS), ["happy", "sad"])
     assert len(examples) == 2
-    assert [(f.path, f.reason) for f in findings] == [(loose, ReasonCode.NO_CLASS)]
+    assert [(f.path, f.reason) for f in findings] == [(loose, Reason.NO_CLASS)]
     assert "happy, sad" in findings[0].detail
 
 
@@ -167,11 +168,11 @@ def test_same_content_in_two_classes_is_used_nowhere(tmp_path: Path) -> None:
 
     assert sorted(e.path.name for e in examples) == ["a.png", "b.png"]
     assert [(f.path, f.reason, f.duplicate_of) for f in findings] == [
-        (happy_copy, ReasonCode.LABEL_CONFLICT, sad_copy)
+        (happy_copy, Reason.LABEL_CONFLICT, sad_copy)
     ]
     assert "'happy', 'sad'" in findings[0].detail
     # The other copy was already set aside by the scan; every file is reported exactly once.
-    assert [(f.path, f.reason) for f in report.findings] == [(sad_copy, ReasonCode.DUPLICATE)]
+    assert [(f.path, f.reason) for f in report.findings] == [(sad_copy, Reason.DUPLICATE)]
     reported = [f.path for f in [*report.findings, *findings]]
     assert len(reported) == len(set(reported))
     assert report.scanned == len(examples) + len(reported)

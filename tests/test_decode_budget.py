@@ -23,7 +23,8 @@ import simplejpeg
 from PIL import Image
 
 import training.preprocess as preprocess
-from core.errors import ImageError, ReasonCode
+from core.errors import ImageError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from tests.images import flat_png, repeated_scan_jpeg
 from training.clean import scan_dataset
@@ -90,7 +91,7 @@ def test_a_jpeg_with_hundreds_of_scans_is_refused_before_any_decoder_runs(
     monkeypatch.setattr(cv2, "imdecode", no_decoding)
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.UNSUPPORTED_TYPE
+    assert caught.value.reason == Reason.UNSUPPORTED_TYPE
     assert "65 scans or more, over the 64 limit" in str(caught.value)  # counting stopped there
     assert count_jpeg_scans(data) == 300
 
@@ -100,11 +101,11 @@ def test_the_scan_limit_is_a_setting_and_real_progressive_jpegs_are_far_below_it
     assert load_image(progressive, SPEC, LimitSettings(max_jpeg_scans=10)).shape == SPEC.shape
     with pytest.raises(ImageError) as caught:
         load_image(progressive, SPEC, LimitSettings(max_jpeg_scans=5))
-    assert caught.value.reason == ReasonCode.UNSUPPORTED_TYPE
+    assert caught.value.reason == Reason.UNSUPPORTED_TYPE
     # 64 scans is the default: the repeats past libjpeg's script are refused by strict decoding.
     with pytest.raises(ImageError) as caught:
         load_image(repeated_scan_jpeg(256, 256, 64), SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
 
 
 def test_extra_scans_after_a_complete_sequential_scan_cost_nothing_and_are_refused() -> None:
@@ -117,7 +118,7 @@ def test_extra_scans_after_a_complete_sequential_scan_cost_nothing_and_are_refus
     assert cost.scans == 1 and cost.work == 400 * 300
     with pytest.raises(ImageError) as caught:
         load_image(repeated, SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
     assert "more than one scan" in str(caught.value)
 
 
@@ -137,7 +138,7 @@ def test_passes_over_a_large_image_are_bounded_by_the_work_budget() -> None:
     huge = _with_dimensions(data, 10_000, 10_000)
     with pytest.raises(ImageError) as caught:
         check_decode_budget(huge, read_header(huge), SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.TOO_LARGE
+    assert caught.value.reason == Reason.TOO_LARGE
     assert "pixel passes" in str(caught.value)
 
 
@@ -145,7 +146,7 @@ def test_a_damaged_progressive_jpeg_is_corrupt_not_decoded_leniently() -> None:
     data = repeated_scan_jpeg(512, 512, 30)  # under every limit; libjpeg warns on the repeats
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
     assert "libjpeg" in str(caught.value)
 
 
@@ -163,7 +164,7 @@ def test_jpegs_opencv_used_to_take_are_checked_strictly_too(kind: str) -> None:
     assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR) is not None
     with pytest.raises(ImageError) as caught:
         load_image(damaged, SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
 
 
 # --- memory estimates ----------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_memory_estimate_follows_bits_alpha_and_progressive_coefficients() -> No
         check_decode_budget(
             rgba16, read_header(rgba16), SPEC, LimitSettings(max_decode_bytes=2**24)
         )
-    assert caught.value.reason == ReasonCode.TOO_LARGE and "MiB" in str(caught.value)
+    assert caught.value.reason == Reason.TOO_LARGE and "MiB" in str(caught.value)
 
 
 def test_a_sixteen_bit_rgba_png_over_the_memory_budget_is_refused_unread(
@@ -201,7 +202,7 @@ def test_a_sixteen_bit_rgba_png_over_the_memory_budget_is_refused_unread(
     monkeypatch.setattr(cv2, "imdecode", None)  # would raise TypeError if called
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.TOO_LARGE
+    assert caught.value.reason == Reason.TOO_LARGE
 
 
 # --- alpha: same pixels, no full-size copies -----------------------------------------------------
@@ -292,7 +293,7 @@ def test_clean_refuses_what_decoding_would_refuse(tmp_path: Path) -> None:
     (tmp_path / "happy" / "ok.png").write_bytes(flat_png(400, 400))
     report = scan_dataset(tmp_path, LimitSettings(max_decode_bytes=2**24 + 2 * 1024 * 1024))
     reasons = {finding.path.name: finding.reason for finding in report.findings}
-    assert reasons == {"scans.jpg": ReasonCode.UNSUPPORTED_TYPE, "deep.png": ReasonCode.TOO_LARGE}
+    assert reasons == {"scans.jpg": Reason.UNSUPPORTED_TYPE, "deep.png": Reason.TOO_LARGE}
     assert [good.path.name for good in report.good] == ["ok.png"]
 
 
@@ -368,15 +369,15 @@ HOSTILE: dict[str, tuple[object, ...]] = {
     "rgba-16-bit.png": (lambda: flat_png(7_000, 7_000, bits=16), None),
     "rgba-16-bit-near-pixel-limit.png": (
         lambda: flat_png(10_950, 10_950, bits=16),
-        ReasonCode.TOO_LARGE,
+        Reason.TOO_LARGE,
     ),
     "repeated-scans.jpg": (
         lambda: repeated_scan_jpeg(2048, 2048, 300),
-        ReasonCode.UNSUPPORTED_TYPE,
+        Reason.UNSUPPORTED_TYPE,
     ),
     "repeated-scans-under-the-limit.jpg": (
         lambda: repeated_scan_jpeg(2048, 2048, 60),
-        ReasonCode.CORRUPT,
+        Reason.CORRUPT,
     ),
     "transparent.gif": (
         lambda: encode(Image.new("P", (3000, 3000), 0), "GIF", transparency=0),

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.reasons import Reason
 from db import repository
 from db.delivery import (
     MessageRefused,
-    RefusalReason,
     begin_delivery,
     pending_images,
     record_crash,
@@ -257,10 +257,10 @@ def test_messages_the_ledger_disagrees_with_are_refused_and_change_nothing(
     (chunk0,) = [uris for job, index, uris in broker.sent if (job, index) == (first, 0)]
     (other,) = [uris for job, index, uris in broker.sent if (job, index) == (second, 0)]
     forged = {
-        RefusalReason.UNKNOWN_JOB: (10**9, 0, chunk0),
-        RefusalReason.UNKNOWN_CHUNK: (first, 99, chunk0),
+        Reason.UNKNOWN_JOB: (10**9, 0, chunk0),
+        Reason.UNKNOWN_CHUNK: (first, 99, chunk0),
         # Another job's chunk under this job's number, and a number reused with other images.
-        RefusalReason.NOT_THE_CHUNKS_IMAGES: (first, 0, other),
+        Reason.NOT_THE_CHUNKS_IMAGES: (first, 0, other),
     }
     for reason, (job_id, chunk_index, uris) in forged.items():
         with pytest.raises(MessageRefused) as refused, sessions.begin() as session:
@@ -272,7 +272,7 @@ def test_messages_the_ledger_disagrees_with_are_refused_and_change_nothing(
     with sessions.begin() as session:
         record_refusal(
             session=session,
-            reason=RefusalReason.UNKNOWN_CHUNK,
+            reason=Reason.UNKNOWN_CHUNK,
             message="x" * 10_000,
             job_id=first,
             chunk_index=99,
@@ -325,7 +325,7 @@ def test_malformed_messages_are_refused_before_the_database(
 ) -> None:
     with pytest.raises(MessageRefused, match=complaint) as refused:
         check_message(job_id, chunk_index, uris)
-    assert refused.value.reason is RefusalReason.MALFORMED
+    assert refused.value.reason is Reason.MALFORMED
 
 
 def test_a_well_formed_message_passes() -> None:

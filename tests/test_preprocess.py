@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import ImageError, ReasonCode
+from core.errors import ImageError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from tests.images import bomb_png
 from training.preprocess import (
@@ -97,13 +98,13 @@ def test_animated_gif_uses_first_frame() -> None:
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"", ReasonCode.EMPTY),
-        (b"hello, I am text named photo.jpg\n", ReasonCode.NOT_AN_IMAGE),
-        (b"%PDF-1.4\n" + b"0" * 200, ReasonCode.NOT_AN_IMAGE),
-        (bomb_png(20000, 20000), ReasonCode.TOO_MANY_PIXELS),
+        (b"", Reason.EMPTY),
+        (b"hello, I am text named photo.jpg\n", Reason.NOT_AN_IMAGE),
+        (b"%PDF-1.4\n" + b"0" * 200, Reason.NOT_AN_IMAGE),
+        (bomb_png(20000, 20000), Reason.TOO_MANY_PIXELS),
     ],
 )
-def test_hostile_bytes_are_refused_with_a_reason(data: bytes, reason: ReasonCode) -> None:
+def test_hostile_bytes_are_refused_with_a_reason(data: bytes, reason: Reason) -> None:
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LIMITS)
     assert caught.value.reason == reason
@@ -113,7 +114,7 @@ def test_truncated_jpeg_is_corrupt() -> None:
     data = encode(Image.effect_noise((256, 256), 60).convert("RGB"), "JPEG")
     with pytest.raises(ImageError) as caught:
         load_image(data[: len(data) // 2], SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
 
 
 def test_corrupt_png_body_is_corrupt() -> None:
@@ -121,20 +122,20 @@ def test_corrupt_png_body_is_corrupt() -> None:
     data[60:200] = b"\x00" * 140
     with pytest.raises(ImageError) as caught:
         load_image(bytes(data), SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
 
 
 def test_limits_refuse_before_decoding() -> None:
     data = encode(red_square(size=(300, 300)), "PNG")
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LimitSettings(max_pixels=300 * 299))
-    assert caught.value.reason == ReasonCode.TOO_MANY_PIXELS
+    assert caught.value.reason == Reason.TOO_MANY_PIXELS
     with pytest.raises(ImageError) as caught:
         load_image(data, SPEC, LimitSettings(max_file_bytes=len(data) - 1))
-    assert caught.value.reason == ReasonCode.TOO_LARGE
+    assert caught.value.reason == Reason.TOO_LARGE
     with pytest.raises(ImageError) as caught:
         load_image(encode(red_square(size=(4, 40)), "PNG"), SPEC, LIMITS)
-    assert caught.value.reason == ReasonCode.TOO_SMALL
+    assert caught.value.reason == Reason.TOO_SMALL
 
 
 def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture() -> None:
@@ -280,11 +281,11 @@ def test_a_jpeg_libjpeg_warns_about_is_refused_as_corrupt_not_handed_to_opencv()
     assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_COLOR) is not None
     with pytest.raises(ImageError) as caught:
         _decode_plain_jpeg(damaged, read_header(damaged), 1, grayscale=False)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
     assert "libjpeg" in str(caught.value)
     with pytest.raises(ImageError) as caught:
         load_image(damaged, InputSpec(64, 64, "rgb"), LIMITS)
-    assert caught.value.reason == ReasonCode.CORRUPT
+    assert caught.value.reason == Reason.CORRUPT
 
 
 def test_corrupted_jpegs_are_refused_or_decode_exactly_as_opencv_decodes_them() -> None:
@@ -308,7 +309,7 @@ def test_corrupted_jpegs_are_refused_or_decode_exactly_as_opencv_decodes_them() 
         try:
             decoded = decode(damaged_bytes, header, spec)
         except ImageError as error:
-            assert error.reason == ReasonCode.CORRUPT
+            assert error.reason == Reason.CORRUPT
             with pytest.raises(ImageError):
                 load_image(damaged_bytes, spec, LIMITS, out=slot)
             refused += 1
@@ -384,12 +385,12 @@ def test_a_jpeg_header_says_what_pillow_says(case: str) -> None:
     }  # fmt: skip
     assert (fast is not None) == takes_fast_path
     try:
-        expected: ImageHeader | ReasonCode = _pillow_header(data)
+        expected: ImageHeader | Reason = _pillow_header(data)
     except ImageError as error:
         expected = error.reason
     assert fast in (None, expected)
     try:
-        got: ImageHeader | ReasonCode = read_header(data)
+        got: ImageHeader | Reason = read_header(data)
     except ImageError as error:
         got = error.reason
     assert got == expected

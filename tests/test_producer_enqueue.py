@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import ConfigError
 from core.names import LABEL_CHUNK
 from core.publishing import Publisher, PublishError, celery_publisher
+from core.reasons import Reason
 from core.settings import Settings
 from core.uris import path_to_uri, uri_to_path
 from db import repository
@@ -38,8 +39,6 @@ from db.models import Chunk, ChunkStatus, Image, ItemState, Job, JobItem, JobSta
 from db.repository import FailureRow, ResultRow
 from db.session import make_engine, make_sessionmaker, upgrade
 from producer.enqueue import (
-    ALREADY_LABELED,
-    NOT_SELECTED,
     ScanInterrupted,
     ScanProgress,
     ScanSummary,
@@ -49,7 +48,7 @@ from producer.enqueue import (
     republish_unpublished,
     run_scan,
 )
-from producer.entries import Entry, SkipReason
+from producer.entries import Entry
 from producer.sources import FolderSource
 from tests.services import TEST_REDIS_URL
 from tests.test_db import PostgresServer
@@ -59,11 +58,11 @@ CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 MiB = 1024 * 1024
 IMAGE_COUNT = 50
 JUNK_REASONS = {
-    "notes.txt": SkipReason.NOT_AN_IMAGE,
-    "fake.jpg": SkipReason.NOT_AN_IMAGE,
-    "empty.png": SkipReason.EMPTY,
-    "pipe.jpg": SkipReason.NOT_A_FILE,
-    "escape.jpg": SkipReason.SYMLINK_OUTSIDE_ROOT,
+    "notes.txt": Reason.NOT_AN_IMAGE,
+    "fake.jpg": Reason.NOT_AN_IMAGE,
+    "empty.png": Reason.EMPTY,
+    "pipe.jpg": Reason.NOT_A_FILE,
+    "escape.jpg": Reason.SYMLINK_OUTSIDE_ROOT,
 }
 
 BACKENDS = [
@@ -407,7 +406,7 @@ def test_rescans_skip_labeled_images_until_they_change_or_are_forced(
     again = scan(root, sessions, publish, chunk_size=16)
 
     assert (again.enqueued_images, again.chunks) == (0, 0)
-    assert again.skipped_by_reason[ALREADY_LABELED] == IMAGE_COUNT
+    assert again.skipped_by_reason[Reason.ALREADY_LABELED] == IMAGE_COUNT
     assert messages(broker, queue, again.job_id) == []
     assert job(sessions, again.job_id).status is JobStatus.DONE  # nothing to wait for
     balance = counts(sessions, again.job_id)
@@ -421,13 +420,13 @@ def test_rescans_skip_labeled_images_until_they_change_or_are_forced(
     [message] = messages(broker, queue, changed.job_id)
     assert sorted(message.uris) == sorted(touched)
     assert pending(sessions, changed.job_id) == set(touched)
-    assert changed.skipped_by_reason[ALREADY_LABELED] == IMAGE_COUNT - 3
+    assert changed.skipped_by_reason[Reason.ALREADY_LABELED] == IMAGE_COUNT - 3
     assert counts(sessions, changed.job_id).balanced
 
     forced = scan(root, sessions, publish, chunk_size=16, force=True)
     sent = messages(broker, queue, forced.job_id)
     assert sorted(uri for m in sent for uri in m.uris) == sorted(images)
-    assert ALREADY_LABELED not in forced.skipped_by_reason
+    assert Reason.ALREADY_LABELED not in forced.skipped_by_reason
     assert job(sessions, forced.job_id).options["force"] is True
 
 
@@ -463,7 +462,10 @@ def test_where_selects_by_confidence_model_and_failure(
         sent = {uri for m in messages(broker, queue, summary.job_id) for uri in m.uris}
         assert sent == pending(sessions, summary.job_id)
         assert counts(sessions, summary.job_id).balanced
-        left_out = sum(summary.skipped_by_reason.get(r, 0) for r in (NOT_SELECTED, ALREADY_LABELED))
+        left_out = sum(
+            summary.skipped_by_reason.get(r, 0)
+            for r in (Reason.NOT_SELECTED, Reason.ALREADY_LABELED)
+        )
         assert left_out == IMAGE_COUNT - len(sent)
         assert job(sessions, summary.job_id).options["where"] == list(where)
         return sent
@@ -683,7 +685,7 @@ def fake_entries(prefix: str, count: int) -> Iterator[Entry]:
             mtime_ns=index,
             fingerprint=f"{size}-{index}",
             image_type=None if junk else "jpeg",
-            skip_reason=SkipReason.NOT_AN_IMAGE if junk else None,
+            skip_reason=Reason.NOT_AN_IMAGE if junk else None,
             skip_message="content is not a supported image" if junk else None,
         )
 

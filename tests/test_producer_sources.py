@@ -20,7 +20,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
-from producer.sources import Entry, FolderSource, S3Source, SkipReason, open_source
+from producer.sources import Entry, FolderSource, Reason, S3Source, open_source
 
 MiB = 1024 * 1024
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
@@ -153,7 +153,7 @@ def test_content_decides_the_type_not_the_extension(tmp_path: Path) -> None:
     entries = by_path(walk(tmp_path))
 
     notes = entries[path_of(tmp_path / "notes.jpg")]
-    assert (notes.skip_reason, notes.image_type) == (SkipReason.NOT_AN_IMAGE, None)
+    assert (notes.skip_reason, notes.image_type) == (Reason.NOT_AN_IMAGE, None)
     assert notes.skip_message is not None and "6a 75 73 74" in notes.skip_message
     assert entries[path_of(tmp_path / "really-a-png.jpg")].image_type == "png"
     assert entries[path_of(tmp_path / "no-extension")].image_type == "gif"

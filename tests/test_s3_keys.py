@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from core.errors import ConfigError, ImageError, ReasonCode
+from core.errors import ConfigError, ImageError
+from core.reasons import Reason
 from core.settings import S3Settings
 from core.uris import parse_s3_uri, s3_dot_segment, s3_uri
 from producer.s3_source import S3Source
@@ -60,7 +61,7 @@ def test_the_producer_refuses_a_location_with_dot_segments(url: str) -> None:
         S3Source(url, max_file_bytes=MiB, **CREDENTIALS)
 
 
-def reason(reader: Reader, uri: str, job_root: str) -> tuple[ReasonCode, str]:
+def reason(reader: Reader, uri: str, job_root: str) -> tuple[Reason, str]:
     with pytest.raises(ImageError) as caught:
         reader.read(uri, job_root)
     return caught.value.reason, str(caught.value)
@@ -70,7 +71,7 @@ def reason(reader: Reader, uri: str, job_root: str) -> tuple[ReasonCode, str]:
 def test_the_worker_refuses_a_key_with_dot_segments_before_any_request(key: str) -> None:
     reader = Reader(max_file_bytes=MiB)
     code, message = reason(reader, s3_uri("bucket", key), s3_uri("bucket", ""))
-    assert code == ReasonCode.OUTSIDE_ROOT
+    assert code == Reason.OUTSIDE_ROOT
     assert "segment" in message
     assert reader._client is None  # refused before a client, let alone a request, existed
 
@@ -78,14 +79,14 @@ def test_the_worker_refuses_a_key_with_dot_segments_before_any_request(key: str)
 def test_the_worker_refuses_every_key_of_a_job_root_with_dot_segments() -> None:
     reader = Reader(max_file_bytes=MiB)
     code, _ = reason(reader, "s3://bucket/photos/x.png", "s3://bucket/private/../photos/")
-    assert code == ReasonCode.OUTSIDE_ROOT
+    assert code == Reason.OUTSIDE_ROOT
     assert reader._client is None
 
 
 def test_a_prefix_is_a_folder_for_the_worker() -> None:
     reader = Reader(max_file_bytes=MiB)
     code, _ = reason(reader, "s3://bucket/photos2/x.png", "s3://bucket/photos")
-    assert code == ReasonCode.OUTSIDE_ROOT
+    assert code == Reason.OUTSIDE_ROOT
     assert reader._client is None
 
 
@@ -149,4 +150,4 @@ def test_the_worker_reads_a_plain_key_and_refuses_one_with_dot_segments(
 
     assert reader.read(s3_uri(name, "photos/x.png"), root) == PNG_HEAD
     code, _ = reason(reader, s3_uri(name, "photos/../private/x.png"), root)
-    assert code == ReasonCode.OUTSIDE_ROOT
+    assert code == Reason.OUTSIDE_ROOT

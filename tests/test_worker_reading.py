@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ImageError, ReasonCode
+from core.errors import ImageError
+from core.reasons import Reason
 from core.uris import path_to_uri
 from worker import reading
 from worker.reading import Reader
@@ -32,7 +33,7 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def reason(reader: Reader, uri: str, root: Path) -> ReasonCode:
+def reason(reader: Reader, uri: str, root: Path) -> Reason:
     with pytest.raises(ImageError) as caught:
         reader.read(uri, path_to_uri(root))
     return caught.value.reason
@@ -52,15 +53,15 @@ def test_non_utf8_name(tree: Path) -> None:
 
 def test_outside_root_is_refused(tree: Path) -> None:
     reader = Reader(max_file_bytes=1000)
-    assert reason(reader, path_to_uri(tree.parent / "secret.txt"), tree) == ReasonCode.OUTSIDE_ROOT
-    assert reason(reader, path_to_uri(tree / ".." / "secret.txt"), tree) == ReasonCode.OUTSIDE_ROOT
-    assert reason(reader, path_to_uri("/etc/passwd"), tree) == ReasonCode.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri(tree.parent / "secret.txt"), tree) == Reason.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri(tree / ".." / "secret.txt"), tree) == Reason.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri("/etc/passwd"), tree) == Reason.OUTSIDE_ROOT
 
 
 def test_symlink_escape_is_refused(tree: Path) -> None:
     (tree / "link.jpg").symlink_to(tree.parent / "secret.txt")
     reader = Reader(max_file_bytes=1000)
-    assert reason(reader, path_to_uri(tree / "link.jpg"), tree) == ReasonCode.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri(tree / "link.jpg"), tree) == Reason.OUTSIDE_ROOT
 
 
 def test_outside_paths_say_only_that_they_are_outside(tree: Path) -> None:
@@ -74,7 +75,7 @@ def test_outside_paths_say_only_that_they_are_outside(tree: Path) -> None:
             tree.parent / "nothing-here.jpg",
             tree.parent / "closed" / "x.jpg",
         ):
-            assert reason(reader, path_to_uri(path), tree) == ReasonCode.OUTSIDE_ROOT, path
+            assert reason(reader, path_to_uri(path), tree) == Reason.OUTSIDE_ROOT, path
     finally:
         (tree.parent / "closed").chmod(0o700)
 
@@ -86,14 +87,14 @@ def test_a_directory_on_the_way_that_links_out_of_the_root_is_refused(tree: Path
     (outside / "b.jpg").write_bytes(b"outside bytes")
     (tree / "sub").symlink_to(outside, target_is_directory=True)
     reader = Reader(max_file_bytes=1000)
-    assert reason(reader, path_to_uri(tree / "sub" / "b.jpg"), tree) == ReasonCode.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri(tree / "sub" / "b.jpg"), tree) == Reason.OUTSIDE_ROOT
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_a_file_without_read_permission_is_unreadable(tree: Path) -> None:
     (tree / "a.jpg").chmod(0o000)
     reader = Reader(max_file_bytes=1000)
-    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == ReasonCode.UNREADABLE
+    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == Reason.UNREADABLE
 
 
 def test_a_link_inside_the_root_is_read(tree: Path) -> None:
@@ -109,22 +110,22 @@ def test_configured_roots_narrow_further(tree: Path) -> None:
     (tree / "sub" / "b.jpg").write_bytes(b"b")
     reader = Reader(max_file_bytes=1000, allowed_roots=[os.fsencode(tree / "sub")])
     assert reader.read(path_to_uri(tree / "sub" / "b.jpg"), path_to_uri(tree)) == b"b"
-    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == ReasonCode.OUTSIDE_ROOT
+    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == Reason.OUTSIDE_ROOT
 
 
 @pytest.mark.timeout(10)
 def test_fifo_is_never_read(tree: Path) -> None:
     os.mkfifo(tree / "pipe.jpg")
     reader = Reader(max_file_bytes=1000)
-    assert reason(reader, path_to_uri(tree / "pipe.jpg"), tree) == ReasonCode.NOT_A_FILE
+    assert reason(reader, path_to_uri(tree / "pipe.jpg"), tree) == Reason.NOT_A_FILE
 
 
 def test_directory_missing_and_large(tree: Path) -> None:
     (tree / "dir.jpg").mkdir()
     reader = Reader(max_file_bytes=5)
-    assert reason(reader, path_to_uri(tree / "dir.jpg"), tree) == ReasonCode.NOT_A_FILE
-    assert reason(reader, path_to_uri(tree / "gone.jpg"), tree) == ReasonCode.MISSING
-    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == ReasonCode.TOO_LARGE
+    assert reason(reader, path_to_uri(tree / "dir.jpg"), tree) == Reason.NOT_A_FILE
+    assert reason(reader, path_to_uri(tree / "gone.jpg"), tree) == Reason.MISSING
+    assert reason(reader, path_to_uri(tree / "a.jpg"), tree) == Reason.TOO_LARGE
 
 
 @pytest.mark.parametrize("expected", [0, 10, 100, 5000])

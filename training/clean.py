@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import DataError, ImageError, ReasonCode
+from core.errors import DataError, ImageError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from training import preprocess
 
@@ -49,7 +50,7 @@ class Finding:
     """
 
     path: Path
-    reason: ReasonCode
+    reason: Reason
     detail: str
     duplicate_of: Path | None = None
 
@@ -174,7 +175,7 @@ def _walk(root: Path) -> Iterator[tuple[Path, Finding | None]]:
             is_real_folder = entry.is_dir(follow_symlinks=False)
             is_linked_folder = not is_real_folder and entry.is_symlink() and entry.is_dir()
         except OSError as error:
-            yield path, Finding(path, ReasonCode.UNREADABLE, f"cannot stat: {error.strerror}")
+            yield path, Finding(path, Reason.UNREADABLE, f"cannot stat: {error.strerror}")
             continue
         if is_real_folder:
             if entry.name == QUARANTINE_FOLDER_NAME:
@@ -187,7 +188,7 @@ def _walk(root: Path) -> Iterator[tuple[Path, Finding | None]]:
         elif is_linked_folder:
             yield (
                 path,
-                Finding(path, ReasonCode.NOT_A_FILE, "symbolic link to a folder; not followed"),
+                Finding(path, Reason.NOT_A_FILE, "symbolic link to a folder; not followed"),
             )
         else:
             yield path, None
@@ -198,7 +199,7 @@ def _list_folder(folder: Path) -> Iterator[os.DirEntry[str]] | Finding:
         with os.scandir(folder) as iterator:
             entries = sorted(iterator, key=lambda entry: entry.name)
     except OSError as error:
-        return Finding(folder, ReasonCode.UNREADABLE, f"folder cannot be listed: {error.strerror}")
+        return Finding(folder, Reason.UNREADABLE, f"folder cannot be listed: {error.strerror}")
     return iter(entries)
 
 
@@ -224,7 +225,7 @@ def _judge_copy(path: Path, earlier: GoodFile | Finding) -> Finding:
     if isinstance(earlier, GoodFile):
         return Finding(
             path,
-            ReasonCode.DUPLICATE,
+            Reason.DUPLICATE,
             f"same content as {earlier.path.name}",
             duplicate_of=earlier.path,
         )
@@ -237,13 +238,13 @@ def _read_regular_file(path: Path, limits: LimitSettings) -> bytes | Finding:
         status = path.stat()  # follows a symlink to a file, so its target is judged
     except FileNotFoundError:
         detail = "broken symbolic link" if path.is_symlink() else "file vanished during the scan"
-        return Finding(path, ReasonCode.MISSING, detail)
+        return Finding(path, Reason.MISSING, detail)
     except OSError as error:
-        return Finding(path, ReasonCode.UNREADABLE, f"cannot stat: {error.strerror}")
+        return Finding(path, Reason.UNREADABLE, f"cannot stat: {error.strerror}")
     if not stat.S_ISREG(status.st_mode):
-        return Finding(path, ReasonCode.NOT_A_FILE, f"{_kind(status.st_mode)}; not opened")
+        return Finding(path, Reason.NOT_A_FILE, f"{_kind(status.st_mode)}; not opened")
     if status.st_size == 0:
-        return Finding(path, ReasonCode.EMPTY, "file is empty (0 bytes)")
+        return Finding(path, Reason.EMPTY, "file is empty (0 bytes)")
     if status.st_size > limits.max_file_bytes:
         return _too_large(path, status.st_size, limits)
     try:
@@ -252,12 +253,12 @@ def _read_regular_file(path: Path, limits: LimitSettings) -> bytes | Finding:
             opened_status = os.fstat(handle.fileno())
             if not stat.S_ISREG(opened_status.st_mode):
                 detail = f"{_kind(opened_status.st_mode)} (replaced during the scan); not read"
-                return Finding(path, ReasonCode.NOT_A_FILE, detail)
+                return Finding(path, Reason.NOT_A_FILE, detail)
             data = handle.read(limits.max_file_bytes + 1)
     except OSError as error:
-        return Finding(path, ReasonCode.UNREADABLE, f"cannot read: {error.strerror}")
+        return Finding(path, Reason.UNREADABLE, f"cannot read: {error.strerror}")
     if not data:
-        return Finding(path, ReasonCode.EMPTY, "file is empty (0 bytes)")
+        return Finding(path, Reason.EMPTY, "file is empty (0 bytes)")
     if len(data) > limits.max_file_bytes:
         return _too_large(path, len(data), limits)
     return data
@@ -266,7 +267,7 @@ def _read_regular_file(path: Path, limits: LimitSettings) -> bytes | Finding:
 def _too_large(path: Path, size_bytes: int, limits: LimitSettings) -> Finding:
     return Finding(
         path,
-        ReasonCode.TOO_LARGE,
+        Reason.TOO_LARGE,
         f"file is {size_bytes} bytes, over the {limits.max_file_bytes} limit",
     )
 
@@ -299,7 +300,7 @@ def _kind(mode: int) -> str:
 
 
 def quarantine(
-    report: CleanReport, destination: Path, *, reasons: set[ReasonCode] | None = None
+    report: CleanReport, destination: Path, *, reasons: set[Reason] | None = None
 ) -> list[tuple[Path, Path]]:
     """Move each finding's file to `destination/<path relative to root>`; never delete anything.
 
@@ -321,7 +322,7 @@ def quarantine(
     for finding in report.findings:
         if reasons is not None and finding.reason not in reasons:
             continue
-        if finding.reason is ReasonCode.NOT_A_FILE or finding.path in seen:
+        if finding.reason is Reason.NOT_A_FILE or finding.path in seen:
             continue
         seen.add(finding.path)
         if not _is_movable(finding.path):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from core.errors import DataError, ReasonCode
+from core.errors import DataError
+from core.reasons import Reason
 from training.artifacts import MAX_CLASS_NAME, overlong_class_names
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, Finding
 
@@ -145,7 +146,7 @@ def examples_from_report(
             findings.append(
                 Finding(
                     good.path,
-                    ReasonCode.NO_CLASS,
+                    Reason.NO_CLASS,
                     "not inside a class folder; move it into one of: " + ", ".join(class_names),
                 )
             )
@@ -162,7 +163,7 @@ def _copies_by_content(report: CleanReport) -> dict[str, list[Path]]:
     for good in report.good:
         copies[good.sha256].append(good.path)
     for finding in report.findings:
-        if finding.reason is ReasonCode.DUPLICATE and finding.duplicate_of in sha_by_path:
+        if finding.reason is Reason.DUPLICATE and finding.duplicate_of in sha_by_path:
             copies[sha_by_path[finding.duplicate_of]].append(finding.path)
     return {digest: sorted(paths) for digest, paths in copies.items()}
 
@@ -188,7 +189,7 @@ def _label_conflict(
         + f" (also at {', '.join(copy.relative_to(root).as_posix() for copy in others)}); "
         "keep one copy, in the right class folder"
     )
-    return Finding(path, ReasonCode.LABEL_CONFLICT, detail, duplicate_of=others[0])
+    return Finding(path, Reason.LABEL_CONFLICT, detail, duplicate_of=others[0])
 
 
 def _require_every_class(examples: list[Example], class_names: list[str], root: Path) -> None:

@@ -44,7 +44,8 @@ import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
-from core.errors import ImageTooLarge, ReasonCode, UnsupportedImage
+from core.errors import ImageTooLarge, UnsupportedImage
+from core.reasons import Reason
 from core.settings import LimitSettings
 
 PREPROCESS_VERSION = 1
@@ -124,7 +125,7 @@ class ImageHeader:
 def read_header(data: bytes) -> ImageHeader:
     """Identify the image type from content and read its dimensions, without decoding pixels."""
     if not data:
-        raise UnsupportedImage(ReasonCode.EMPTY, "file is empty (0 bytes)")
+        raise UnsupportedImage(Reason.EMPTY, "file is empty (0 bytes)")
     if data.startswith(_JPEG_START):
         header = _plain_jpeg_header(data)
         if header is not None:
@@ -186,16 +187,12 @@ def _pillow_header(data: bytes) -> ImageHeader:
                 orientation = _orientation(image)
                 bits_per_sample = _bits_per_sample(image, data)
     except Image.DecompressionBombError as error:
-        raise ImageTooLarge(
-            ReasonCode.TOO_MANY_PIXELS, f"image dimensions refused: {error}"
-        ) from None
+        raise ImageTooLarge(Reason.TOO_MANY_PIXELS, f"image dimensions refused: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UnsupportedImage(
-            ReasonCode.NOT_AN_IMAGE, "content is not a recognised image"
-        ) from None
+        raise UnsupportedImage(Reason.NOT_AN_IMAGE, "content is not a recognised image") from None
     if image_format not in ACCEPTED_FORMATS:
         raise UnsupportedImage(
-            ReasonCode.UNSUPPORTED_TYPE,
+            Reason.UNSUPPORTED_TYPE,
             f"image type {image_format or 'unknown'} is not accepted "
             f"(accepted: {', '.join(sorted(set(ACCEPTED_FORMATS.values())))})",
         )
@@ -239,19 +236,19 @@ def check_limits(header: ImageHeader, size_bytes: int, limits: LimitSettings) ->
     """Refuse an image by its byte size or header dimensions, before it is decoded."""
     if size_bytes > limits.max_file_bytes:
         raise ImageTooLarge(
-            ReasonCode.TOO_LARGE,
+            Reason.TOO_LARGE,
             f"file is {size_bytes} bytes, over the {limits.max_file_bytes} limit",
         )
     pixels = header.width * header.height
     if pixels > limits.max_pixels:
         raise ImageTooLarge(
-            ReasonCode.TOO_MANY_PIXELS,
+            Reason.TOO_MANY_PIXELS,
             f"{header.width}x{header.height} is {pixels} pixels, "
             f"over the {limits.max_pixels} limit",
         )
     if min(header.width, header.height) < limits.min_side:
         raise UnsupportedImage(
-            ReasonCode.TOO_SMALL,
+            Reason.TOO_SMALL,
             f"{header.width}x{header.height} is below the {limits.min_side}-pixel minimum side",
         )
 
@@ -467,19 +464,19 @@ def check_decode_budget(
     cost = decode_cost(data, header, spec, limits)
     if cost.scans > limits.max_jpeg_scans:
         raise UnsupportedImage(
-            ReasonCode.UNSUPPORTED_TYPE,
+            Reason.UNSUPPORTED_TYPE,
             f"JPEG has {cost.scans} scans or more, over the {limits.max_jpeg_scans} limit "
             "(encoders write at most about a dozen)",
         )
     if cost.work > limits.max_decode_work:
         raise ImageTooLarge(
-            ReasonCode.TOO_LARGE,
+            Reason.TOO_LARGE,
             f"decoding {header.width}x{header.height} in {cost.scans} scans or more is "
             f"{cost.work} pixel passes or more, over the {limits.max_decode_work} limit",
         )
     if cost.memory_bytes > limits.max_decode_bytes:
         raise ImageTooLarge(
-            ReasonCode.TOO_LARGE,
+            Reason.TOO_LARGE,
             f"decoding {header.width}x{header.height} needs about "
             f"{cost.memory_bytes // (1024 * 1024)} MiB, over the "
             f"{limits.max_decode_bytes // (1024 * 1024)} MiB limit",
@@ -507,7 +504,7 @@ def decode(
     copy of the pixels is made. Any other image ignores it.
     """
     if header.image_type == "jpeg" and _jpeg_is_truncated(data):
-        raise UnsupportedImage(ReasonCode.CORRUPT, "JPEG is truncated (no end-of-image marker)")
+        raise UnsupportedImage(Reason.CORRUPT, "JPEG is truncated (no end-of-image marker)")
     grayscale = spec.color_mode == "grayscale"
     image: NDArray[Any]  # OpenCV's stubs type every array loosely
     if header.has_alpha:
@@ -521,7 +518,7 @@ def decode(
     if decoded is None:
         decoded = _decode_with_opencv(data, factor, grayscale)
     if decoded is None:
-        raise UnsupportedImage(ReasonCode.CORRUPT, f"{header.image_type} data does not decode")
+        raise UnsupportedImage(Reason.CORRUPT, f"{header.image_type} data does not decode")
     image = decoded
     if grayscale and image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
@@ -552,7 +549,7 @@ def _decode_plain_jpeg(
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as error:
         raise UnsupportedImage(
-            ReasonCode.CORRUPT, f"JPEG header does not parse (libjpeg: {error})"
+            Reason.CORRUPT, f"JPEG header does not parse (libjpeg: {error})"
         ) from None
     if colorspace not in _TURBO_COLORSPACES:
         _check_strictly(data, int(height), int(width), factor)
@@ -577,7 +574,7 @@ def _decode_plain_jpeg(
         )
     except ValueError as error:
         raise UnsupportedImage(
-            ReasonCode.CORRUPT, f"JPEG does not decode cleanly (libjpeg: {error})"
+            Reason.CORRUPT, f"JPEG does not decode cleanly (libjpeg: {error})"
         ) from None
     if image.shape[:2] != (height, width):
         return None
@@ -604,7 +601,7 @@ def _check_strictly(data: bytes, height: int, width: int, factor: int) -> None:
         )
     except ValueError as error:
         raise UnsupportedImage(
-            ReasonCode.CORRUPT, f"JPEG does not decode cleanly (libjpeg: {error})"
+            Reason.CORRUPT, f"JPEG does not decode cleanly (libjpeg: {error})"
         ) from None
 
 
@@ -650,12 +647,12 @@ def _decode_with_alpha(buffer: NDArray[np.uint8], spec: InputSpec) -> NDArray[np
     # compose over white instead, as a viewer shows it.
     decoded: NDArray[Any] | None = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if decoded is None:
-        raise UnsupportedImage(ReasonCode.CORRUPT, "image with alpha does not decode")
+        raise UnsupportedImage(Reason.CORRUPT, "image with alpha does not decode")
     if decoded.dtype == np.uint16:
         decoded = _high_bytes(decoded)
     elif decoded.dtype != np.uint8:
         raise UnsupportedImage(
-            ReasonCode.UNSUPPORTED_TYPE, f"{decoded.dtype} samples with alpha are not accepted"
+            Reason.UNSUPPORTED_TYPE, f"{decoded.dtype} samples with alpha are not accepted"
         )
     image: NDArray[np.uint8] = decoded if decoded.ndim == 3 else decoded[:, :, np.newaxis]
     channels = image.shape[2]
@@ -744,7 +741,7 @@ def load_image_file(path: Path, spec: InputSpec, limits: LimitSettings) -> NDArr
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise ImageTooLarge(
-            ReasonCode.TOO_LARGE, f"file is {size} bytes, over the {limits.max_file_bytes} limit"
+            Reason.TOO_LARGE, f"file is {size} bytes, over the {limits.max_file_bytes} limit"
         )
     return load_image(path.read_bytes(), spec, limits)
 

@@ -23,11 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from core.errors import ReasonCode
+from core.reasons import Reason
 from db.delivery import (
     ChunkImage,
     MessageRefused,
-    RefusalReason,
     begin_delivery,
     pending_images,
     record_refusal,
@@ -84,7 +83,7 @@ def check_message(job_id: object, chunk_index: object, uris: object) -> list[str
     """
 
     def refuse(why: str) -> MessageRefused:
-        return MessageRefused(RefusalReason.MALFORMED, f"malformed chunk message: {why}")
+        return MessageRefused(Reason.MALFORMED, f"malformed chunk message: {why}")
 
     for name, value in (("job_id", job_id), ("chunk_index", chunk_index)):
         if type(value) is not int or value < 0:
@@ -159,7 +158,7 @@ def handle_chunk(
         return report
     if pending and crashes > 0 and crashes >= settings.worker.max_attempts - 1:
         message = f"the worker process died {crashes} time(s) while handling this image"
-        outcomes = [ImageOutcome(pending[0].uri, reason=ReasonCode.POISON.value, message=message)]
+        outcomes = [ImageOutcome(pending[0].uri, reason=Reason.POISON.value, message=message)]
         logger.error("poison image %s: %s", pending[0].uri, message)
     else:
         runner = state.runner(version, artifact_path)
@@ -185,7 +184,7 @@ def handle_chunk(
     report.labeled = sum(outcome.prediction is not None for outcome in outcomes)
     report.failed = len(outcomes) - report.labeled
     report.failed_by_reason = dict(
-        Counter(o.reason or ReasonCode.CORRUPT.value for o in outcomes if o.prediction is None)
+        Counter(o.reason or Reason.CORRUPT.value for o in outcomes if o.prediction is None)
     )
     report.seconds = round(time.perf_counter() - started, 4)
     report.images_per_second = round(len(uris) / report.seconds, 2) if report.seconds else 0.0
@@ -203,7 +202,7 @@ def fail_chunk(
     The images are the ledger's, not the message's.
     """
     message = f"chunk failed: unexpected {type(error).__name__}: {error}"[:2000]
-    reason = ReasonCode.INTERNAL_ERROR.value
+    reason = Reason.INTERNAL_ERROR.value
     started = time.perf_counter()
     with state.sessions.begin() as session:
         pending = pending_images(session=session, job_id=job_id, chunk_index=chunk_index)
@@ -240,7 +239,7 @@ def _write(
     failures = [
         FailureRow(
             image_id=images[outcome.uri].id,
-            reason=outcome.reason or ReasonCode.CORRUPT.value,
+            reason=outcome.reason or Reason.CORRUPT.value,
             message=outcome.message,
         )
         for outcome in outcomes

@@ -19,7 +19,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from core.errors import ImageError, ReasonCode
+from core.errors import ImageError
+from core.reasons import Reason
 from core.settings import LimitSettings
 from training.inference import Prediction, to_predictions
 from training.preprocess import InputSpec, load_image
@@ -75,7 +76,7 @@ def _prepare(
     except (ValueError, OSError) as error:
         # A decoder or file system surprise on one image must not sink the chunk.
         return ImageOutcome(
-            uri, reason=ReasonCode.CORRUPT.value, message=f"decode failed: {error}"
+            uri, reason=Reason.CORRUPT.value, message=f"decode failed: {error}"
         ), 0.0
     except Exception as error:
         # Anything else is our bug or a library's surprise, not the file's fault: record it
@@ -83,7 +84,7 @@ def _prepare(
         logger.exception("unexpected error on %s", uri)
         return ImageOutcome(
             uri,
-            reason=ReasonCode.INTERNAL_ERROR.value,
+            reason=Reason.INTERNAL_ERROR.value,
             message=f"unexpected {type(error).__name__}: {error}",
         ), 0.0
     return None, time.perf_counter() - started

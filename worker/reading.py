@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import ImageError, ImageTooLarge, ReasonCode
+from core.errors import ImageError, ImageTooLarge
+from core.reasons import Reason
 from core.settings import S3Settings
 from core.uris import S3_SCHEME, parse_s3_uri, s3_dot_segment, uri_to_path
 
@@ -75,11 +76,11 @@ class Reader:
         try:
             path = uri_to_path(uri)
         except ValueError as error:
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not a file URI: {error}") from None
+            raise ImageError(Reason.OUTSIDE_ROOT, f"not a file URI: {error}") from None
         try:
             roots = self._roots_for(job_root)
         except ValueError:
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, "a local file in a bucket's job") from None
+            raise ImageError(Reason.OUTSIDE_ROOT, "a local file in a bucket's job") from None
         if CONFINE_BY_DESCRIPTOR:
             descriptor = _open_confined(path, roots)
         else:
@@ -87,15 +88,15 @@ class Reader:
         try:
             status = os.fstat(descriptor)
             if not stat.S_ISREG(status.st_mode):
-                raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
+                raise ImageError(Reason.NOT_A_FILE, "not a regular file")
             if status.st_size > self.max_file_bytes:
                 raise ImageTooLarge(
-                    ReasonCode.TOO_LARGE,
+                    Reason.TOO_LARGE,
                     f"file is {status.st_size} bytes, over the {self.max_file_bytes} limit",
                 )
             return _read_all(descriptor, self.max_file_bytes, expected=status.st_size)
         except OSError as error:
-            raise ImageError(ReasonCode.UNREADABLE, f"cannot read: {error.strerror}") from None
+            raise ImageError(Reason.UNREADABLE, f"cannot read: {error.strerror}") from None
         finally:
             os.close(descriptor)
 
@@ -104,16 +105,16 @@ class Reader:
             bucket, key = parse_s3_uri(uri)
             root_bucket, root_prefix = parse_s3_uri(job_root)
         except ValueError as error:
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, f"not in the job's bucket: {error}") from None
+            raise ImageError(Reason.OUTSIDE_ROOT, f"not in the job's bucket: {error}") from None
         segment = s3_dot_segment(key) or s3_dot_segment(root_bucket) or s3_dot_segment(root_prefix)
         if segment is not None:
             # Checked before the prefix: `photos/../private/x` starts with `photos/`.
             message = f"key or prefix has a {segment!r} segment, which may resolve elsewhere"
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, message)
+            raise ImageError(Reason.OUTSIDE_ROOT, message)
         if root_prefix and not root_prefix.endswith("/"):
             root_prefix += "/"  # a prefix names a folder: `photos` does not hold `photos2/x`
         if bucket != root_bucket or not key.startswith(root_prefix):
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, "object is outside the job's bucket prefix")
+            raise ImageError(Reason.OUTSIDE_ROOT, "object is outside the job's bucket prefix")
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self._s3_client()
@@ -122,23 +123,23 @@ class Reader:
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in {"NoSuchKey", "404", "NotFound"}:
-                raise ImageError(ReasonCode.MISSING, "object no longer exists") from None
-            raise ImageError(ReasonCode.UNREADABLE, f"cannot read object: {code}") from None
+                raise ImageError(Reason.MISSING, "object no longer exists") from None
+            raise ImageError(Reason.UNREADABLE, f"cannot read object: {code}") from None
         body = response["Body"]
         try:
             size = int(response.get("ContentLength", 0))
             if size > self.max_file_bytes:
                 raise ImageTooLarge(
-                    ReasonCode.TOO_LARGE,
+                    Reason.TOO_LARGE,
                     f"object is {size} bytes, over the {self.max_file_bytes} limit",
                 )
             data: bytes = body.read(self.max_file_bytes + 1)
         except BotoCoreError as error:
-            raise ImageError(ReasonCode.UNREADABLE, f"cannot read object: {error}") from None
+            raise ImageError(Reason.UNREADABLE, f"cannot read object: {error}") from None
         finally:
             body.close()
         if len(data) > self.max_file_bytes:
-            raise ImageTooLarge(ReasonCode.TOO_LARGE, "object grew over the byte limit")
+            raise ImageTooLarge(Reason.TOO_LARGE, "object grew over the byte limit")
         return data
 
     def _s3_client(self) -> Any:
@@ -163,7 +164,7 @@ def _allowed(real: bytes, roots: Sequence[bytes]) -> bool:
 
 
 def _outside() -> ImageError:
-    return ImageError(ReasonCode.OUTSIDE_ROOT, "path resolves outside the allowed roots")
+    return ImageError(Reason.OUTSIDE_ROOT, "path resolves outside the allowed roots")
 
 
 def _refuse_outside(path: bytes, roots: Sequence[bytes]) -> None:
@@ -187,7 +188,7 @@ def _open_confined(path: bytes, roots: Sequence[bytes]) -> int:
             raise _outside()
         if not stat.S_ISREG(os.fstat(handle).st_mode):
             # Checked before reopening: opening a FIFO or a device for reading can block or act.
-            raise ImageError(ReasonCode.NOT_A_FILE, "not a regular file")
+            raise ImageError(Reason.NOT_A_FILE, "not a regular file")
         try:
             return os.open(link, _REOPEN_FLAGS)
         except OSError as error:
@@ -205,14 +206,14 @@ def _open_resolved(path: bytes, roots: Sequence[bytes]) -> int:
         return os.open(real, _OPEN_FLAGS)
     except OSError as error:
         if error.errno == errno.ELOOP:  # O_NOFOLLOW met a link made after realpath
-            raise ImageError(ReasonCode.OUTSIDE_ROOT, "path became a symbolic link") from None
+            raise ImageError(Reason.OUTSIDE_ROOT, "path became a symbolic link") from None
         raise _open_failure(error) from None
 
 
 def _open_failure(error: OSError) -> ImageError:
     if isinstance(error, FileNotFoundError):
-        return ImageError(ReasonCode.MISSING, "file no longer exists")
-    return ImageError(ReasonCode.UNREADABLE, f"cannot open: {error.strerror}")
+        return ImageError(Reason.MISSING, "file no longer exists")
+    return ImageError(Reason.UNREADABLE, f"cannot open: {error.strerror}")
 
 
 def _read_all(descriptor: int, limit: int, expected: int = 0) -> bytes:
@@ -229,5 +230,5 @@ def _read_all(descriptor: int, limit: int, expected: int = 0) -> bytes:
         parts.append(block)
         total += len(block)
         if total > limit:
-            raise ImageTooLarge(ReasonCode.TOO_LARGE, "file grew over the byte limit")
+            raise ImageTooLarge(Reason.TOO_LARGE, "file grew over the byte limit")
     return b"".join(parts)

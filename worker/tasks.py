@@ -23,7 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.errors import ConfigError, ModelError
 from core.names import LABEL_CHUNK, RECONCILE, RETRAIN
-from db.delivery import RefusalReason
+from core.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def label_chunk(
 
     try:
         if extra:
-            raise MessageRefused(RefusalReason.MALFORMED, f"{len(extra)} unexpected argument(s)")
+            raise MessageRefused(Reason.MALFORMED, f"{len(extra)} unexpected argument(s)")
         checked = check_message(job_id, chunk_index, uris)
         report = handle_chunk(state, job_id, chunk_index, checked, publish=publish)
     except MessageRefused as refusal:
