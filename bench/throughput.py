@@ -407,13 +407,8 @@ def build_model(models_dir: Path) -> Path:
     from training.runtime import load_keras
 
     keras = load_keras()
-    from training.artifacts import (
-        InputMetadata,
-        ModelMetadata,
-        library_versions,
-        new_version,
-        save_artifact,
-    )
+    from training.artifacts import save_artifact
+    from training.metadata import InputMetadata, ModelMetadata, library_versions, new_version
     from training.model import make_model
 
     keras.utils.set_random_seed(0)

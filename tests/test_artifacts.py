@@ -9,15 +9,8 @@ import keras
 import pytest
 
 from core.errors import ModelError
-from training.artifacts import (
-    InputMetadata,
-    ModelMetadata,
-    file_sha256,
-    load_artifact,
-    read_metadata,
-    resolve_artifact_dir,
-    save_artifact,
-)
+from training.artifacts import file_sha256, load_artifact, resolve_artifact_dir, save_artifact
+from training.metadata import InputMetadata, ModelMetadata, read_metadata
 from training.model import make_model
 
 
@@ -115,7 +108,7 @@ def test_sigmoid_head_needs_two_classes() -> None:
 
 def test_a_class_name_must_fit_the_results_label_column() -> None:
     from db.models import NAME_LENGTH
-    from training.artifacts import MAX_CLASS_NAME
+    from training.metadata import MAX_CLASS_NAME
 
     assert MAX_CLASS_NAME == NAME_LENGTH
     for name in ("", "x" * (NAME_LENGTH + 1)):

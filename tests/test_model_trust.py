@@ -22,16 +22,8 @@ from core.settings import Settings
 from db.repository import register_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from tests.conftest import run_cli
-from training.artifacts import (
-    METADATA_FILE,
-    MODEL_FILE,
-    InputMetadata,
-    ModelMetadata,
-    load_artifact,
-    load_keras_model,
-    read_metadata,
-    write_metadata,
-)
+from training.artifacts import METADATA_FILE, MODEL_FILE, load_artifact, load_keras_model
+from training.metadata import InputMetadata, ModelMetadata, read_metadata, write_metadata
 from training.registry import register_artifact, trust_artifact
 from training.train import TrainOutcome
 from training.trust import artifact_hashes, check_model_file

@@ -37,7 +37,8 @@ def artifact_folder(models_dir: Path, version: str) -> Path:
     import keras
     from keras import layers
 
-    from training.artifacts import InputMetadata, ModelMetadata, save_artifact
+    from training.artifacts import save_artifact
+    from training.metadata import InputMetadata, ModelMetadata
 
     inputs = keras.Input(shape=(8, 8, 3), name="image")
     pooled = layers.GlobalAveragePooling2D()(layers.Rescaling(1.0 / 255)(inputs))

@@ -32,7 +32,8 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import ensure_redis, start_local_worker
 from tests.conftest import run_cli
 from tests.services import wait_for
-from training.artifacts import InputMetadata, ModelMetadata, save_artifact
+from training.artifacts import save_artifact
+from training.metadata import InputMetadata, ModelMetadata
 from training.registry import register_artifact
 from training.sample_data import generate_sample_data
 from worker.celery_app import make_celery

@@ -11,20 +11,19 @@ disagrees with the metadata: no silent fallback.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
-import platform
-from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from typing import TYPE_CHECKING
 
 from core.errors import ModelError
-from training.preprocess import PREPROCESS_VERSION, InputSpec
+from training.metadata import (
+    PREPROCESS_VERSION,
+    InputMetadata,
+    ModelMetadata,
+    read_metadata,
+    write_metadata,
+)
+from training.preprocess import InputSpec
 from training.trust import METADATA_FILE as METADATA_FILE
 from training.trust import MODEL_FILE as MODEL_FILE
 from training.trust import REGISTRY, ArtifactHashes, check_hash, check_model_file
@@ -33,68 +32,16 @@ from training.trust import file_sha256 as file_sha256
 if TYPE_CHECKING:
     import keras
 
-SCHEMA_VERSION = 1
-# Every result row stores a class name in `results.label` (db.models.NAME_LENGTH characters).
-MAX_CLASS_NAME = 128
 
-
-def overlong_class_names(names: Sequence[str]) -> list[str]:
-    """The names that do not fit `results.label` (empty ones included)."""
-    return [name for name in names if not 0 < len(name) <= MAX_CLASS_NAME]
-
-
-Head = Literal["sigmoid", "softmax"]
-
-
-class InputMetadata(BaseModel):
-    """The model's input, and how 0..255 pixels are mapped onto it outside the model."""
-
-    height: int = Field(ge=1)
-    width: int = Field(ge=1)
-    color_mode: Literal["rgb", "grayscale"]
-    pixel_scale: float = 1.0
-    pixel_offset: float = 0.0
-    scaling_in_model: bool = Field(
-        True, description="True when the model rescales itself (a Rescaling layer)."
+def input_spec(metadata: InputMetadata) -> InputSpec:
+    """The preprocessing spec that `metadata` describes."""
+    return InputSpec(
+        metadata.height,
+        metadata.width,
+        metadata.color_mode,
+        metadata.pixel_scale,
+        metadata.pixel_offset,
     )
-
-    def spec(self) -> InputSpec:
-        return InputSpec(
-            self.height, self.width, self.color_mode, self.pixel_scale, self.pixel_offset
-        )
-
-
-class ModelMetadata(BaseModel):
-    """The contents of `metadata.json`."""
-
-    schema_version: int = SCHEMA_VERSION
-    name: str
-    version: str
-    class_names: list[str] = Field(min_length=2)
-    head: Head
-    input: InputMetadata
-    preprocess_version: int = PREPROCESS_VERSION
-    source: Literal["trained", "imported"] = "trained"
-    created_at: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
-    training: dict[str, Any] = Field(default_factory=dict)
-    dataset: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    model_sha256: str = ""
-    libraries: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _head_matches_classes(self) -> ModelMetadata:
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError("class names must be unique")
-        if overlong_class_names(self.class_names):
-            raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME} characters long")
-        if self.head == "sigmoid" and len(self.class_names) != 2:
-            raise ValueError("a sigmoid head serves exactly two classes")
-        return self
-
-    @property
-    def output_width(self) -> int:
-        return 1 if self.head == "sigmoid" else len(self.class_names)
 
 
 @dataclass(frozen=True)
@@ -107,40 +54,7 @@ class Artifact:
 
     @property
     def spec(self) -> InputSpec:
-        return self.metadata.input.spec()
-
-
-def new_version() -> str:
-    """A sortable, unique-enough version name: UTC time to the millisecond."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of what shaped the model, recorded so a result can be traced and reproduced."""
-    versions = {"python": platform.python_version()}
-    for package in (
-        "keras",
-        "tensorflow",
-        "tensorflow-cpu",
-        "jax",
-        "numpy",
-        "opencv-python-headless",
-    ):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def write_metadata(directory: Path, metadata: ModelMetadata) -> None:
-    """Write metadata.json atomically, with the model file's hash filled in."""
-    model_file = directory / MODEL_FILE
-    if model_file.exists():
-        metadata = metadata.model_copy(update={"model_sha256": file_sha256(model_file)})
-    temporary = directory / (METADATA_FILE + ".tmp")
-    temporary.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
-    temporary.replace(directory / METADATA_FILE)
+        return input_spec(self.metadata.input)
 
 
 def save_artifact(model: keras.Model, metadata: ModelMetadata, directory: Path) -> Path:
@@ -150,30 +64,6 @@ def save_artifact(model: keras.Model, metadata: ModelMetadata, directory: Path) 
     model.save(directory / MODEL_FILE)
     write_metadata(directory, metadata)
     return directory
-
-
-def read_metadata(directory: Path, expected: ArtifactHashes | None = None) -> ModelMetadata:
-    """Parse `metadata.json`; with `expected` (the registry's hashes), refuse other bytes first."""
-    path = directory / METADATA_FILE
-    try:
-        content = path.read_bytes()
-        if expected is not None:
-            # The bytes that are parsed are the bytes that were hashed.
-            actual = hashlib.sha256(content).hexdigest()
-            check_hash(path, actual, expected.metadata_sha256, REGISTRY)
-        raw = json.loads(content)
-    except FileNotFoundError:
-        raise ModelError(f"{directory}: no {METADATA_FILE}; not a model artifact") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelError(f"{path}: unreadable metadata ({error})") from None
-    try:
-        return ModelMetadata.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ModelError(
-            f"{path}: invalid metadata at {where or 'top level'}: {first['msg']}"
-        ) from None
 
 
 def resolve_artifact_dir(reference: str | Path | None, models_dir: Path, name: str) -> Path:
@@ -218,7 +108,7 @@ def check_output_width(model: keras.Model, metadata: ModelMetadata) -> None:
             f"(None, {metadata.output_width})"
         )
     input_shape = tuple(model.inputs[0].shape)
-    expected = metadata.input.spec().shape
+    expected = input_spec(metadata.input).shape
     if len(input_shape) != 4 or any(
         got is not None and got != want for got, want in zip(input_shape[1:], expected, strict=True)
     ):

@@ -28,8 +28,8 @@ from typing import Any
 
 from core.errors import DataError
 from core.reasons import Reason
-from training.artifacts import MAX_CLASS_NAME, overlong_class_names
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, Finding
+from training.metadata import MAX_CLASS_NAME, overlong_class_names
 
 logger = logging.getLogger(__name__)
 

@@ -22,17 +22,15 @@ from fractions import Fraction
 from pathlib import Path
 
 from core.errors import ModelError
-from training.artifacts import (
+from training.artifacts import file_sha256, load_keras_model, save_artifact
+from training.metadata import (
     MAX_CLASS_NAME,
     Head,
     InputMetadata,
     ModelMetadata,
-    file_sha256,
     library_versions,
-    load_keras_model,
     new_version,
     overlong_class_names,
-    save_artifact,
 )
 from training.preprocess import ColorMode
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from training.artifacts import Artifact, ModelMetadata
+from training.artifacts import Artifact
+from training.metadata import ModelMetadata
 from training.preprocess import to_model_input
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from training.artifacts import Head
+from training.metadata import Head
 
 if TYPE_CHECKING:
     import keras

@@ -47,8 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from core.errors import ImageTooLarge, UnsupportedImage
 from core.reasons import Reason
 from core.settings import LimitSettings
-
-PREPROCESS_VERSION = 1
+from training.metadata import PREPROCESS_VERSION as PREPROCESS_VERSION
 
 ColorMode = Literal["rgb", "grayscale"]
 

@@ -1,19 +1,18 @@
 """Which model labels: the database registry, seeded from the artifacts folder when it is empty.
 
-Reads `metadata.json` as plain JSON, so the producer can ask without importing TensorFlow or
-OpenCV. The worker loads whatever version is active when a chunk starts. Registering records the
-SHA-256 of `model.keras` and `metadata.json`, after checking that the model names no code-carrying
-layer and matches the hash its metadata records; workers refuse files that no longer match.
-A row registered before hashes were recorded has none, and workers refuse it until an operator
-vouches for its files with `emolabel models trust VERSION` (`trust_artifact`).
+Reads `metadata.json` through `training.metadata` (no Keras, no OpenCV), so the command line
+asks in milliseconds. The worker loads whatever version is active when a chunk starts.
+Registering records the SHA-256 of `model.keras` and `metadata.json`, after checking that the
+model names no code-carrying layer and matches the hash its metadata records; workers refuse
+files that no longer match. A row registered before hashes were recorded has none, and workers
+refuse it until an operator vouches for its files with `emolabel models trust VERSION`
+(`trust_artifact`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -26,6 +25,7 @@ from db.repository import (
     set_active_model,
     set_model_hashes,
 )
+from training.metadata import ModelMetadata, parse_metadata
 from training.trust import (
     METADATA_FILE,
     MODEL_FILE,
@@ -44,20 +44,19 @@ def latest_artifact(models_dir: Path, name: str) -> Path | None:
     return versions[-1] if versions else None
 
 
-def verified_artifact(directory: Path) -> tuple[dict[str, Any], str, str]:
+def verified_artifact(directory: Path) -> tuple[ModelMetadata, str, str]:
     """An artifact's metadata and the SHA-256 of its model and metadata files, once its model is
     known to carry no code and to match the hash its metadata records."""
+    path = directory / METADATA_FILE
     try:
-        content = (directory / METADATA_FILE).read_bytes()
-        metadata = json.loads(content)
-        if not isinstance(metadata, dict):
-            raise TypeError("not a JSON object")
-    except (OSError, ValueError, TypeError) as error:
+        content = path.read_bytes()
+    except OSError as error:
         raise ModelError(f"{directory}: unreadable model metadata ({error})") from None
+    metadata = parse_metadata(path, content)
     model_file = directory / MODEL_FILE
     check_model_file(model_file)
     model_sha256 = file_sha256(model_file)
-    check_hash(model_file, model_sha256, str(metadata.get("model_sha256") or ""), METADATA_FILE)
+    check_hash(model_file, model_sha256, metadata.model_sha256, METADATA_FILE)
     return metadata, model_sha256, hashlib.sha256(content).hexdigest()
 
 
@@ -65,12 +64,7 @@ def register_artifact(*, session: Session, directory: Path, activate: bool) -> M
     """Record an artifact folder and its hashes in the registry (again is a no-op), optionally
     making it active."""
     metadata, model_sha256, metadata_sha256 = verified_artifact(directory)
-    try:
-        version = str(metadata["version"])
-        name = str(metadata["name"])
-        class_names = [str(item) for item in metadata["class_names"]]
-    except (KeyError, TypeError) as error:
-        raise ModelError(f"{directory}: unreadable model metadata ({error})") from None
+    version, name, class_names = metadata.version, metadata.name, metadata.class_names
     try:
         record = register_model(
             session=session,
@@ -78,7 +72,7 @@ def register_artifact(*, session: Session, directory: Path, activate: bool) -> M
             name=name,
             artifact_path=str(directory.resolve()),
             class_names=class_names,
-            metrics=metadata.get("metrics", {}).get("test", {}),
+            metrics=metadata.metrics.get("test", {}),
             model_sha256=model_sha256,
             metadata_sha256=metadata_sha256,
         )
@@ -133,10 +127,10 @@ def trust_artifact(*, session: Session, version: str, models_dir: Path) -> Model
         raise ModelError(f"no model version {version!r} is registered")
     directory = artifact_under(Path(row.artifact_path), models_dir)
     metadata, model_sha256, metadata_sha256 = verified_artifact(directory)
-    if metadata.get("version") != version or metadata.get("class_names") != row.class_names:
+    if metadata.version != version or metadata.class_names != row.class_names:
         raise ModelError(
-            f"{directory}: metadata.json names version {metadata.get('version')!r} with classes "
-            f"{metadata.get('class_names')}, the registry {version!r} with {row.class_names}"
+            f"{directory}: metadata.json names version {metadata.version!r} with classes "
+            f"{metadata.class_names}, the registry {version!r} with {row.class_names}"
         )
     return set_model_hashes(
         session=session,

@@ -21,15 +21,7 @@ from typing import Any
 
 from core.errors import DataError
 from core.settings import LimitSettings, TrainSettings
-from training.artifacts import (
-    MODEL_FILE,
-    InputMetadata,
-    ModelMetadata,
-    library_versions,
-    load_artifact,
-    new_version,
-    write_metadata,
-)
+from training.artifacts import MODEL_FILE, load_artifact
 from training.clean import CleanReport, Finding, scan_dataset
 from training.dataset import (
     DatasetSplit,
@@ -43,6 +35,13 @@ from training.dataset import (
 from training.evaluate import Evaluation, evaluate_files, write_evaluation
 from training.frozen import MANIFEST as FROZEN_MANIFEST
 from training.frozen import apply_frozen, freeze, load_frozen
+from training.metadata import (
+    InputMetadata,
+    ModelMetadata,
+    library_versions,
+    new_version,
+    write_metadata,
+)
 from training.model import compile_model, head_for, make_model
 from training.preprocess import InputSpec
 

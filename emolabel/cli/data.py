@@ -152,10 +152,11 @@ def evaluate(
     ] = False,
 ) -> None:
     """Score a model on every usable image of a folder-per-class set (class names must match)."""
-    from training.artifacts import load_artifact, write_metadata
+    from training.artifacts import load_artifact
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
     from training.evaluate import evaluate_files, write_evaluation
+    from training.metadata import write_metadata
     from training.train import ensure_trainable
 
     settings = settings_from()

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from core.errors import ModelError
 from emolabel.cli.app import (
     app,
     broker_for,
     celery_for,
     console,
+    errors,
     fail,
     progress_line,
     sessions_for,
@@ -67,6 +70,7 @@ def list_models_command(
 def show_model(version: Annotated[str, typer.Argument(help="A registered version.")]) -> None:
     """The registry row and the artifact's metadata of one version, as JSON."""
     from db.models import ModelVersion
+    from training.metadata import read_metadata
 
     sessions = sessions_for(settings_from())
     with sessions() as session:
@@ -85,8 +89,11 @@ def show_model(version: Annotated[str, typer.Argument(help="A registered version
             "created_at": model.created_at.isoformat(),
             "promoted_at": model.promoted_at.isoformat() if model.promoted_at else None,
         }
-    metadata_file = Path(artifact_path) / "metadata.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+    try:
+        metadata: dict[str, Any] | None = read_metadata(Path(artifact_path)).model_dump(mode="json")
+    except ModelError as error:  # the row stays worth showing when its files are gone or bad
+        metadata = None
+        errors.print(f"[yellow]warning:[/] {escape(str(error))}", highlight=False)
     console.print_json(data={"registry": row, "metadata": metadata})
 
 

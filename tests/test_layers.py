@@ -1,0 +1,60 @@
+"""The floors hold: the import contracts in `.importlinter` and "no SQL outside db/".
+
+Both read the source, so they run in milliseconds and fail on the commit that breaks a floor,
+before any behaviour changes.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = ("core", "training", "producer", "worker", "emolabel")
+# What builds or runs SQL; Session and the engine types stay importable for type hints.
+SQL_BUILDERS = {"select", "insert", "update", "delete", "text", "func", "bindparam", "literal"}
+
+
+def test_import_contracts_are_kept() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(lint), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def _sql_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name}"
+                for alias in node.names
+                if alias.name in SQL_BUILDERS
+            ]
+        if isinstance(node, ast.Attribute) and node.attr in {"execute", "scalar", "scalars"}:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} calls .{node.attr}()")
+    return found
+
+
+def test_no_sql_outside_db() -> None:
+    uses = [
+        use
+        for package in PRODUCT
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for use in _sql_uses(path)
+    ]
+    assert uses == []
+
+
+def test_the_sql_check_sees_sql() -> None:
+    # The check above must be able to fail: db/ itself is full of it.
+    assert _sql_uses(ROOT / "db" / "delivery.py") or any(
+        _sql_uses(path) for path in (ROOT / "db").rglob("*.py")
+    )
