@@ -311,7 +311,7 @@ class ScanSpec:
 def walk_phase(root: str, expected: int) -> dict[str, Any]:
     """Iterate FolderSource.iter_entries with nothing behind it."""
     from core.settings import load_settings
-    from producer.folder_source import FolderSource
+    from core.storage.folder_source import FolderSource
 
     settings = load_settings()
     source = FolderSource(
@@ -356,10 +356,10 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
 
     from core.publishing import celery_publisher
     from core.settings import load_settings
+    from core.storage.folder_source import FolderSource
     from db.repository import job_counts
     from db.session import make_engine, make_sessionmaker, upgrade
     from producer.enqueue import run_scan
-    from producer.folder_source import FolderSource
     from worker.celery_app import make_celery
 
     queue = f"bench-{uuid.uuid4().hex}"

@@ -1052,8 +1052,8 @@ def run_job(
     `force` relabels images the active model labeled already (a later round on the same set).
     """
     from core.publishing import celery_publisher
+    from core.storage.sources import open_source
     from producer.enqueue import run_scan
-    from producer.sources import open_source
     from worker.celery_app import make_celery
 
     app = make_celery(settings)

@@ -1,5 +1,8 @@
 """The producer: scans folders and S3 prefixes and hands chunks of image URIs to the queue.
 
+The sources it scans (walking, listing, sniffing) are `core.storage`'s; what is here is the scan:
+deciding what to send, chunking, enqueueing and reconciling.
+
 Nothing here imports TensorFlow, Keras or OpenCV: the producer runs on machines without them, and
 a test imports it in a subprocess to keep it that way.
 """

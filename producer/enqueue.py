@@ -52,13 +52,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import ConfigError, EmolabelError
 from core.publishing import Publisher, PublishError
 from core.reasons import FINAL_FAILURES, Reason
+from core.storage.entries import Entry, Source
 from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ChunkStatus, ItemState, Job
 from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
 from producer import ledger_queries
 from producer.chunking import chunked, cut_chunks
-from producer.entries import Entry, Source
 
 if TYPE_CHECKING:
     pass

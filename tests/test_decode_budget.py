@@ -307,7 +307,7 @@ _CAPPED_WORKER = textwrap.dedent(
     from core.settings import LimitSettings
     from training.preprocess import InputSpec, decode_cost, read_header
     from worker.predict import label_images
-    from worker.reading import Reader
+    from core.storage.reader import Reader
 
     class FixedRunner:
         version = "fixed"

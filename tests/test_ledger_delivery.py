@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.reasons import Reason
+from core.storage.entries import Entry
 from db import repository
 from db.delivery import (
     MessageRefused,
@@ -28,7 +29,6 @@ from db.delivery import (
 from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus, RefusedMessage
 from db.repository import FailureRow
 from producer.enqueue import run_scan
-from producer.entries import Entry
 from producer.retry import requeue_failed
 from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
 

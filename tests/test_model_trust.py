@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import ModelError
 from core.settings import Settings
+from core.storage.reader import Reader
 from db.repository import register_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from tests.conftest import run_cli
@@ -27,7 +28,6 @@ from training.metadata import InputMetadata, ModelMetadata, read_metadata, write
 from training.registry import register_artifact, trust_artifact
 from training.train import TrainOutcome
 from training.trust import artifact_hashes, check_model_file
-from worker.reading import Reader
 from worker.state import ProcessState
 
 LAMBDA_VERSION = "20990101-000000-000"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from core.storage.sniff import HEAD_BYTES, sniff_image_type
 from core.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
 from producer.chunking import chunked, cut_chunks
-from producer.sniff import HEAD_BYTES, sniff_image_type
 
 
 def png_bytes() -> bytes:

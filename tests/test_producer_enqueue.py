@@ -33,6 +33,8 @@ from core.names import LABEL_CHUNK
 from core.publishing import Publisher, PublishError, celery_publisher
 from core.reasons import Reason
 from core.settings import Settings
+from core.storage.entries import Entry
+from core.storage.sources import FolderSource
 from core.uris import path_to_uri, uri_to_path
 from db import repository
 from db.models import Chunk, ChunkStatus, Image, ItemState, Job, JobItem, JobStatus
@@ -48,8 +50,6 @@ from producer.enqueue import (
     republish_unpublished,
     run_scan,
 )
-from producer.entries import Entry
-from producer.sources import FolderSource
 from tests.services import TEST_REDIS_URL
 from tests.test_db import PostgresServer
 from worker.celery_app import make_celery

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from core.errors import ConfigError
+from core.storage.sources import Entry, FolderSource, Reason, S3Source, open_source
 from core.uris import display_name, parse_s3_uri, path_to_uri, s3_uri, uri_to_path
-from producer.sources import Entry, FolderSource, Reason, S3Source, open_source
 
 MiB = 1024 * 1024
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
@@ -437,9 +437,9 @@ def test_the_producer_loads_no_tensorflow_keras_or_opencv(tmp_path: Path) -> Non
     write(tmp_path / "a.png", PNG)
     program = f"""
 import sys
-import producer.chunking, producer.sniff, producer.sources, core.uris
+import producer.chunking, core.storage.sniff, core.storage.sources, core.uris
 import producer.enqueue, producer.ledger_queries
-from producer.sources import FolderSource, S3Source
+from core.storage.sources import FolderSource, S3Source
 source = FolderSource({str(tmp_path)!r}, max_file_bytes=1 << 20)
 assert [entry.image_type for entry in source.iter_entries()] == ["png"]
 S3Source("s3://bucket/prefix", key="k", secret="s", max_file_bytes=1 << 20)
@@ -557,7 +557,7 @@ def test_s3_read_failures_are_data_but_outages_stop_the_scan(
 ) -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from producer.s3_source import _read_failure
+    from core.storage.s3 import _read_failure
 
     error = ClientError(
         {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},

@@ -14,9 +14,9 @@ import pytest
 from core.errors import ConfigError, ImageError
 from core.reasons import Reason
 from core.settings import S3Settings
+from core.storage.reader import Reader
+from core.storage.s3_source import S3Source
 from core.uris import parse_s3_uri, s3_dot_segment, s3_uri
-from producer.s3_source import S3Source
-from worker.reading import Reader
 
 MiB = 1024 * 1024
 PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x00\x00\x00"

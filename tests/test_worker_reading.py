@@ -9,9 +9,9 @@ import pytest
 
 from core.errors import ImageError
 from core.reasons import Reason
+from core.storage import local as reading
+from core.storage.reader import Reader
 from core.uris import path_to_uri
-from worker import reading
-from worker.reading import Reader
 
 
 @pytest.fixture(autouse=True, params=["descriptor", "resolved name"])
@@ -132,7 +132,7 @@ def test_directory_missing_and_large(tree: Path) -> None:
 def test_read_all_reads_the_whole_file_whatever_size_fstat_gave(
     tmp_path: Path, expected: int
 ) -> None:
-    from worker.reading import _read_all
+    from core.storage.local import _read_all
 
     path = tmp_path / "grows.bin"
     path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes: more than fstat "said" for most
@@ -145,7 +145,7 @@ def test_read_all_reads_the_whole_file_whatever_size_fstat_gave(
 
 def test_read_all_refuses_a_file_that_grew_over_the_limit(tmp_path: Path) -> None:
     from core.errors import ImageTooLarge
-    from worker.reading import _read_all
+    from core.storage.local import _read_all
 
     path = tmp_path / "grew.bin"
     path.write_bytes(b"x" * 100)

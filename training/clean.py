@@ -24,6 +24,8 @@ from typing import Any
 from core.errors import DataError, ImageError
 from core.reasons import Reason
 from core.settings import LimitSettings
+from core.storage.local import describe, file_kind, read_file
+from core.storage.walk import Refused, walk_tree
 from training import preprocess
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,6 @@ QUARANTINE_FOLDER_NAME = ".emolabel_quarantine"
 # Decoding at a small size still runs the whole entropy decoder, which is what proves a file intact;
 # large JPEGs are decoded at reduced scale, exactly as training does.
 _CHECK_SPEC = preprocess.InputSpec(height=64, width=64, color_mode="rgb")
-
-# Opening a FIFO for reading blocks until a writer appears; O_NONBLOCK makes the open return at
-# once should a regular file be swapped for a FIFO between our stat and our open.
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -157,50 +155,27 @@ def _walk(root: Path) -> Iterator[tuple[Path, Finding | None]]:
     """Yield every non-folder entry below `root`, depth-first in name order (sorted path order).
 
     An entry that must not be opened (a symlinked folder, an unlistable folder) comes with its
-    finding already made. A stack of listings, not recursion, so deep trees cannot overflow.
+    finding already made; the walk itself is the shared one (`core.storage.walk`).
     """
-    listings: list[Iterator[os.DirEntry[str]]] = []
-    first_listing = _list_folder(root)
-    if isinstance(first_listing, Finding):
-        yield root, first_listing
-        return
-    listings.append(first_listing)
-    while listings:
-        entry = next(listings[-1], None)
-        if entry is None:
-            listings.pop()
-            continue
-        path = Path(entry.path)
-        try:
-            is_real_folder = entry.is_dir(follow_symlinks=False)
-            is_linked_folder = not is_real_folder and entry.is_symlink() and entry.is_dir()
-        except OSError as error:
-            yield path, Finding(path, Reason.UNREADABLE, f"cannot stat: {error.strerror}")
-            continue
-        if is_real_folder:
-            if entry.name == QUARANTINE_FOLDER_NAME:
-                continue
-            listing = _list_folder(path)
-            if isinstance(listing, Finding):
-                yield path, listing
-            else:
-                listings.append(listing)
-        elif is_linked_folder:
-            yield (
-                path,
-                Finding(path, Reason.NOT_A_FILE, "symbolic link to a folder; not followed"),
-            )
-        else:
-            yield path, None
-
-
-def _list_folder(folder: Path) -> Iterator[os.DirEntry[str]] | Finding:
     try:
-        with os.scandir(folder) as iterator:
-            entries = sorted(iterator, key=lambda entry: entry.name)
+        items = walk_tree(os.fsencode(root), skip_folders={os.fsencode(QUARANTINE_FOLDER_NAME)})
     except OSError as error:
-        return Finding(folder, Reason.UNREADABLE, f"folder cannot be listed: {error.strerror}")
-    return iter(entries)
+        yield root, Finding(root, Reason.UNREADABLE, f"cannot list: {describe(error)}")
+        return
+    try:
+        for item in items:
+            path = Path(os.fsdecode(item.path))
+            if isinstance(item, Refused):
+                yield path, Finding(path, item.reason, item.message)
+            elif stat.S_ISLNK(item.status.st_mode) and path.is_dir():
+                yield (
+                    path,
+                    Finding(path, Reason.NOT_A_FILE, "symbolic link to a folder; not followed"),
+                )
+            else:
+                yield path, None
+    finally:
+        items.close()
 
 
 def _judge_file(
@@ -209,14 +184,18 @@ def _judge_file(
     check_decode: bool,
     first_outcomes: dict[str, GoodFile | Finding],
 ) -> GoodFile | Finding:
-    data_or_finding = _read_regular_file(path, limits)
-    if isinstance(data_or_finding, Finding):
-        return data_or_finding
-    digest = hashlib.sha256(data_or_finding).hexdigest()
+    try:
+        # Links are followed: a dataset may link its files from elsewhere.
+        data = read_file(path, limits.max_file_bytes)
+    except ImageError as error:
+        return Finding(path, error.reason, str(error))
+    if not data:
+        return Finding(path, Reason.EMPTY, "file is empty (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
     earlier = first_outcomes.get(digest)
     if earlier is not None:
         return _judge_copy(path, earlier)
-    outcome = _judge_content(path, data_or_finding, digest, limits, check_decode)
+    outcome = _judge_content(path, data, digest, limits, check_decode)
     first_outcomes[digest] = outcome
     return outcome
 
@@ -232,46 +211,6 @@ def _judge_copy(path: Path, earlier: GoodFile | Finding) -> Finding:
     return Finding(path, earlier.reason, earlier.detail, duplicate_of=earlier.path)
 
 
-def _read_regular_file(path: Path, limits: LimitSettings) -> bytes | Finding:
-    """Read a regular file's bytes, never opening anything else and never reading past the limit."""
-    try:
-        status = path.stat()  # follows a symlink to a file, so its target is judged
-    except FileNotFoundError:
-        detail = "broken symbolic link" if path.is_symlink() else "file vanished during the scan"
-        return Finding(path, Reason.MISSING, detail)
-    except OSError as error:
-        return Finding(path, Reason.UNREADABLE, f"cannot stat: {error.strerror}")
-    if not stat.S_ISREG(status.st_mode):
-        return Finding(path, Reason.NOT_A_FILE, f"{_kind(status.st_mode)}; not opened")
-    if status.st_size == 0:
-        return Finding(path, Reason.EMPTY, "file is empty (0 bytes)")
-    if status.st_size > limits.max_file_bytes:
-        return _too_large(path, status.st_size, limits)
-    try:
-        descriptor = os.open(path, _OPEN_FLAGS)
-        with os.fdopen(descriptor, "rb") as handle:
-            opened_status = os.fstat(handle.fileno())
-            if not stat.S_ISREG(opened_status.st_mode):
-                detail = f"{_kind(opened_status.st_mode)} (replaced during the scan); not read"
-                return Finding(path, Reason.NOT_A_FILE, detail)
-            data = handle.read(limits.max_file_bytes + 1)
-    except OSError as error:
-        return Finding(path, Reason.UNREADABLE, f"cannot read: {error.strerror}")
-    if not data:
-        return Finding(path, Reason.EMPTY, "file is empty (0 bytes)")
-    if len(data) > limits.max_file_bytes:
-        return _too_large(path, len(data), limits)
-    return data
-
-
-def _too_large(path: Path, size_bytes: int, limits: LimitSettings) -> Finding:
-    return Finding(
-        path,
-        Reason.TOO_LARGE,
-        f"file is {size_bytes} bytes, over the {limits.max_file_bytes} limit",
-    )
-
-
 def _judge_content(
     path: Path, data: bytes, digest: str, limits: LimitSettings, check_decode: bool
 ) -> GoodFile | Finding:
@@ -285,18 +224,6 @@ def _judge_content(
     except ImageError as error:
         return Finding(path, error.reason, str(error))
     return GoodFile(path, digest, header.width, header.height)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    return "not a regular file"
 
 
 def quarantine(
@@ -342,7 +269,7 @@ def _is_movable(path: Path) -> bool:
         return False
     if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return True
-    logger.warning("not quarantined, %s left in place: %s", _kind(mode), path)
+    logger.warning("not quarantined, %s left in place: %s", file_kind(mode), path)
     return False
 
 

@@ -21,10 +21,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
+from core.storage.reader import Reader
 from db.session import make_engine, make_sessionmaker
 from training.trust import ArtifactHashes
 from worker.model_runner import KerasRunner
-from worker.reading import Reader
 from worker.resources import cpu_has_bfloat16, worker_layout
 
 logger = logging.getLogger(__name__)

@@ -98,8 +98,8 @@ def _scan(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.publishing import celery_publisher
+    from core.storage.sources import open_source
     from producer.enqueue import ScanProgress, parse_where, run_scan
-    from producer.sources import open_source
     from training.registry import ensure_active_model
 
     selections = [parse_where(text) for text in where]

@@ -110,7 +110,7 @@ SCAN_UNTIL_TOLD = textwrap.dedent(
     from core.settings import Settings
     from core.publishing import celery_publisher
     from producer.enqueue import run_scan
-    from producer.sources import FolderSource
+    from core.storage.sources import FolderSource
     from worker.celery_app import make_celery
 
     root, gate, stop_after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

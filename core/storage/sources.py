@@ -1,8 +1,8 @@
 """Where images come from: pick a `Source` for a folder path, a `file://` or an `s3://` URI.
 
     Source (Protocol)      uri, iter_entries() -> Iterator[Entry]
-    ├── FolderSource       a local folder tree (producer.folder_source)
-    └── S3Source           an S3 bucket and prefix, any S3-compatible store (producer.s3_source)
+    ├── FolderSource       a local folder tree (core.storage.folder_source)
+    └── S3Source           an S3 bucket and prefix, any S3-compatible store (core.storage.s3_source)
 
 Both report every file they list as an `Entry`, usable or skipped with a `Reason`.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.reasons import Reason
+from core.storage.entries import Entry, Source
+from core.storage.folder_source import FolderSource
+from core.storage.s3_source import S3Source
 from core.uris import FILE_SCHEME, S3_SCHEME, uri_to_path
-from producer.entries import Entry, Source
-from producer.folder_source import FolderSource
-from producer.s3_source import S3Source
 
 __all__ = [
     "Entry",

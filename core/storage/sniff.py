@@ -1,6 +1,6 @@
 """Tell an image's type from its first bytes, never from its name.
 
-Only the types the worker can decode are recognised; anything else is `None` and the producer
+Only the types the worker can decode are recognised; anything else is `None` and a source
 skips it as `not_an_image`.
 """
 
