@@ -32,16 +32,8 @@ from db.models import (
     RefusedMessage,
     utc_now,
 )
-from db.repository import (
-    CHUNKS,
-    IMAGES,
-    JOB_ITEMS,
-    JOBS,
-    ChunkRow,
-    NotFoundError,
-    allocate_chunk_indices,
-    record_chunks,
-)
+from db.repository import ChunkRow, NotFoundError, allocate_chunk_indices, record_chunks
+from db.repository.base import CHUNKS, IMAGES, JOB_ITEMS, JOBS
 
 # A refusal's message is for people; a forged message must not fill the table.
 _MESSAGE_LENGTH = 2000

@@ -27,9 +27,9 @@ from db.delivery import (
 )
 from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus, RefusedMessage
 from db.repository import FailureRow
+from db.requeue import requeue_failed
 from producer.enqueue import run_scan
 from producer.entries import Entry
-from producer.retry import requeue_failed
 from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
 
 

@@ -1,0 +1,68 @@
+"""What the broker (Redis, through kombu's Redis transport) holds, read directly.
+
+The reconciler asks which chunk tasks are still in Redis: queued on the queue's lists (one per
+priority step) or in the `unacked` hash of delivered, unacknowledged messages (running,
+prefetched, or waiting for a retry's countdown). `redis_task_ids` builds that question as a
+plain callable, so the ledger side (`db.reconcile`) never imports a Redis client. Clients made
+here have timeouts: nothing waits for a broker forever.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+# kombu's Redis transport: a queue with priorities is one list per step, named with this
+# separator; delivered messages wait in this hash until acknowledged.
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = range(1, 10)
+_UNACKED_KEY = "unacked"
+
+
+def task_ids_in_broker(client: Any, queue: str) -> set[str]:
+    """Ids of the tasks queued on `queue` or delivered and not yet acknowledged (any queue)."""
+    ids: set[str] = set()
+    for key in [queue, *(f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS)]:
+        for raw in client.lrange(key, 0, -1):
+            ids.update(_task_id(raw))
+    for raw in client.hvals(_UNACKED_KEY):
+        ids.update(_task_id(raw, wrapped=True))
+    return ids
+
+
+def _task_id(raw: bytes | str, *, wrapped: bool = False) -> Iterable[str]:
+    try:
+        document = json.loads(raw)
+        envelope = document[0] if wrapped else document
+        task_id = envelope["headers"]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ()
+    return (task_id,) if isinstance(task_id, str) else ()
+
+
+def redis_task_ids(broker_url: str, queue: str) -> Callable[[], set[str]]:
+    """`task_ids_in_broker` against the broker at `broker_url` (redis:// or redis+socket://)."""
+
+    def read() -> set[str]:
+        client = redis_client(broker_url)
+        try:
+            return task_ids_in_broker(client, queue)
+        finally:
+            client.close()
+
+    return read
+
+
+def redis_client(broker_url: str) -> Any:
+    """A redis-py client for a kombu broker URL, with timeouts (never waits forever)."""
+    import redis
+
+    # kombu spells a Unix socket redis+socket:///path; redis-py spells it unix:///path.
+    url = broker_url
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+
+
+__all__ = ["redis_client", "redis_task_ids", "task_ids_in_broker"]
