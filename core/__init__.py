@@ -1,4 +1,4 @@
 """The ground floor: what every other package shares (settings, errors, reasons, URIs, task names,
-the publisher protocol, secret masking, and `core.storage`: reading files, buckets and their
-listings). It imports nothing else of ours, so anything may import it; see scripts/layers and the
-layout table in the README."""
+the publisher protocol, the broker's contents, secret masking, and `core.storage`: reading files,
+buckets and their listings). It imports nothing else of ours, so anything may import it; see
+.importlinter and the layout table in the README."""

@@ -33,15 +33,13 @@ from db.models import (
     utc_now,
 )
 from db.repository import (
-    CHUNKS,
-    IMAGES,
-    JOB_ITEMS,
-    JOBS,
+    ChunkImage,
     ChunkRow,
     NotFoundError,
     allocate_chunk_indices,
     record_chunks,
 )
+from db.repository.base import CHUNKS, IMAGES, JOB_ITEMS, JOBS
 
 # A refusal's message is for people; a forged message must not fill the table.
 _MESSAGE_LENGTH = 2000
@@ -53,15 +51,6 @@ class MessageRefused(ValueError):
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkImage:
-    """A pending image of a chunk, as the worker's write needs it."""
-
-    id: int
-    uri: str
-    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -213,21 +202,6 @@ def split_chunk(
     return indices
 
 
-def pending_images(*, session: Session, job_id: int, chunk_index: int) -> list[ChunkImage]:
-    """The chunk's images still pending, as the ledger holds them."""
-    query = (
-        select(IMAGES.c.id, IMAGES.c.uri, IMAGES.c.fingerprint)
-        .join(JOB_ITEMS, JOB_ITEMS.c.image_id == IMAGES.c.id)
-        .where(
-            JOB_ITEMS.c.job_id == job_id,
-            JOB_ITEMS.c.chunk_index == chunk_index,
-            JOB_ITEMS.c.state == ItemState.PENDING,
-        )
-        .order_by(IMAGES.c.id)
-    )
-    return [ChunkImage(row.id, row.uri, row.fingerprint) for row in session.execute(query)]
-
-
 def refusals_since(*, session: Session, since: dt.datetime) -> dict[str, int]:
     """How many messages were refused since `since`, by reason."""
     query = (
@@ -240,11 +214,9 @@ def refusals_since(*, session: Session, since: dt.datetime) -> dict[str, int]:
 
 __all__ = [
     "ChunkDelivery",
-    "ChunkImage",
     "MessageRefused",
     "NotFoundError",
     "begin_delivery",
-    "pending_images",
     "record_crash",
     "record_refusal",
     "refusals_since",

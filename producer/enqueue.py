@@ -17,8 +17,10 @@
       the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
 
 A chunk is committed before its message is sent, so a message the broker lost or never took can
-be sent again from the ledger (`republish_unpublished`). Pending images wait for a full chunk
-before they enter the ledger, so every committed pending row belongs to a recorded chunk.
+be sent again from the ledger (`db.outbox.republish_unpublished`, the reconciler). Recording then
+publishing goes through `db.outbox.record_and_publish`, the one outbox loop. Pending images wait
+for a full chunk before they enter the ledger, so every committed pending row belongs to a
+recorded chunk.
 
 When the broker refuses a message the scan stops with `ScanInterrupted`: what was scanned is in
 the ledger (chunks not sent stay `pending`), the job is queued with an error saying the scan
@@ -32,7 +34,6 @@ leaves the job the same way, as far as the database allows, and is raised as it 
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,13 +56,10 @@ from core.reasons import FINAL_FAILURES, Reason
 from core.storage.entries import Entry, Source
 from core.uris import display_name
 from db import repository
-from db.models import NAME_LENGTH, ChunkStatus, ItemState, Job
-from db.repository import ChunkRow, ImageRow, JobItemRow, NotFoundError
-from producer import ledger_queries
+from db.models import NAME_LENGTH, ItemState
+from db.outbox import OutgoingChunk, record_and_publish
+from db.repository import ChunkRow, ImageRow, JobItemRow
 from producer.chunking import chunked, cut_chunks
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +163,17 @@ def _select(
         if not image_ids:
             break
         if selection.kind is SelectionKind.MODEL_OTHER_THAN:
-            image_ids = ledger_queries.latest_label_not_by(
+            image_ids = repository.latest_label_not_by(
                 session=session,
                 image_ids=image_ids,
                 version=_other_than(selection, model_version),
             )
         elif selection.kind is SelectionKind.CONFIDENCE_BELOW and selection.threshold is not None:
-            image_ids = ledger_queries.latest_confidence_below(
+            image_ids = repository.latest_confidence_below(
                 session=session, image_ids=image_ids, threshold=selection.threshold
             )
         elif selection.kind is SelectionKind.FAILED:
-            image_ids = ledger_queries.latest_outcome_failed(
+            image_ids = repository.latest_outcome_failed(
                 session=session, image_ids=image_ids, exclude_job_id=job_id
             )
     return image_ids
@@ -223,9 +221,14 @@ class _Pending:
 
 
 @dataclass(frozen=True, slots=True)
-class _Chunk:
-    index: int
-    uris: list[str]
+class _Staged:
+    """What a record transaction wrote, for the scan's state once it has committed."""
+
+    entries: list[Entry]
+    items: list[JobItemRow]
+    chunks: list[OutgoingChunk]
+    inserted: int
+    waiting: list[_Pending]
 
 
 class _Scan:
@@ -253,7 +256,8 @@ class _Scan:
         self.where = where
         self.producer = f"{socket.gethostname()}:{os.getpid()}"[:NAME_LENGTH]
         self.waiting: list[_Pending] = []  # fewer than chunk_size between batches
-        self.unsent: list[_Chunk] = []  # recorded, not yet published
+        self.unsent: list[OutgoingChunk] = []  # recorded, not yet published
+        self.staged: _Staged | None = None  # written by the open record transaction
         self.seen = 0
         self.images = 0
         self.items = 0
@@ -263,8 +267,10 @@ class _Scan:
         self.listed_all = False
 
     def add_batch(self, entries: list[Entry]) -> None:
-        """Put a batch of entries in the ledger and record every chunk it fills (one commit)."""
-        with self.sessions() as session, session.begin():
+        """Put a batch of entries in the ledger and record every chunk it fills (one commit),
+        then publish those chunks in order, marking each published once the broker has it."""
+
+        def record(session: Session) -> list[OutgoingChunk]:
             ids = repository.upsert_images(session=session, rows=[_image_row(e) for e in entries])
             items, pending = self._decide(session, entries, ids)
             closed, still_open = cut_chunks(
@@ -274,32 +280,45 @@ class _Scan:
                 weight=lambda member: member.size_bytes,
             )
             chunks, inserted = self._record(session, items, closed)
-        # The state moves on only once the transaction committed.
-        self.waiting = still_open
-        self._committed(entries, items, chunks, inserted)
+            self.staged = _Staged(entries, items, chunks, inserted, waiting=still_open)
+            return chunks
 
-    def add_remainder(self) -> None:
-        """Record the pending images that do not fill a whole chunk as the last chunk."""
+        self._record_and_publish(record)
+
+    def add_remainder(self, *, publish: bool = True) -> None:
+        """Record the pending images that do not fill a whole chunk as the last chunk, and
+        publish it unless `publish` is False (a scan stopping early only records it)."""
         if not self.waiting:
             return
-        items: list[JobItemRow] = []
-        with self.sessions() as session, session.begin():
-            chunks, inserted = self._record(session, items, [self.waiting])
-        self.waiting = []
-        self._committed([], items, chunks, inserted)
 
-    def send(self) -> None:
-        """Publish the recorded chunks in order, marking each published once the broker has it."""
-        while self.unsent:
-            chunk = self.unsent[0]
-            task_id = self.publish(self.job_id, chunk.index, chunk.uris)
-            with self.sessions() as session, session.begin():
-                repository.mark_chunk_published(
-                    session=session, job_id=self.job_id, chunk_index=chunk.index, task_id=task_id
-                )
-            self.unsent.pop(0)
-            self.chunks += 1
-            self.enqueued += len(chunk.uris)
+        def record(session: Session) -> list[OutgoingChunk]:
+            items: list[JobItemRow] = []
+            chunks, inserted = self._record(session, items, [self.waiting])
+            self.staged = _Staged([], items, chunks, inserted, waiting=[])
+            return chunks
+
+        if publish:
+            self._record_and_publish(record)
+            return
+        with self.sessions() as session, session.begin():
+            record(session)
+        self._committed()
+
+    def _record_and_publish(self, record: Callable[[Session], list[OutgoingChunk]]) -> None:
+        record_and_publish(
+            sessions=self.sessions,
+            publish=self.publish,
+            job_id=self.job_id,
+            record=record,
+            committed=lambda chunks: self._committed(),
+            published=self._published,
+        )
+
+    def _published(self, chunk: OutgoingChunk) -> None:
+        """Count a chunk the broker took (its mark committed)."""
+        self.unsent.pop(0)  # published in the order recorded
+        self.chunks += 1
+        self.enqueued += len(chunk.uris)
 
     def progress(self) -> ScanProgress:
         return ScanProgress(
@@ -324,7 +343,7 @@ class _Scan:
         candidates = [entry for entry in usable if labeled.get(entry.uri) != entry.fingerprint]
         failed: dict[int, str] = {}
         if not self.force and not self.where:
-            failed = ledger_queries.failed_and_unchanged(
+            failed = repository.failed_and_unchanged(
                 session=session,
                 image_ids=[ids[entry.uri] for entry in candidates],
                 reasons=FINAL_FAILURES,
@@ -358,7 +377,7 @@ class _Scan:
 
     def _record(
         self, session: Session, items: list[JobItemRow], groups: list[list[_Pending]]
-    ) -> tuple[list[_Chunk], int]:
+    ) -> tuple[list[OutgoingChunk], int]:
         """Number `groups` as the job's next chunks, add their rows to `items`, record it all.
 
         The numbers come from the job row (`allocate_chunk_indices`), never from a counter of
@@ -379,7 +398,7 @@ class _Scan:
         chunk_of: dict[int, int | None] = {}
         for item in items:
             chunk_of.setdefault(item.image_id, item.chunk_index)
-        chunks: list[_Chunk] = []
+        chunks: list[OutgoingChunk] = []
         for offset, members in enumerate(groups):
             kept: list[str] = []
             for member in members:
@@ -387,25 +406,27 @@ class _Scan:
                     inserted.discard(member.image_id)
                     kept.append(member.uri)
             if kept:
-                chunks.append(_Chunk(first + offset, kept))
+                chunks.append(OutgoingChunk(first + offset, kept))
         repository.record_chunks(
             session=session,
             job_id=self.job_id,
-            chunks=[ChunkRow(chunk.index, len(chunk.uris)) for chunk in chunks],
+            chunks=[ChunkRow(chunk.chunk_index, len(chunk.uris)) for chunk in chunks],
         )
         new_rows = sum(len(chunk.uris) for chunk in chunks) + len(inserted)
         return chunks, new_rows
 
-    def _committed(
-        self, entries: list[Entry], items: list[JobItemRow], chunks: list[_Chunk], inserted: int
-    ) -> None:
-        """Count what the last transaction committed."""
-        self.seen += len(entries)
-        self.images += sum(1 for entry in entries if entry.usable)
+    def _committed(self) -> None:
+        """Count what the last record transaction committed; the state moves on only then."""
+        staged, self.staged = self.staged, None
+        if staged is None:
+            return
+        self.waiting = staged.waiting
+        self.seen += len(staged.entries)
+        self.images += sum(1 for entry in staged.entries if entry.usable)
         # The ledger's own count: a URI listed twice has one row, and `enqueued` must balance.
-        self.items += inserted
-        self.skipped.update(item.reason for item in items if item.reason is not None)
-        self.unsent.extend(chunks)
+        self.items += staged.inserted
+        self.skipped.update(item.reason for item in staged.items if item.reason is not None)
+        self.unsent.extend(staged.chunks)
 
 
 def run_scan(
@@ -463,12 +484,10 @@ def run_scan(
     try:
         for entries in chunked(source.iter_entries(), chunk_size):
             scan.add_batch(entries)
-            scan.send()
             if progress is not None:
                 progress(scan.progress())
         scan.listed_all = True
         scan.add_remainder()
-        scan.send()
     except PublishError as error:
         _stop_early(scan, str(error))
         raise _interrupted(scan, source, error) from error
@@ -484,7 +503,7 @@ def run_scan(
 def _finish(scan: _Scan, started: float) -> ScanSummary:
     """Queue the job (done at once when nothing was enqueued) and sum the scan up."""
     with scan.sessions() as session, session.begin():
-        ledger_queries.end_scan(session=session, job_id=scan.job_id, enqueued=scan.items)
+        repository.end_scan(session=session, job_id=scan.job_id, enqueued=scan.items)
         done = repository.finish_job_if_complete(session=session, job_id=scan.job_id)
     summary = ScanSummary(
         job_id=scan.job_id,
@@ -530,81 +549,18 @@ def _stop_early(scan: _Scan, cause: str) -> None:
     stopped early. Best effort: when the database is what failed, the job stays `scanning`.
     """
     try:
-        scan.add_remainder()
+        scan.add_remainder(publish=False)
         reason = (
             f"scan stopped after {scan.seen} files, {len(scan.unsent)} chunk(s) recorded but"
             f" not published: {cause}"
         )
         with scan.sessions() as session, session.begin():
-            ledger_queries.end_scan(
+            repository.end_scan(
                 session=session, job_id=scan.job_id, enqueued=scan.items, error=reason
             )
             repository.finish_job_if_complete(session=session, job_id=scan.job_id)
     except SQLAlchemyError:
         logger.exception("job %d: could not record where the scan stopped", scan.job_id)
-
-
-# --- publishing again -------------------------------------------------------------------------
-
-
-def republish_unpublished(
-    job_id: int,
-    *,
-    sessions: sessionmaker[Session],
-    publish: Publisher,
-    older_than: float | None = None,
-) -> int:
-    """Publish the job's chunks that were recorded but never published; return how many.
-
-    With `older_than` (seconds), also chunks published that long ago and still not done: their
-    message was lost (choose it above the time the queue takes to drain, or chunks that are
-    merely waiting get a second message, harmless but wasted work). Chunks whose images are no
-    longer pending are marked done instead. Raises `PublishError` when the broker refuses; what
-    was published before is recorded. Not while the job's scan still runs: it is about to
-    publish the chunks it just recorded, which would then go out twice.
-    """
-    if older_than is not None and older_than < 0:
-        raise ValueError(f"older_than must not be negative, got {older_than}")
-    with sessions() as session, session.begin():
-        if session.get(Job, job_id) is None:
-            raise NotFoundError(f"no job with id {job_id}")
-        if older_than is None:
-            chunks = repository.unfinished_chunks(session=session, job_id=job_id)
-            indexes = [c.chunk_index for c in chunks if c.status is ChunkStatus.PENDING]
-        else:
-            before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
-            chunks = repository.unfinished_chunks(
-                session=session, job_id=job_id, published_before=before
-            )
-            indexes = [c.chunk_index for c in chunks]
-    published = 0
-    for chunk_index in indexes:
-        if republish_chunk(job_id, chunk_index, sessions=sessions, publish=publish):
-            published += 1
-    logger.info("job %d: published %d chunk(s) again", job_id, published)
-    return published
-
-
-def republish_chunk(
-    job_id: int, chunk_index: int, *, sessions: sessionmaker[Session], publish: Publisher
-) -> bool:
-    """Publish a chunk's pending images (from the ledger) again; False when none are left,
-    and then the chunk is marked done (only its row lagged behind)."""
-    with sessions() as session, session.begin():
-        uris = repository.pending_uris(session=session, job_id=job_id, chunk_index=chunk_index)
-        if not uris:
-            # Every image of the chunk has an outcome; only the chunk row lagged behind.
-            repository.record_outcomes(
-                session=session, job_id=job_id, results=[], failures=[], chunk_index=chunk_index
-            )
-            repository.finish_job_if_complete(session=session, job_id=job_id)
-            return False
-    task_id = publish(job_id, chunk_index, uris)
-    with sessions() as session, session.begin():
-        repository.mark_chunk_published(
-            session=session, job_id=job_id, chunk_index=chunk_index, task_id=task_id
-        )
-    return True
 
 
 def _image_row(entry: Entry) -> ImageRow:
@@ -629,7 +585,5 @@ __all__ = [
     "Selection",
     "SelectionKind",
     "parse_where",
-    "republish_chunk",
-    "republish_unpublished",
     "run_scan",
 ]

@@ -273,7 +273,7 @@ def test_upsert_images_respects_the_parameter_limit(
         # A build with the historical limit: every statement must fit in 50 parameters.
         previous = dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)  # type: ignore[union-attr]
     else:
-        monkeypatch.setattr(repository, "MAX_ROWS_PER_STATEMENT", 7)
+        monkeypatch.setattr("db.repository.base.MAX_ROWS_PER_STATEMENT", 7)
     try:
         rows = [ImageRow(uri=f"{unique()}.jpg", fingerprint="1-1") for _ in range(60)]
         ids = repository.upsert_images(session=session, rows=rows)

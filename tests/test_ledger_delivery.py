@@ -18,18 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.reasons import Reason
 from core.storage.entries import Entry
 from db import repository
-from db.delivery import (
-    MessageRefused,
-    begin_delivery,
-    pending_images,
-    record_crash,
-    record_refusal,
-    split_chunk,
-)
+from db.delivery import MessageRefused, begin_delivery, record_crash, record_refusal, split_chunk
 from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus, RefusedMessage
-from db.repository import FailureRow
+from db.repository import FailureRow, pending_images
+from db.requeue import requeue_failed
 from producer.enqueue import run_scan
-from producer.retry import requeue_failed
 from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
 
 

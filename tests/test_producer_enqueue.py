@@ -38,6 +38,7 @@ from core.storage.sources import FolderSource
 from core.uris import path_to_uri, uri_to_path
 from db import repository
 from db.models import Chunk, ChunkStatus, Image, ItemState, Job, JobItem, JobStatus
+from db.outbox import republish_unpublished
 from db.repository import FailureRow, ResultRow
 from db.session import make_engine, make_sessionmaker, upgrade
 from producer.enqueue import (
@@ -47,7 +48,6 @@ from producer.enqueue import (
     Selection,
     SelectionKind,
     parse_where,
-    republish_unpublished,
     run_scan,
 )
 from tests.services import TEST_REDIS_URL

@@ -438,7 +438,7 @@ def test_the_producer_loads_no_tensorflow_keras_or_opencv(tmp_path: Path) -> Non
     program = f"""
 import sys
 import producer.chunking, core.storage.sniff, core.storage.sources, core.uris
-import producer.enqueue, producer.ledger_queries
+import producer.enqueue, db.repository
 from core.storage.sources import FolderSource, S3Source
 source = FolderSource({str(tmp_path)!r}, max_file_bytes=1 << 20)
 assert [entry.image_type for entry in source.iter_entries()] == ["png"]

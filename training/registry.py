@@ -20,6 +20,7 @@ from core.errors import ConfigError, ModelError
 from db.models import ModelVersion
 from db.repository import (
     active_model,
+    get_model,
     promote_if_active,
     register_model,
     set_active_model,
@@ -110,7 +111,7 @@ def ensure_active_model(*, session: Session, models_dir: Path, name: str) -> Mod
 
 def registered_hashes(*, session: Session, version: str, artifact_path: str) -> ArtifactHashes:
     """The hashes the registry recorded for `version` at `artifact_path` (None where missing)."""
-    row = session.get(ModelVersion, version)
+    row = get_model(session=session, version=version)
     if row is None or row.artifact_path != artifact_path:
         raise ModelError(f"model version {version} at {artifact_path} is not registered")
     return ArtifactHashes(row.model_sha256, row.metadata_sha256)
@@ -122,7 +123,7 @@ def trust_artifact(*, session: Session, version: str, models_dir: Path) -> Model
     The files must still be under `models_dir`, carry no code and agree with each other (the model
     hash in `metadata.json`); the class names must be the ones registered.
     """
-    row = session.get(ModelVersion, version)
+    row = get_model(session=session, version=version)
     if row is None:
         raise ModelError(f"no model version {version!r} is registered")
     directory = artifact_under(Path(row.artifact_path), models_dir)

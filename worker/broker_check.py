@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from producer.reconcile import redis_client
+from core.broker import redis_client
 
 logger = logging.getLogger(__name__)
 

@@ -19,25 +19,23 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from core.publishing import Publisher
 from core.reasons import Reason
-from db.delivery import (
-    ChunkImage,
-    MessageRefused,
-    begin_delivery,
-    pending_images,
-    record_refusal,
-    split_chunk,
-)
+from db.delivery import MessageRefused, begin_delivery, record_refusal, split_chunk
 from db.models import ChunkStatus
+from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import (
+    ChunkImage,
     FailureRow,
     ResultRow,
     finish_job_if_complete,
-    mark_chunk_published,
+    pending_images,
     record_outcomes,
 )
 from training.registry import ensure_active_model
@@ -45,8 +43,6 @@ from worker.predict import ImageOutcome, StageTimes, label_images
 from worker.state import ProcessState
 
 logger = logging.getLogger(__name__)
-
-Publish = Callable[[int, int, list[str]], str]
 
 
 @dataclass
@@ -130,7 +126,7 @@ def handle_chunk(
     chunk_index: int,
     uris: Sequence[str],
     *,
-    publish: Publish,
+    publish: Publisher,
 ) -> ChunkReport:
     """Process one delivery of a chunk; raises only on infrastructure errors (to be retried)
     and `MessageRefused` when the ledger disagrees with the message (nothing written)."""
@@ -261,21 +257,25 @@ def _split(
     job_id: int,
     chunk_index: int,
     pending: Sequence[ChunkImage],
-    publish: Publish,
+    publish: Publisher,
 ) -> list[int]:
     middle = len(pending) // 2
     halves = [pending[:middle], pending[middle:]]
-    with state.sessions.begin() as session:
-        indices = split_chunk(
+    indices: list[int] = []
+
+    def record(session: Session) -> list[OutgoingChunk]:
+        indices[:] = split_chunk(
             session=session,
             job_id=job_id,
             chunk_index=chunk_index,
             parts=[[image.id for image in half] for half in halves],
         )
+        return [
+            OutgoingChunk(index, [image.uri for image in half])
+            for index, half in zip(indices, halves, strict=True)
+        ]
+
     # Committed before publishing: if this process dies now, the halves are recorded and never
     # published, and the reconciler sends them.
-    for index, half in zip(indices, halves, strict=True):
-        task_id = publish(job_id, index, [image.uri for image in half])
-        with state.sessions.begin() as session:
-            mark_chunk_published(session=session, job_id=job_id, chunk_index=index, task_id=task_id)
+    record_and_publish(sessions=state.sessions, publish=publish, job_id=job_id, record=record)
     return indices

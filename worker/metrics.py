@@ -33,18 +33,15 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
 
 import redis
-from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from core.broker import UNACKED_KEY, queue_keys, redis_client
 from core.names import MULTIPROCESS_VARIABLE
 from core.settings import Settings
 
@@ -236,7 +233,9 @@ class BrokerCollector(Collector):
     ) -> None:
         self.queues = list(queues)
         self.batch_size = batch_size
-        self.client = redis_client(broker_url, timeout)
+        self.client = redis_client(
+            broker_url, timeout=timeout, connect_timeout=timeout, retries=False
+        )
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -271,40 +270,19 @@ class BrokerCollector(Collector):
 
     def _read(self) -> tuple[dict[str, int], int]:
         # kombu keeps a queue as one list per priority step: `name`, then `name<sep><step>`.
-        keys = {queue: _priority_keys(queue) for queue in self.queues}
+        keys = {queue: queue_keys(queue) for queue in self.queues}
         with self.client.pipeline(transaction=False) as pipeline:
-            for queue_keys in keys.values():
-                for key in queue_keys:
+            for lists in keys.values():
+                for key in lists:
                     pipeline.llen(key)
-            pipeline.hlen(RedisChannel.unacked_key)
+            pipeline.hlen(UNACKED_KEY)
             replies = [int(reply) for reply in pipeline.execute()]
         depths: dict[str, int] = {}
         position = 0
-        for queue, queue_keys in keys.items():
-            depths[queue] = sum(replies[position : position + len(queue_keys)])
-            position += len(queue_keys)
+        for queue, lists in keys.items():
+            depths[queue] = sum(replies[position : position + len(lists)])
+            position += len(lists)
         return depths, replies[-1]
-
-
-def _priority_keys(queue: str) -> list[str]:
-    return [
-        f"{queue}{RedisChannel.sep}{step}" if step else queue
-        for step in RedisChannel.priority_steps
-    ]
-
-
-def redis_client(broker_url: str, timeout: float = BROKER_TIMEOUT) -> redis.Redis:
-    """A redis-py client for a Celery broker URL (`redis+socket:///path` is `unix:///path`)."""
-    parts = urlsplit(broker_url)
-    url = broker_url
-    if parts.scheme in {"redis+socket", "socket"}:
-        url = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),  # a scrape reports the broker down rather than waiting
-    )
 
 
 @dataclass

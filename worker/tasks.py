@@ -158,8 +158,11 @@ def label_chunk(
     settings = self.app.emolabel_settings
     state = process_state(settings)
 
-    def publish(job: int, index: int, part: list[str]) -> str:
-        sent = self.app.send_task(LABEL_CHUNK, args=[job, index, part], queue=settings.queue)
+    # A `core.publishing.Publisher` (the halves of a split chunk go out through it).
+    def publish(job_id: int, chunk_index: int, uris: list[str]) -> str:
+        sent = self.app.send_task(
+            LABEL_CHUNK, args=[job_id, chunk_index, uris], queue=settings.queue
+        )
         return str(sent.id)
 
     try:
@@ -233,10 +236,10 @@ def retrain(self: Task, data_dir: object = None) -> dict[str, Any]:
 
 @shared_task(name=RECONCILE, bind=True)  # type: ignore[untyped-decorator]
 def reconcile(self: Task) -> dict[str, Any]:
-    """Resend chunks with no message, end scans whose producer is gone (producer.reconcile)."""
+    """Resend chunks with no message, end scans whose producer is gone (db.reconcile)."""
+    from core.broker import redis_task_ids
     from core.publishing import celery_publisher
-    from producer.reconcile import reconcile as run_reconcile
-    from producer.reconcile import redis_task_ids
+    from db.reconcile import reconcile as run_reconcile
     from worker.metrics import record_images_without_message
     from worker.state import process_state
 

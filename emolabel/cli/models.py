@@ -69,12 +69,12 @@ def list_models_command(
 @models_app.command("show")
 def show_model(version: Annotated[str, typer.Argument(help="A registered version.")]) -> None:
     """The registry row and the artifact's metadata of one version, as JSON."""
-    from db.models import ModelVersion
+    from db.repository import get_model
     from training.metadata import read_metadata
 
     sessions = sessions_for(settings_from())
     with sessions() as session:
-        model = session.get(ModelVersion, version)
+        model = get_model(session=session, version=version)
         if model is None:
             fail(f"no model version {version!r} is registered (see `emolabel models list`)")
         artifact_path = model.artifact_path
@@ -144,23 +144,12 @@ def trust(version: Annotated[str, typer.Argument(help="A registered version.")])
 @models_app.command("rollback")
 def rollback() -> None:
     """Reactivate the version that was active before the current one."""
-    from sqlalchemy import select
-
-    from db.models import ModelStatus, ModelVersion
-    from db.repository import active_model, set_active_model
+    from db.repository import active_model, previous_active_model, set_active_model
 
     sessions = sessions_for(settings_from())
     with sessions.begin() as session:
         current = active_model(session=session)
-        previous = session.scalars(
-            select(ModelVersion)
-            .where(
-                ModelVersion.status == ModelStatus.RETIRED,
-                ModelVersion.promoted_at.is_not(None),
-            )
-            .order_by(ModelVersion.promoted_at.desc())
-            .limit(1)
-        ).first()
+        previous = previous_active_model(session=session)
         if previous is None:
             fail("no earlier active version to roll back to")
         set_active_model(session=session, version=previous.version)

@@ -196,7 +196,7 @@ def republish(
 ) -> None:
     """Publish a job's recorded-but-unpublished chunks (after a broker outage or a lost message)."""
     from core.publishing import celery_publisher
-    from producer.enqueue import republish_unpublished
+    from db.outbox import republish_unpublished
 
     settings = settings_from()
     broker_for(settings)
@@ -214,9 +214,9 @@ def republish(
 def reconcile() -> None:
     """Finish what crashes left half-done: resend chunks with no message in Redis, end scans
     whose producer is gone (the `emolabel.reconcile` beat task runs the same every few minutes)."""
+    from core.broker import redis_task_ids
     from core.publishing import celery_publisher
-    from producer.reconcile import reconcile as run_reconcile
-    from producer.reconcile import redis_task_ids
+    from db.reconcile import reconcile as run_reconcile
 
     settings = settings_from()
     broker_for(settings)
@@ -350,18 +350,15 @@ def status(
     job: Annotated[int | None, typer.Argument(help="A job id (default: the latest jobs).")] = None,
 ) -> None:
     """Jobs and their counts; with a job id, also why images failed or were skipped."""
-    from sqlalchemy import func, select
-
-    from db.models import Job, JobItem
-    from db.repository import NotFoundError, job_counts
+    from db.repository import NotFoundError, get_job, job_counts, latest_jobs, outcome_reasons
 
     settings = settings_from()
     sessions = sessions_for(settings)
     with sessions() as session:
         jobs = (
-            [session.get(Job, job)]
+            [get_job(session=session, job_id=job)]
             if job is not None
-            else list(session.scalars(select(Job).order_by(Job.id.desc()).limit(20)))
+            else latest_jobs(session=session, limit=20)
         )
         if job is not None and jobs[0] is None:
             fail(f"no job {job}")
@@ -397,13 +394,7 @@ def status(
             )
         console.print(table)
         if job is not None:
-            reasons = session.execute(
-                select(JobItem.state, JobItem.reason, func.count())
-                .where(JobItem.job_id == job, JobItem.state.in_(["failed", "skipped"]))
-                .group_by(JobItem.state, JobItem.reason)
-                .order_by(func.count().desc())
-            ).all()
-            for state, reason, count in reasons:
+            for state, reason, count in outcome_reasons(session=session, job_id=job):
                 console.print(f"{state}: {reason}: {count}", highlight=False)
     _print_orphans(settings, sessions)
 
@@ -412,7 +403,8 @@ def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
     """The line an operator must not miss: images waiting for a message that no longer exists."""
     from redis.exceptions import RedisError
 
-    from producer.reconcile import images_without_message, redis_task_ids
+    from core.broker import redis_task_ids
+    from db.reconcile import images_without_message
 
     try:
         orphans = images_without_message(
@@ -498,7 +490,7 @@ def failures(
         if job is None:
             fail("--retry needs --job")
         from core.publishing import celery_publisher
-        from producer.retry import requeue_failed
+        from db.requeue import requeue_failed
 
         broker_for(settings)
         count = requeue_failed(

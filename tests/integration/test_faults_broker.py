@@ -34,11 +34,11 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from core.broker import redis_task_ids, task_ids_in_broker
 from core.settings import ReconcileSettings, ScanSettings, Settings
 from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Image, Job, JobItem, JobStatus, RefusedMessage
 from emolabel.embedded import worker_environment
-from producer.reconcile import redis_task_ids, task_ids_in_broker
 from tests.conftest import REPO
 from tests.integration.conftest import (
     SettingsFactory,

@@ -24,11 +24,12 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.broker import redis_task_ids, task_ids_in_broker
 from core.publishing import celery_publisher
 from core.settings import ReconcileSettings, ScanSettings, Settings
 from db.models import Chunk, ChunkStatus, Job, JobStatus
+from db.reconcile import reconcile
 from emolabel.embedded import worker_environment
-from producer.reconcile import reconcile, redis_task_ids, task_ids_in_broker
 from tests.conftest import REPO
 from tests.integration.conftest import (
     SettingsFactory,

@@ -1,0 +1,166 @@
+"""Every read and write of the ledger, the same on PostgreSQL and SQLite, one module per table
+family; import from here (`from db.repository import X`), the modules are how it is kept.
+
+    base            the tables, `NotFoundError`, row checks, batching under the parameter limit
+    images          `images`: upsert by URI, ids for URIs
+    jobs            `jobs`: create, status, chunk numbers and heartbeat, counts, end of a scan
+    chunks          `chunks`: record before publishing, mark published, unfinished and open ones
+    job_items       `job_items`, the ledger: rows in, failures out, `--where` and retry filters
+    outcomes        a chunk's labels and failures written in one go (results + ledger + chunk)
+    results         `results`, read: export, already labeled, the latest label of an image
+    model_versions  `model_versions`, the registry: register, promote, roll back, list
+    retrain_runs    `retrain_runs`: each retraining and its decision
+
+Each function takes the session keyword-only and never commits, rolls back or closes it: the
+caller owns the transaction (`with Session() as session, session.begin(): ...`). The hot paths
+(`upsert_images`, `add_job_items`, `record_outcomes`, `labeled_fingerprints`) are bulk statements
+(`INSERT ... ON CONFLICT`, `UPDATE ... WHERE ... IN`) cut into batches that stay under the
+database's bound-parameter limit (SQLite's is the small one). An INSERT is one statement executed
+with a list of rows (SQLAlchemy's "insertmanyvalues" still sends multi-row VALUES), so it is
+compiled once and cached: `insert().values([...rows])` is never cached, and compiling its
+thousands of parameters again for every batch cost the producer more than the database did.
+
+Delivery is at least once, the effect exactly once: a redelivered chunk inserts no second result
+and leaves every ledger row in the state it reached. A result is written again only for an image
+whose fingerprint changed since it was labeled.
+
+Rows come in as small frozen dataclasses (`ImageRow`, `JobItemRow`, `ChunkRow`, `ResultRow`,
+`FailureRow`) that check themselves; bad input raises `ValueError`, an unknown job or model raises
+`NotFoundError` (a `LookupError`).
+"""
+
+from db.repository.base import (
+    MAX_ROWS_PER_STATEMENT,
+    POSTGRESQL_MAX_PARAMETERS,
+    NotFoundError,
+)
+from db.repository.chunks import (
+    ChunkImage,
+    ChunkRow,
+    OpenChunk,
+    mark_chunk_published,
+    open_chunks,
+    pending_images,
+    pending_uris,
+    record_chunks,
+    unfinished_chunks,
+)
+from db.repository.images import (
+    ImageRow,
+    image_ids_for_uris,
+    upsert_images,
+)
+from db.repository.job_items import (
+    FailedImage,
+    FailedItem,
+    JobItemRow,
+    add_job_items,
+    count_job_items,
+    failed_and_unchanged,
+    failed_images,
+    failed_items,
+    latest_outcome_failed,
+    outcome_reasons,
+    return_to_pending,
+)
+from db.repository.jobs import (
+    TERMINAL_JOB_STATUSES,
+    JobCounts,
+    SilentScan,
+    allocate_chunk_indices,
+    create_job,
+    end_scan,
+    finish_job_if_complete,
+    get_job,
+    job_counts,
+    latest_jobs,
+    reopen_job,
+    set_job_status,
+    silent_scans,
+)
+from db.repository.model_versions import (
+    active_model,
+    get_model,
+    list_models,
+    previous_active_model,
+    promote_if_active,
+    register_model,
+    set_active_model,
+    set_model_hashes,
+    set_model_status,
+)
+from db.repository.outcomes import (
+    FailureRow,
+    ResultRow,
+    record_outcomes,
+)
+from db.repository.results import (
+    ExportRow,
+    iter_results,
+    labeled_fingerprints,
+    latest_confidence_below,
+    latest_label_not_by,
+)
+from db.repository.retrain_runs import (
+    record_retrain_run,
+)
+
+__all__ = [
+    "MAX_ROWS_PER_STATEMENT",
+    "POSTGRESQL_MAX_PARAMETERS",
+    "TERMINAL_JOB_STATUSES",
+    "ChunkImage",
+    "ChunkRow",
+    "ExportRow",
+    "FailedImage",
+    "FailedItem",
+    "FailureRow",
+    "ImageRow",
+    "JobCounts",
+    "JobItemRow",
+    "NotFoundError",
+    "OpenChunk",
+    "ResultRow",
+    "SilentScan",
+    "active_model",
+    "add_job_items",
+    "allocate_chunk_indices",
+    "count_job_items",
+    "create_job",
+    "end_scan",
+    "failed_and_unchanged",
+    "failed_images",
+    "failed_items",
+    "finish_job_if_complete",
+    "get_job",
+    "get_model",
+    "image_ids_for_uris",
+    "iter_results",
+    "job_counts",
+    "labeled_fingerprints",
+    "latest_confidence_below",
+    "latest_jobs",
+    "latest_label_not_by",
+    "latest_outcome_failed",
+    "list_models",
+    "mark_chunk_published",
+    "open_chunks",
+    "outcome_reasons",
+    "pending_images",
+    "pending_uris",
+    "previous_active_model",
+    "promote_if_active",
+    "record_chunks",
+    "record_outcomes",
+    "record_retrain_run",
+    "register_model",
+    "reopen_job",
+    "return_to_pending",
+    "set_active_model",
+    "set_job_status",
+    "set_model_hashes",
+    "set_model_status",
+    "silent_scans",
+    "unfinished_chunks",
+    "upsert_images",
+]

@@ -1,0 +1,237 @@
+"""The `job_items` table, the ledger proper: one row per image per job, pending in a chunk or
+labeled, failed or skipped with a reason.
+
+The `--where` and already-failed filters take image ids and return the subset that matches,
+`IDS_PER_STATEMENT` ids per statement so that SQLite's bound-parameter limit is never reached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from db.models import (
+    REASON_LENGTH,
+    ItemState,
+    utc_now,
+)
+from db.repository.base import (
+    IMAGES,
+    JOB_ITEMS,
+    batches,
+    check_text,
+    dialect_insert,
+    id_batches,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JobItemRow:
+    """An image entering a job's ledger: pending in a chunk, or skipped/failed while scanning."""
+
+    image_id: int
+    chunk_index: int | None = None
+    state: ItemState = ItemState.PENDING
+    reason: str | None = None
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is ItemState.LABELED:
+            raise ValueError("an item enters the ledger pending, skipped or failed, not labeled")
+        if self.state is not ItemState.PENDING and self.reason is None:
+            raise ValueError(f"a {self.state} item needs a reason code")
+        if self.reason is not None:
+            check_text(self.reason, "reason", max_length=REASON_LENGTH)
+
+
+@dataclass(frozen=True, slots=True)
+class FailedItem:
+    """A failed ledger row with its image's URI."""
+
+    job_id: int
+    image_id: int
+    uri: str
+    reason: str | None
+    message: str | None
+    attempts: int
+    updated_at: dt.datetime
+
+
+def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow]) -> set[int]:
+    """Put images into a job's ledger, once each (the first row given for an image wins);
+    return the ids of the images whose row is new."""
+    rows = list({item.image_id: item for item in reversed(items)}.values())
+    now = utc_now()
+    inserted: set[int] = set()
+    statement = (
+        dialect_insert(session, JOB_ITEMS)
+        .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
+        .returning(JOB_ITEMS.c.image_id)
+    )
+    for batch in batches(session, rows, parameters_per_item=8):
+        parameters = [
+            {
+                "job_id": job_id,
+                "image_id": item.image_id,
+                "chunk_index": item.chunk_index,
+                "state": item.state,
+                "reason": item.reason,
+                "message": item.message,
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for item in batch
+        ]
+        inserted.update(session.scalars(statement, parameters))
+    return inserted
+
+
+def failed_items(
+    *, session: Session, job_id: int | None = None, batch_size: int = 1000
+) -> Iterator[FailedItem]:
+    """Stream the failed ledger rows (of one job, or of all), oldest job first."""
+    query = (
+        select(
+            JOB_ITEMS.c.job_id,
+            JOB_ITEMS.c.image_id,
+            IMAGES.c.uri,
+            JOB_ITEMS.c.reason,
+            JOB_ITEMS.c.message,
+            JOB_ITEMS.c.attempts,
+            JOB_ITEMS.c.updated_at,
+        )
+        .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
+        .where(JOB_ITEMS.c.state == ItemState.FAILED)
+        .order_by(JOB_ITEMS.c.job_id, JOB_ITEMS.c.image_id)
+    )
+    if job_id is not None:
+        query = query.where(JOB_ITEMS.c.job_id == job_id)
+    for row in session.execute(query.execution_options(yield_per=batch_size)):
+        yield FailedItem(*row)
+
+
+def latest_outcome_failed(
+    *, session: Session, image_ids: Iterable[int], exclude_job_id: int | None = None
+) -> set[int]:
+    """The images whose latest job item a worker reported on (not skipped by a scan) is failed.
+
+    Skipped rows are passed over, so a scan that left a failed image out (as not selected, say)
+    does not hide its failure from the next `--where failed`. Items of `exclude_job_id` (the scan
+    asking) are not counted.
+    """
+    matched: set[int] = set()
+    for batch in id_batches(image_ids):
+        query = _latest_outcomes(batch, exclude_job_id).where(JOB_ITEMS.c.state == ItemState.FAILED)
+        matched.update(session.scalars(query))
+    return matched
+
+
+def failed_and_unchanged(
+    *,
+    session: Session,
+    image_ids: Iterable[int],
+    reasons: Iterable[str],
+    exclude_job_id: int | None = None,
+) -> dict[int, str]:
+    """image id -> reason, for the images whose latest worker outcome is a failure for one of
+    `reasons` recorded after the image last changed: the same file would fail the same way.
+
+    Call it after `upsert_images` in the scan's transaction, which moves an image's `updated_at`
+    when its fingerprint changed.
+    """
+    wanted = sorted(set(reasons))
+    matched: dict[int, str] = {}
+    for batch in id_batches(image_ids):
+        query = (
+            _latest_outcomes(batch, exclude_job_id, JOB_ITEMS.c.reason)
+            .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
+            .where(
+                JOB_ITEMS.c.state == ItemState.FAILED,
+                JOB_ITEMS.c.reason.in_(wanted),
+                JOB_ITEMS.c.updated_at >= IMAGES.c.updated_at,
+            )
+        )
+        matched.update({image_id: reason for image_id, reason in session.execute(query)})
+    return matched
+
+
+def _latest_outcomes(
+    batch: Sequence[int], exclude_job_id: int | None, *columns: ColumnElement[Any]
+) -> Select[Any]:
+    """The ledger row of each image's latest job that a worker reported on (skips passed over)."""
+    conditions = [JOB_ITEMS.c.image_id.in_(batch), JOB_ITEMS.c.state != ItemState.SKIPPED]
+    if exclude_job_id is not None:
+        conditions.append(JOB_ITEMS.c.job_id != exclude_job_id)
+    latest = (
+        select(JOB_ITEMS.c.image_id, func.max(JOB_ITEMS.c.job_id).label("job_id"))
+        .where(*conditions)
+        .group_by(JOB_ITEMS.c.image_id)
+        .subquery()
+    )
+    return select(JOB_ITEMS.c.image_id, *columns).join(
+        latest,
+        and_(JOB_ITEMS.c.image_id == latest.c.image_id, JOB_ITEMS.c.job_id == latest.c.job_id),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FailedImage:
+    """A failed image of a job, to enqueue again."""
+
+    image_id: int
+    uri: str
+
+
+def failed_images(*, session: Session, job_id: int) -> list[FailedImage]:
+    """The job's failed images with their URIs, by image id."""
+    query = (
+        select(JOB_ITEMS.c.image_id, IMAGES.c.uri)
+        .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
+        .where(JOB_ITEMS.c.job_id == job_id, JOB_ITEMS.c.state == ItemState.FAILED)
+        .order_by(JOB_ITEMS.c.image_id)
+    )
+    return [FailedImage(image_id, uri) for image_id, uri in session.execute(query)]
+
+
+def return_to_pending(
+    *, session: Session, job_id: int, image_ids: Sequence[int], chunk_index: int
+) -> None:
+    """Put images of a job back to pending, in chunk `chunk_index`, their reason cleared."""
+    session.execute(
+        update(JOB_ITEMS)
+        .where(JOB_ITEMS.c.job_id == job_id, JOB_ITEMS.c.image_id.in_(list(image_ids)))
+        .values(state=ItemState.PENDING, reason=None, message=None, chunk_index=chunk_index)
+    )
+
+
+def outcome_reasons(*, session: Session, job_id: int) -> list[tuple[str, str | None, int]]:
+    """(state, reason, count) of a job's failed and skipped images, most frequent first."""
+    count = func.count()
+    query = (
+        select(JOB_ITEMS.c.state, JOB_ITEMS.c.reason, count)
+        .where(
+            JOB_ITEMS.c.job_id == job_id,
+            JOB_ITEMS.c.state.in_([ItemState.FAILED, ItemState.SKIPPED]),
+        )
+        .group_by(JOB_ITEMS.c.state, JOB_ITEMS.c.reason)
+        .order_by(count.desc())
+    )
+    return [(str(state), reason, int(number)) for state, reason, number in session.execute(query)]
+
+
+def count_job_items(*, session: Session, job_id: int) -> int:
+    """How many ledger rows the job has (whatever their state)."""
+    query = select(func.count()).select_from(JOB_ITEMS).where(JOB_ITEMS.c.job_id == job_id)
+    return int(session.scalar(query) or 0)

@@ -1,0 +1,145 @@
+"""The `results` table, read: what each model version labeled, for export, for the scan's
+"already labeled" skip and for `--where` selections on an image's latest label.
+
+Writing results is `db.repository.outcomes`' (a chunk's labels and failures in one go).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    ColumnElement,
+    Subquery,
+    and_,
+    func,
+    select,
+)
+from sqlalchemy.orm import Session
+
+from db.repository.base import (
+    IMAGES,
+    JOB_ITEMS,
+    RESULTS,
+    batches,
+    id_batches,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """One result with its image's URI, for export."""
+
+    image_id: int
+    uri: str
+    model_version: str
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    job_id: int | None
+    created_at: dt.datetime
+
+
+def labeled_fingerprints(
+    *, session: Session, uris: Iterable[str], model_version: str
+) -> dict[str, str]:
+    """uri -> fingerprint of the image version that `model_version` labeled, for labeled URIs.
+
+    The producer skips a URI whose current fingerprint equals the one returned.
+    """
+    wanted = sorted(set(uris))
+    found: dict[str, str] = {}
+    for batch in batches(session, wanted, parameters_per_item=1):
+        query = (
+            select(IMAGES.c.uri, RESULTS.c.fingerprint)
+            .join(RESULTS, RESULTS.c.image_id == IMAGES.c.id)
+            .where(RESULTS.c.model_version == model_version, IMAGES.c.uri.in_(batch))
+        )
+        found.update({uri: fingerprint for uri, fingerprint in session.execute(query)})
+    return found
+
+
+def iter_results(
+    *,
+    session: Session,
+    job_id: int | None = None,
+    model_version: str | None = None,
+    batch_size: int = 1000,
+) -> Iterator[ExportRow]:
+    """Stream results for export, by image id.
+
+    With `job_id`, the results of the images in that job's ledger (also those the job skipped
+    as already labeled); with `model_version`, only that version's.
+    """
+    query = select(
+        RESULTS.c.image_id,
+        IMAGES.c.uri,
+        RESULTS.c.model_version,
+        RESULTS.c.label,
+        RESULTS.c.confidence,
+        RESULTS.c.scores,
+        RESULTS.c.job_id,
+        RESULTS.c.created_at,
+    ).join(IMAGES, IMAGES.c.id == RESULTS.c.image_id)
+    if job_id is not None:
+        query = query.join(
+            JOB_ITEMS,
+            and_(JOB_ITEMS.c.image_id == RESULTS.c.image_id, JOB_ITEMS.c.job_id == job_id),
+        )
+    if model_version is not None:
+        query = query.where(RESULTS.c.model_version == model_version)
+    query = query.order_by(RESULTS.c.image_id, RESULTS.c.model_version)
+    for row in session.execute(query.execution_options(yield_per=batch_size)):
+        yield ExportRow(*row)
+
+
+LatestLabelCondition = Callable[[Subquery], ColumnElement[bool]]
+"""A condition on the latest label of each image (columns image_id, version, confidence)."""
+
+
+def latest_label_not_by(*, session: Session, image_ids: Iterable[int], version: str) -> set[int]:
+    """The images whose most recent label was written by a model version other than `version`.
+
+    Images never labeled are not in the answer.
+    """
+    return _latest_label_matching(session, image_ids, lambda latest: latest.c.version != version)
+
+
+def latest_confidence_below(
+    *, session: Session, image_ids: Iterable[int], threshold: float
+) -> set[int]:
+    """The images whose most recent label has a confidence below `threshold`.
+
+    Images never labeled are not in the answer: there is no confidence to compare.
+    """
+    return _latest_label_matching(
+        session, image_ids, lambda latest: latest.c.confidence < threshold
+    )
+
+
+def _latest_label_matching(
+    session: Session,
+    image_ids: Iterable[int],
+    condition: LatestLabelCondition,
+) -> set[int]:
+    matched: set[int] = set()
+    for batch in id_batches(image_ids):
+        order = func.row_number().over(
+            partition_by=RESULTS.c.image_id,
+            order_by=(RESULTS.c.created_at.desc(), RESULTS.c.model_version.desc()),
+        )
+        latest = (
+            select(
+                RESULTS.c.image_id,
+                RESULTS.c.model_version.label("version"),
+                RESULTS.c.confidence,
+                order.label("rank"),
+            )
+            .where(RESULTS.c.image_id.in_(batch))
+            .subquery()
+        )
+        query = select(latest.c.image_id).where(latest.c.rank == 1, condition(latest))
+        matched.update(session.scalars(query))
+    return matched

@@ -1,0 +1,46 @@
+"""The `retrain_runs` table: every retraining attempt and its decision."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db.models import (
+    RetrainDecision,
+    RetrainRun,
+    utc_now,
+)
+from db.repository.base import (
+    json_document,
+)
+
+
+def record_retrain_run(
+    *,
+    session: Session,
+    started_at: dt.datetime,
+    decision: RetrainDecision,
+    reason: str | None = None,
+    finished_at: dt.datetime | None = None,
+    challenger_version: str | None = None,
+    champion_version: str | None = None,
+    data_fingerprint: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> int:
+    """Record one retraining attempt and its decision; return its id."""
+    run = RetrainRun(
+        started_at=started_at,
+        finished_at=finished_at if finished_at is not None else utc_now(),
+        challenger_version=challenger_version,
+        champion_version=champion_version,
+        data_fingerprint=data_fingerprint,
+        metrics=json_document(dict(metrics or {}), "metrics"),
+        decision=decision,
+        reason=reason,
+    )
+    session.add(run)
+    session.flush()
+    return run.id
