@@ -21,7 +21,7 @@ from core.errors import ModelError
 from core.settings import Settings
 from db.repository import register_model
 from db.session import make_engine, make_sessionmaker, upgrade
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 from training.artifacts import (
     METADATA_FILE,
     MODEL_FILE,

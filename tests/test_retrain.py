@@ -30,8 +30,8 @@ from db.models import ModelStatus, ModelVersion, Result, RetrainRun
 from db.repository import active_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import ensure_redis, start_local_worker
-from tests.conftest import run_cli
-from tests.services import wait_for
+from tests.support.cli import run_cli
+from tests.support.services import wait_for
 from training.artifacts import InputMetadata, ModelMetadata, save_artifact
 from training.registry import register_artifact
 from training.sample_data import generate_sample_data
