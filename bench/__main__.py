@@ -1,4 +1,4 @@
-"""`python -m bench NAME [options]`: run the benchmark `bench/NAME.py` (`--help` on each)."""
+"""`python -m bench NAME [options]`: run the benchmark `bench/NAME[.py]` (`--help` on each)."""
 
 from __future__ import annotations
 

@@ -3,27 +3,19 @@ services (the test Redis, a queue per test, PostgreSQL databases made and droppe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import LimitSettings, TrainSettings
-from tests.services import TEST_REDIS_URL, forget_queue
-from tests.test_db import POSTGRES_ADMIN_URL, PostgresServer
+from core.settings import LimitSettings
+from tests.support.services import POSTGRES_ADMIN_URL, TEST_REDIS_URL, PostgresServer, forget_queue
+from tests.support.tiny_model import TINY
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome, train_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-# Small enough to train in seconds on two cores, big enough to learn happy vs sad.
-TINY = TrainSettings(epochs=3, batch_size=16, image_size=48, patience=2, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -42,22 +34,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(sample_dir: Path, models_dir: Path) -> TrainOutcome:
     return train_model(
         sample_dir, TINY, LimitSettings(), models_dir, "tiny", progress=lambda _: None
-    )
-
-
-def run_cli(
-    arguments: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the real `emolabel` console script in a subprocess (no in-process shortcuts)."""
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "emolabel", *arguments],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=cwd or REPO,
-        timeout=600,
-        check=False,
     )
 
 

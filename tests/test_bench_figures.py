@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from bench.machine import cpu_description, describe
-from bench.throughput import idle_by_part, machine_cpu_split, median_run, ratios
+from bench.throughput.measuring import idle_by_part, machine_cpu_split
+from bench.throughput.report import median_run, ratios
 
 
 def test_median_run_keeps_the_middle_round_whole_and_lists_every_round() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.services import TEST_REDIS_URL
+from tests.support.services import TEST_REDIS_URL
 
 REPO = Path(__file__).resolve().parents[1]
 

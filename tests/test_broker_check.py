@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.services import TEST_REDIS_URL
+from tests.support.services import TEST_REDIS_URL
 from worker.broker_check import broker_risks, warn_if_broker_can_lose_messages
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from core.errors import DataError
 from core.reasons import Reason
 from core.settings import LimitSettings
-from tests.images import bomb_png
+from tests.support.images import bomb_png
 from training.clean import QUARANTINE_FOLDER_NAME, CleanReport, quarantine, scan_dataset
 
 

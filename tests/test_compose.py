@@ -28,7 +28,7 @@ from dotenv import dotenv_values
 from sqlalchemy.engine import make_url
 
 from core.settings import Settings, WorkerSettings, iter_setting_rows
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"

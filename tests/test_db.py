@@ -8,7 +8,6 @@ reached the tests fail, unless EMOLABEL_TEST_NO_POSTGRES=1 says to run SQLite al
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sqlite3
 import threading
 import time
@@ -18,8 +17,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete, func, inspect, select, text, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Engine, delete, func, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import repository
@@ -56,11 +55,7 @@ from db.session import (
     make_sessionmaker,
     upgrade,
 )
-
-POSTGRES_ADMIN_URL = os.environ.get(
-    "EMOLABEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-NO_POSTGRES = os.environ.get("EMOLABEL_TEST_NO_POSTGRES") == "1"
+from tests.support.services import POSTGRES_ADMIN_URL, PostgresServer
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -71,51 +66,6 @@ NewDatabase = Callable[[str], str]
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-class PostgresServer:
-    """Creates throwaway databases on the test server, connecting on first use only."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = admin_url
-        self.created: list[str] = []
-        self._admin: Engine | None = None
-
-    def admin(self) -> Engine:
-        if NO_POSTGRES:
-            pytest.skip("EMOLABEL_TEST_NO_POSTGRES=1")
-        if self._admin is None:
-            admin = create_engine(
-                self.admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-            )
-            try:
-                with admin.connect() as connection:
-                    connection.execute(text("SELECT 1"))
-            except OperationalError as error:
-                admin.dispose()
-                pytest.fail(
-                    f"PostgreSQL at {self.admin_url} is unreachable ({error.orig}); start it, or"
-                    " set EMOLABEL_TEST_NO_POSTGRES=1 to test SQLite alone",
-                    pytrace=False,
-                )
-            self._admin = admin
-        return self._admin
-
-    def create_database(self) -> str:
-        admin = self.admin()
-        name = f"emolabel_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        self.created.append(name)
-        return admin.url.set(database=name).render_as_string(hide_password=False)
-
-    def drop_databases(self) -> None:
-        if self._admin is None:
-            return
-        with self._admin.connect() as connection:
-            for name in self.created:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        self._admin.dispose()
 
 
 @pytest.fixture(scope="session")

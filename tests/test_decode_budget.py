@@ -26,7 +26,7 @@ import training.preprocess as preprocess
 from core.errors import ImageError
 from core.reasons import Reason
 from core.settings import LimitSettings
-from tests.images import flat_png, repeated_scan_jpeg
+from tests.support.images import flat_png, repeated_scan_jpeg
 from training.clean import scan_dataset
 from training.preprocess import (
     InputSpec,

@@ -50,8 +50,9 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import EmbeddedRedis, LocalWorker, ensure_redis, start_local_worker
 from emolabel.embedded import worker_environment as environment_for
 from emolabel.ops import flower_arguments, prepare_metrics_directory
-from tests.conftest import REPO, run_cli
-from tests.services import TEST_REDIS_URL, wait_for
+from tests.support.cli import run_cli
+from tests.support.paths import REPO
+from tests.support.services import TEST_REDIS_URL, wait_for
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome
 from worker.metrics import BrokerCollector, record_chunk, start_metrics_server

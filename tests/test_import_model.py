@@ -12,7 +12,7 @@ import pytest
 from keras import layers
 
 from core.errors import ModelError
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 from training.artifacts import load_artifact
 from training.importing import import_model, parse_scale
 

@@ -22,7 +22,7 @@ from core.settings import Settings
 from core.storage.reader import Reader
 from db.repository import register_model
 from db.session import make_engine, make_sessionmaker, upgrade
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 from training.artifacts import METADATA_FILE, MODEL_FILE, load_artifact, load_keras_model
 from training.metadata import InputMetadata, ModelMetadata, read_metadata, write_metadata
 from training.registry import register_artifact, trust_artifact

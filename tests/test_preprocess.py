@@ -12,7 +12,7 @@ from PIL import Image
 from core.errors import ImageError
 from core.reasons import Reason
 from core.settings import LimitSettings
-from tests.images import bomb_png
+from tests.support.images import bomb_png
 from training.preprocess import (
     ImageHeader,
     InputSpec,

@@ -50,8 +50,7 @@ from producer.enqueue import (
     parse_where,
     run_scan,
 )
-from tests.services import TEST_REDIS_URL
-from tests.test_db import PostgresServer
+from tests.support.services import TEST_REDIS_URL, PostgresServer
 from worker.celery_app import make_celery
 
 CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1

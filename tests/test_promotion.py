@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import RetrainSettings
 from db.models import ModelStatus, ModelVersion
 from db.repository import active_model, promote_if_active, set_active_model
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 from training.gate import Decision
 from training.registry import register_artifact, register_trained
 from training.retrain import MAX_DATA_DIR, RefusedRetrain, conclude, queued_data_dir

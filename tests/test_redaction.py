@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.redaction import mask_url, mask_urls, mask_urls_in_text, redact
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 
 # Two halves each, both unlike any other word the output may hold.
 DATABASE_PASSWORD = "Hunter2Qz-Xk4Lmw"

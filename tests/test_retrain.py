@@ -30,8 +30,8 @@ from db.models import ModelStatus, ModelVersion, Result, RetrainRun
 from db.repository import active_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import ensure_redis, start_local_worker
-from tests.conftest import run_cli
-from tests.services import wait_for
+from tests.support.cli import run_cli
+from tests.support.services import wait_for
 from training.artifacts import save_artifact
 from training.metadata import InputMetadata, ModelMetadata
 from training.registry import register_artifact

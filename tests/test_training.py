@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from core.settings import LimitSettings
-from tests.conftest import TINY, run_cli
+from tests.support.cli import run_cli
+from tests.support.tiny_model import TINY
 from training.dataset import read_manifest
 from training.train import TrainOutcome, train_model
 

@@ -16,20 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import ScanSettings, WorkerSettings
 from core.uris import path_to_uri, uri_to_path
 from db.models import Chunk, Image, Result
-from tests.integration.conftest import (
-    CLASSES,
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    cli,
-    cli_scan,
-    counts,
-    ledger,
-    results_per_image,
-    wait_for_job,
-    worker_log_text,
-)
+from tests.support.archives import CLASSES, build_archive
+from tests.support.cli import cli, cli_scan
+from tests.support.ledger import assert_balanced, counts, ledger, results_per_image, wait_for_job
+from tests.support.workers import SettingsFactory, Workers, worker_log_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

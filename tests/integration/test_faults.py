@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +18,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import redis
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -29,54 +25,23 @@ from sqlalchemy.pool import NullPool
 from core.settings import ScanSettings, Settings, WorkerSettings
 from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Image, JobItem
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    child_pids,
-    cli_scan,
-    ledger,
-    results_per_image,
-    wait_for_job,
-    worker_log,
-    worker_log_text,
-    write_bytes,
+from tests.support.archives import build_archive, write_bytes
+from tests.support.cli import cli_scan
+from tests.support.faults import (
+    BLOCKED,
+    STOP_ON_OPEN,
+    TERMINATE,
+    VISIBILITY_TIMEOUT,
+    OwnRedis,
+    chunk_in_progress,
+    fault_settings,
+    process_state,
 )
-from tests.services import wait_for
+from tests.support.ledger import assert_balanced, ledger, results_per_image, wait_for_job
+from tests.support.services import wait_for
+from tests.support.workers import SettingsFactory, Workers, child_pids, worker_log, worker_log_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-# Redis hands the unacknowledged chunk of a dead worker to another after this many seconds; a
-# chunk (a fresh pool process loading the model included) takes far less than the time limit.
-VISIBILITY_TIMEOUT = 20
-TASK_TIME_LIMIT = 15
-
-
-def fault_settings(make_settings: SettingsFactory, chunk_size: int, **overrides: Any) -> Settings:
-    worker = WorkerSettings(
-        concurrency=1,
-        decode_threads=2,
-        batch_size=16,
-        task_time_limit=TASK_TIME_LIMIT,
-        visibility_timeout=VISIBILITY_TIMEOUT,
-        max_attempts=3,
-    )
-    return make_settings(scan=ScanSettings(chunk_size=chunk_size), worker=worker, **overrides)
-
-
-def chunk_in_progress(
-    sessions: sessionmaker[Session], job_id: int, *, besides: int | None = None
-) -> Chunk | None:
-    """A chunk a worker has started (its delivery is counted) and not finished, other than
-    chunk `besides`."""
-    query = select(Chunk).where(
-        Chunk.job_id == job_id, Chunk.deliveries > 0, Chunk.status != ChunkStatus.DONE
-    )
-    if besides is not None:
-        query = query.where(Chunk.chunk_index != besides)
-    with sessions() as session:
-        return session.scalars(query.order_by(Chunk.chunk_index)).first()
 
 
 def assert_all_labeled_once(
@@ -131,61 +96,6 @@ def test_killed_children_and_a_killed_worker_lose_and_repeat_nothing(
 # --- (b) Redis restarted from its append-only file ---------------------------------------------
 
 
-class OwnRedis:
-    """A redis-server of this test's own, on a free port, fsyncing its AOF on every write."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        executable = shutil.which("redis-server")
-        assert executable, "redis-server is not on PATH"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        arguments = [
-            executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            arguments,
-            stdin=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
-        try:
-            wait_for(self._answers(client), timeout=20, what=f"redis-server on {self.url}")
-        finally:
-            client.close()
-
-    def _answers(self, client: redis.Redis) -> Any:
-        def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.exceptions.RedisError:  # refused, or still loading the AOF
-                return False
-
-        return ping
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save; only what the AOF holds survives."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=20)
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server = OwnRedis(tmp_path / "redis")
@@ -223,16 +133,7 @@ def test_redis_restarted_from_its_append_only_file_mid_job_loses_nothing(
 
 # --- (c) PostgreSQL connections terminated mid-write -------------------------------------------
 
-BLOCKED = text(
-    "SELECT count(*) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    " AND wait_event_type = 'Lock'"
-)
 RETRY = "transient error, retry"
-TERMINATE = text(
-    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()) AS terminated"
-)
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -284,19 +185,6 @@ def test_postgresql_connections_terminated_mid_write_retry_and_land_once(
 
 
 # --- (d) an image that kills the process that decodes it --------------------------------------
-
-# Put on the worker's PYTHONPATH: its `sitecustomize` stops (SIGSTOP) any process that opens the
-# file named by STOP_ON_OPEN, at the open, before a byte is decoded.
-STOP_ON_OPEN = Path(__file__).parent / "stop_on_open"
-
-
-def process_state(pid: int) -> str | None:
-    """The one-letter state of a process (`T` when stopped), or None once it is gone."""
-    try:
-        stat_line = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return stat_line.rpartition(")")[2].split()[0]
 
 
 class PoisonKiller(threading.Thread):

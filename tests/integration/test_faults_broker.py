@@ -39,26 +39,9 @@ from core.settings import ReconcileSettings, ScanSettings, Settings
 from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Image, Job, JobItem, JobStatus, RefusedMessage
 from emolabel.embedded import worker_environment
-from tests.conftest import REPO
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    child_pids,
-    cli,
-    cli_scan,
-    counts,
-    encode,
-    ledger,
-    noise,
-    results_per_image,
-    wait_for_job,
-    worker_log,
-    worker_log_text,
-    write_bytes,
-)
-from tests.integration.test_faults import (
+from tests.support.archives import build_archive, encode, noise, write_bytes
+from tests.support.cli import cli, cli_scan
+from tests.support.faults import (
     BLOCKED,
     STOP_ON_OPEN,
     TERMINATE,
@@ -66,7 +49,10 @@ from tests.integration.test_faults import (
     chunk_in_progress,
     process_state,
 )
-from tests.services import wait_for
+from tests.support.ledger import assert_balanced, counts, ledger, results_per_image, wait_for_job
+from tests.support.paths import REPO
+from tests.support.services import wait_for
+from tests.support.workers import SettingsFactory, Workers, child_pids, worker_log, worker_log_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

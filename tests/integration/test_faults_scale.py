@@ -5,9 +5,10 @@ chunks of 4 (some of them corrupt) is still running.
 Real Redis, real PostgreSQL servers and real Celery worker processes; nothing of ours is mocked.
 Every interleaving an assertion depends on is made certain, not raced: the write that the
 outage interrupts is held on a table lock first, and the producer and the pool processes stop
-themselves (SIGSTOP, `stop_once_on_open/sitecustomize.py`) at the open of files the test names,
-so the test acts while the scan is known to be mid-way and a chunk known to be held. Each job
-ends with every image in exactly one state and exactly one result per (image, model version).
+themselves (SIGSTOP, `tests/support/stop_once_on_open/sitecustomize.py`) at the open of files
+the test names, so the test acts while the scan is known to be mid-way and a chunk known to be
+held. Each job ends with every image in exactly one state and exactly one result per (image,
+model version).
 """
 
 from __future__ import annotations
@@ -41,31 +42,16 @@ from core.uris import path_to_uri
 from db.models import Chunk, ChunkStatus, Job, JobItem, JobStatus, RefusedMessage
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import LocalWorker, worker_environment
-from tests.conftest import REPO
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    child_pids,
-    cli,
-    cli_scan,
-    counts,
-    ledger,
-    results_per_image,
-    wait_for_job,
-    worker_log,
-    worker_log_text,
-)
-from tests.integration.test_faults import BLOCKED, process_state
-from tests.services import wait_for
-from tests.test_db import NO_POSTGRES
+from tests.support.archives import build_archive
+from tests.support.cli import cli, cli_scan
+from tests.support.faults import BLOCKED, STOP_ONCE_ON_OPEN, process_state
+from tests.support.ledger import assert_balanced, counts, ledger, results_per_image, wait_for_job
+from tests.support.paths import REPO
+from tests.support.services import NO_POSTGRES, wait_for
+from tests.support.workers import SettingsFactory, Workers, child_pids, worker_log, worker_log_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Put on a process's PYTHONPATH: it stops (SIGSTOP) at the first open of a file named in
-# STOP_ONCE_ON_OPEN, once per name across processes (see its docstring).
-STOP_ONCE_ON_OPEN = Path(__file__).parent / "stop_once_on_open"
 SPLIT = re.compile(r"WARNING/.*: a process died in this chunk \d+ time\(s\): split")
 
 

@@ -30,25 +30,13 @@ from core.settings import ReconcileSettings, ScanSettings, Settings
 from db.models import Chunk, ChunkStatus, Job, JobStatus
 from db.reconcile import reconcile
 from emolabel.embedded import worker_environment
-from tests.conftest import REPO
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    cli,
-    cli_scan,
-    counts,
-    results_per_image,
-    wait_for_job,
-    worker_log_text,
-)
-from tests.integration.test_faults import (
-    OwnRedis,
-    chunk_in_progress,
-    fault_settings,
-)
-from tests.services import TEST_REDIS_URL, wait_for
+from tests.support.archives import build_archive
+from tests.support.cli import cli, cli_scan
+from tests.support.faults import OwnRedis, chunk_in_progress, fault_settings
+from tests.support.ledger import assert_balanced, counts, results_per_image, wait_for_job
+from tests.support.paths import REPO
+from tests.support.services import TEST_REDIS_URL, wait_for
+from tests.support.workers import SettingsFactory, Workers, worker_log_text
 from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

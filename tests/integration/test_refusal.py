@@ -14,19 +14,11 @@ from core.names import LABEL_CHUNK
 from core.settings import ScanSettings
 from core.uris import path_to_uri
 from db.models import Chunk, Image, JobItem, RefusedMessage
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    cli_scan,
-    counts,
-    encode,
-    noise,
-    wait_for_job,
-    write_bytes,
-)
-from tests.services import wait_for
+from tests.support.archives import build_archive, encode, noise, write_bytes
+from tests.support.cli import cli_scan
+from tests.support.ledger import assert_balanced, counts, wait_for_job
+from tests.support.services import wait_for
+from tests.support.workers import SettingsFactory, Workers
 from worker.celery_app import make_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,24 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import S3Settings, ScanSettings
 from core.uris import s3_uri
 from db.models import Result
-from tests.integration.conftest import (
-    LABELED,
-    S3_KEY,
-    S3_REGION,
-    S3_SECRET,
-    Expected,
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    bomb_png,
-    encode,
-    generate_images,
-    ledger,
-    noise,
-    results_per_image,
-    wait_for_job,
-)
-from tests.integration.conftest import cli_scan as scan
+from tests.support.archives import LABELED, Expected, encode, generate_images, noise
+from tests.support.cli import cli_scan as scan
+from tests.support.images import bomb_png
+from tests.support.ledger import assert_balanced, ledger, results_per_image, wait_for_job
+from tests.support.s3 import S3_KEY, S3_REGION, S3_SECRET
+from tests.support.workers import SettingsFactory, Workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,16 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import ScanSettings
 from db.models import JobItem
-from tests.integration.conftest import (
-    SettingsFactory,
-    Workers,
-    assert_balanced,
-    build_archive,
-    cli_scan,
-    ledger,
-    wait_for_job,
-    worker_log_text,
-)
+from tests.support.archives import build_archive
+from tests.support.cli import cli_scan
+from tests.support.ledger import assert_balanced, ledger, wait_for_job
+from tests.support.workers import SettingsFactory, Workers, worker_log_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
