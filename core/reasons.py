@@ -33,9 +33,13 @@ class Reason(StrEnum):
     # Our bug or an unforeseen library error, not the file's fault: a rescan sends it again.
     INTERNAL_ERROR = "internal_error"
     # A scan's decisions: not sent to the workers.
-    ALREADY_LABELED = "already_labeled"  # the model labeled this version of the file
+    # The model decided this version of the file: labeled it, or (a face model) found no face.
+    ALREADY_LABELED = "already_labeled"
     ALREADY_FAILED = "already_failed"  # a worker failed on this version for a FINAL_FAILURES reason
     NOT_SELECTED = "not_selected"  # does not match every `--where` selection
+    # A face model found no face (ledger state `no_face`); stored as a reason only by a
+    # downgrade below revision 0003, which turns no_face rows into skipped ones.
+    NO_FACE = "no_face"
     # Training data.
     NO_CLASS = "no_class"  # a training file that is not inside any class folder
     LABEL_CONFLICT = "label_conflict"  # the same content filed under two or more classes

@@ -102,6 +102,42 @@ class LimitSettings(BaseModel):
     )
 
 
+class FaceSettings(BaseModel):
+    """How a face model finds the faces it labels (models whose metadata says `subject: face`)."""
+
+    detect_side: int = Field(
+        1280,
+        ge=64,
+        le=8192,
+        description="Faces are looked for in the photo reduced to this longer side (pixels).",
+    )
+    min_face_size: int = Field(
+        20,
+        ge=12,
+        le=4096,
+        description="Smallest face looked for, in pixels of that reduced photo.",
+    )
+    min_score: float = Field(
+        0.9, ge=0.0, lt=1.0, description="Detector probability a face needs to be labeled."
+    )
+    max_faces: int = Field(32, ge=1, le=1024, description="At most this many faces per photo.")
+    margin: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Context around a face crop, as a fraction of the face's side on each side.",
+    )
+
+    @model_validator(mode="after")
+    def _face_fits(self) -> FaceSettings:
+        if self.min_face_size > self.detect_side:
+            raise ValueError(
+                f"faces.min_face_size ({self.min_face_size}) is larger than faces.detect_side "
+                f"({self.detect_side}): no face could be found"
+            )
+        return self
+
+
 Precision = Literal["float32", "bfloat16"]
 
 
@@ -319,6 +355,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    faces: FaceSettings = Field(default_factory=FaceSettings)
     scan: ScanSettings = Field(default_factory=ScanSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)

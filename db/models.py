@@ -1,4 +1,4 @@
-"""The ledger and results store: eight tables, the same schema on PostgreSQL and SQLite.
+"""The ledger and results store: nine tables, the same schema on PostgreSQL and SQLite.
 
 `images`
     One row per file ever seen, keyed by `uri` (unique, always valid UTF-8: a file name whose
@@ -25,16 +25,30 @@
 `job_items`
     The per-image ledger, keyed by (`job_id`, `image_id`): every image a job touches has exactly
     one row, in `chunk_index` (NULL when skipped while scanning), with `state` pending, labeled,
-    failed or skipped, a short `reason` code for failed and skipped rows ('corrupt',
-    'too_many_pixels', 'not_an_image', 'already_labeled', ...), a human `message`, and
-    `attempts` (how many times a worker reported on it). Hence the counts of a job balance:
-    enqueued = labeled + failed + skipped + pending.
+    no_face (a face model found no face: neither a failure nor a label), failed or skipped, a
+    short `reason` code for failed and skipped rows ('corrupt', 'too_many_pixels',
+    'not_an_image', 'already_labeled', ...), a human `message`, and `attempts` (how many times a
+    worker reported on it). Hence the counts of a job balance:
+    enqueued = labeled + no_face + failed + skipped + pending.
 
 `results`
     One label per (`image_id`, `model_version`): `label`, its `confidence`, every class score in
     `scores` (JSON object {class: score}), the `fingerprint` of the image version that was
     labeled, the `job_id` that wrote it and `created_at`. A redelivered chunk writes nothing
     twice; an image whose fingerprint changed is labeled again in place.
+    `face_count` says what the label is about: NULL for a whole-image model (the label is the
+    photo's); for a face model, the number of faces found, the photo-level label being the
+    largest face's (its box area; ties: higher detector score, then lower face index). A face
+    model that found no face writes `face_count` 0 with `label` and `confidence` NULL and
+    `scores` {}: the image is decided for that model version (a rescan skips it) but unlabeled.
+
+`faces`
+    One row per face a face model labeled, keyed by (`image_id`, `model_version`,
+    `face_index`) and tied to its photo's `results` row (deleted with it): the box `x`, `y`,
+    `width`, `height` in pixels of the original, EXIF-oriented image, the `detector_score`, the
+    face's `label`, `confidence` and `scores`, `job_id` and `created_at`. Written with the
+    photo's results row in one transaction, and replaced whole whenever that row is rewritten,
+    so an (image, model version) has exactly one set of faces.
 
 `model_versions`
     The model registry, keyed by `version`: `name`, `artifact_path`, `class_names` (JSON list, in
@@ -67,11 +81,13 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     Dialect,
     Enum,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -155,6 +171,7 @@ class ItemState(StrEnum):
 
     PENDING = "pending"
     LABELED = "labeled"
+    NO_FACE = "no_face"  # a face model found no face: decided, neither labeled nor failed
     FAILED = "failed"
     SKIPPED = "skipped"
 
@@ -301,16 +318,59 @@ class Result(Base):
     """The label of one image by one model version (see the module docstring)."""
 
     __tablename__ = "results"
+    __table_args__ = (
+        # A label exactly when the model labeled something: not for a face model's no_face.
+        CheckConstraint(
+            "(face_count = 0 AND label IS NULL AND confidence IS NULL)"
+            " OR (label IS NOT NULL AND confidence IS NOT NULL"
+            " AND (face_count IS NULL OR face_count > 0))",
+            name="label_unless_no_face",
+        ),
+    )
 
     image_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
     )
     # Not a foreign key: a worker may write with a model that was never registered here.
     model_version: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True, index=True)
-    label: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
-    confidence: Mapped[float] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(NAME_LENGTH), index=True)
+    confidence: Mapped[float | None] = mapped_column(Float)
     scores: Mapped[dict[str, Any]]
     fingerprint: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+    # NULL: a whole-image model; otherwise the faces a face model found (0: no face).
+    face_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class Face(Base):
+    """One face a face model labeled in an image (see the module docstring)."""
+
+    __tablename__ = "faces"
+    __table_args__ = (
+        # The faces belong to their photo's result: rewriting or deleting it takes them along.
+        ForeignKeyConstraint(
+            ["image_id", "model_version"],
+            ["results.image_id", "results.model_version"],
+            ondelete="CASCADE",
+        ),
+        CheckConstraint("width > 0 AND height > 0 AND x >= 0 AND y >= 0", name="box"),
+    )
+
+    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    face_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The box in pixels of the original image as its EXIF orientation shows it.
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    detector_score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    confidence: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict[str, Any]]
     job_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("jobs.id", ondelete="SET NULL"), index=True
     )

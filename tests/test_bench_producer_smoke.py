@@ -22,14 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(900)  # bounds a hang, not the speed
 def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "bench.producer", "--files", "300", "--chunk-size", "64",
         "--no-compare", "--redis-url", TEST_REDIS_URL, "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=110)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=850)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((out / "producer-sqlite-300.json").read_text())

@@ -29,14 +29,14 @@ pytestmark = [
 ]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1500)  # bounds a hang; a loaded machine once took 230 s
 def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "bench", "throughput",
         "--kind", "both", "--crops", "20", "--photos", "3", "--photo-size", "800x600",
         "--batch-size", "16", "--chunk-size", "8", "--notebook-images", "5",
-        "--out", str(out), "--cache", str(tmp_path / "images"), "--timeout", "90",
+        "--out", str(out), "--cache", str(tmp_path / "images"), "--timeout", "600",
         "--precision", "bfloat16", "--repeat", "2",
     ]  # fmt: skip
     environment = {
@@ -44,7 +44,13 @@ def test_the_harness_measures_all_four_figures_end_to_end(tmp_path: Path) -> Non
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
     done = subprocess.run(
-        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=230, check=False
+        command,
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=1400,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = sorted(out.glob("throughput-*.json"))

@@ -258,7 +258,7 @@ def test_record_chunk_counts_images_stages_and_the_model(tmp_path: Path) -> None
     assert server is not None
     try:
         before = samples(http_get(server.url)[1].decode())
-        record_chunk(report(failed_by_reason={"corrupt": 1}))
+        record_chunk(report(failed_by_reason={"corrupt": 1}, no_face=2))
         record_chunk(report(labeled=0, failed=0, stage_seconds={}, note="already done"))
         record_chunk(report(model_version="20260202T000000Z", labeled=3, failed=0, images=3))
         record_chunk({"labeled": "not a number"})  # logged, never raised into the task
@@ -270,6 +270,7 @@ def test_record_chunk_counts_images_stages_and_the_model(tmp_path: Path) -> None
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert grew("emolabel_images_total", outcome="labeled", reason="") == 11
+    assert grew("emolabel_images_total", outcome="no_face", reason="") == 2
     assert grew("emolabel_images_total", outcome="failed", reason="corrupt") == 1
     assert grew("emolabel_images_total", outcome="failed", reason="unspecified") == 1
     assert grew("emolabel_chunks_total", result="written") == 2

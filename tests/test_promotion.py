@@ -8,6 +8,7 @@ timing.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def test_the_training_roots_default_to_the_configured_data_dir(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_train_then_retrain_compares_against_the_trained_model(tmp_path: Path) -> None:
+    # A face model (trained on face crops, here the drawn sample faces): its challenger is one too.
     data = tmp_path / "faces"
     generate_sample_data(data, CLASSES, 12, seed=5, min_size=64, max_size=72)
     env = {
@@ -217,7 +219,7 @@ def test_train_then_retrain_compares_against_the_trained_model(tmp_path: Path) -
         "EMOLABEL_TRAIN__BATCH_SIZE": "8",
         "EMOLABEL_RETRAIN__DATA_DIR": str(data),
     }
-    trained = run_cli(["train", str(data)], env=env)
+    trained = run_cli(["train", str(data), "--subject", "face"], env=env)
     assert trained.returncode == 0, trained.stderr
     match = re.search(r"registered (\S+): active", trained.stdout)
     assert match, trained.stdout
@@ -227,3 +229,7 @@ def test_train_then_retrain_compares_against_the_trained_model(tmp_path: Path) -
     assert retrained.returncode == 0, retrained.stderr
     assert f"(champion {version})" in retrained.stdout, retrained.stdout
     assert "no champion to beat" not in retrained.stdout
+    challenger = re.search(r"challenger (\S+) \(champion", retrained.stdout)
+    assert challenger, retrained.stdout
+    metadata = tmp_path / "models" / "faces" / challenger[1] / "metadata.json"
+    assert json.loads(metadata.read_text())["subject"] == "face"

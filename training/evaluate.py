@@ -18,11 +18,14 @@ from sklearn.metrics import (
 )
 
 from core.errors import DataError, ImageError
-from core.settings import LimitSettings
+from core.reasons import Reason
+from core.settings import FaceSettings, LimitSettings
 from training.artifacts import Artifact
+from training.faces import FaceDetector
+from training.faces.labeling import DetectedFaces, classify_faces, find_faces
 from training.inference import predict_scores
 from training.plots import plot_confusion_matrix
-from training.preprocess import load_image_file
+from training.preprocess import load_image_file, read_image_file
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Evaluation:
     report: str
     support: int
     unusable: list[dict[str, str]] = field(default_factory=list)
+    # A face model's photos in which no face was found: neither scored nor counted as errors.
+    no_face: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +51,7 @@ class Evaluation:
             "confusion_matrix": {"labels": self.class_names, "matrix": self.confusion},
             "support": self.support,
             "unusable": self.unusable,
+            "no_face": self.no_face,
         }
 
 
@@ -101,16 +107,19 @@ def load_labeled_images(
     for path, label in zip(paths, labels, strict=True):
         try:
             images.append(load_image_file(path, artifact.spec, limits))
-        except ImageError as error:
-            unusable.append({"path": str(path), "reason": error.reason.value, "detail": str(error)})
-            continue
-        except OSError as error:
-            unusable.append({"path": str(path), "reason": "unreadable", "detail": str(error)})
+        except (ImageError, OSError) as error:
+            unusable.append(_unusable(path, error))
             continue
         kept.append(label)
     if not images:
         raise DataError("nothing to evaluate: no image in the set could be loaded")
     return np.stack(images), kept, unusable
+
+
+def _unusable(path: Path, error: ImageError | OSError) -> dict[str, str]:
+    """A file the evaluation could not use, with its reason (a `Reason` value)."""
+    reason = error.reason if isinstance(error, ImageError) else Reason.UNREADABLE
+    return {"path": str(path), "reason": reason.value, "detail": str(error)}
 
 
 def evaluate_files(
@@ -125,6 +134,53 @@ def evaluate_files(
     scores = predict_scores(artifact, images, batch_size)
     evaluation = score(np.asarray(kept, dtype=np.int64), scores, artifact.metadata.class_names)
     evaluation.unusable = unusable
+    return evaluation
+
+
+def evaluate_face_files(
+    artifact: Artifact,
+    detector: FaceDetector,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    limits: LimitSettings,
+    faces: FaceSettings,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Score a face model on photos: each photo by its photo-level label (its largest face's).
+
+    A photo without a face is listed in `no_face`, apart: it is neither scored nor an error of
+    the model; a photo that cannot be read is listed in `unusable`, as in `evaluate_files`.
+    """
+    detected: list[DetectedFaces] = []
+    kept: list[int] = []
+    unusable: list[dict[str, str]] = []
+    no_face: list[str] = []
+    for path, label in zip(paths, labels, strict=True):
+        try:
+            data = read_image_file(path, limits)
+            photo = find_faces(data, detector, artifact.spec, faces, limits)
+        except (ImageError, OSError) as error:
+            unusable.append(_unusable(path, error))
+            continue
+        if not photo.faces:
+            no_face.append(str(path))
+            continue
+        detected.append(photo)
+        kept.append(label)
+    if not detected:
+        raise DataError(
+            f"nothing to evaluate: no face found in any photo ({len(no_face)} without a face, "
+            f"{len(unusable)} unusable)"
+        )
+    results = classify_faces(artifact, detected, batch_size)
+    # The photo's scores are its largest face's (face 0), so the photo-level label is their argmax.
+    names = artifact.metadata.class_names
+    scores = np.asarray(
+        [[result.faces[0].scores[name] for name in names] for result in results], np.float32
+    )
+    evaluation = score(np.asarray(kept, dtype=np.int64), scores, names)
+    evaluation.unusable = unusable
+    evaluation.no_face = no_face
     return evaluation
 
 

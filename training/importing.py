@@ -28,6 +28,7 @@ from training.metadata import (
     Head,
     InputMetadata,
     ModelMetadata,
+    Subject,
     library_versions,
     new_version,
     overlong_class_names,
@@ -136,8 +137,13 @@ def import_model(
     scale: str | None = None,
     offset: float = 0.0,
     image_size: int | None = None,
+    subject: Subject = "image",
 ) -> Path:
-    """Load `source`, check it against the given classes, and save it as a new artifact."""
+    """Load `source`, check it against the given classes, and save it as a new artifact.
+
+    `subject` says what the model's input shows: `face` for a face-crop classifier (served on
+    detected faces), `image` for a whole-picture one.
+    """
     names = [name_.strip() for name_ in class_names if name_.strip()]
     if len(names) < 2:
         raise ModelError("--classes needs at least two comma-separated names")
@@ -186,6 +192,7 @@ def import_model(
         class_names=names,
         head=head,
         source="imported",
+        subject=subject,
         input=InputMetadata(
             height=int(height),
             width=int(width),

@@ -40,6 +40,8 @@ def overlong_class_names(names: Sequence[str]) -> list[str]:
 
 
 Head = Literal["sigmoid", "softmax"]
+# What one model input shows: the whole picture, or one face (served detect -> crop -> classify).
+Subject = Literal["image", "face"]
 
 
 class InputMetadata(BaseModel):
@@ -66,6 +68,8 @@ class ModelMetadata(BaseModel):
     input: InputMetadata
     preprocess_version: int = PREPROCESS_VERSION
     source: Literal["trained", "imported"] = "trained"
+    # Artifacts written before subjects existed were all served on whole images.
+    subject: Subject = "image"
     created_at: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
     training: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)

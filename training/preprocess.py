@@ -735,14 +735,19 @@ def load_image(
     return out
 
 
-def load_image_file(path: Path, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:
-    """Read one local file (refusing one over the byte limit unread) and `load_image` it."""
+def read_image_file(path: Path, limits: LimitSettings) -> bytes:
+    """One local file's bytes, refusing one over the byte limit unread."""
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise ImageTooLarge(
             Reason.TOO_LARGE, f"file is {size} bytes, over the {limits.max_file_bytes} limit"
         )
-    return load_image(path.read_bytes(), spec, limits)
+    return path.read_bytes()
+
+
+def load_image_file(path: Path, spec: InputSpec, limits: LimitSettings) -> NDArray[np.uint8]:
+    """Read one local file (refusing one over the byte limit unread) and `load_image` it."""
+    return load_image(read_image_file(path, limits), spec, limits)
 
 
 def to_model_input(batch: NDArray[np.uint8], spec: InputSpec) -> NDArray[np.float32]:

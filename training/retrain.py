@@ -175,8 +175,12 @@ def _train_and_gate(
     from training.artifacts import load_artifact
     from training.evaluate import evaluate_files
     from training.gate import Decision, decide, metric_value
+    from training.metadata import read_metadata
     from training.train import train_model
 
+    # The challenger is a model for the same job as the champion: a face model's retraining
+    # (on face crops) yields a face model, served detect -> crop -> classify like its champion.
+    subject = read_metadata(Path(champion_path)).subject if champion_path else "image"
     outcome = train_model(
         source,
         settings.train,
@@ -185,6 +189,7 @@ def _train_and_gate(
         settings.model_name,
         progress=progress,
         frozen_test_dir=family / FROZEN_FOLDER,
+        subject=subject,
     )
     challenger = outcome.evaluation
     champion_evaluation = None

@@ -38,6 +38,7 @@ from training.frozen import apply_frozen, freeze, load_frozen
 from training.metadata import (
     InputMetadata,
     ModelMetadata,
+    Subject,
     library_versions,
     new_version,
     write_metadata,
@@ -160,8 +161,13 @@ def train_model(
     name: str,
     progress: Progress = logger.info,
     frozen_test_dir: Path | None = None,
+    subject: Subject = "image",
 ) -> TrainOutcome:
-    """Train, evaluate on the test split, and save a complete artifact; returns what it made."""
+    """Train, evaluate on the test split, and save a complete artifact; returns what it made.
+
+    `subject` is what each training image shows (`face`: one face, so the model is served on
+    detected face crops; `image`: the whole picture); it is recorded in the metadata.
+    """
     import keras
 
     from training.batches import ImageBatches
@@ -227,6 +233,7 @@ def train_model(
         version=version,
         class_names=data.class_names,
         head=head_for(num_classes),
+        subject=subject,
         input=InputMetadata(
             height=spec.height, width=spec.width, color_mode=spec.color_mode, scaling_in_model=True
         ),

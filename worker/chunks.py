@@ -32,14 +32,16 @@ from db.models import ChunkStatus
 from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import (
     ChunkImage,
+    FaceRow,
     FailureRow,
+    NoFaceRow,
     ResultRow,
     finish_job_if_complete,
     pending_images,
     record_outcomes,
 )
 from training.registry import ensure_active_model
-from worker.predict import ImageOutcome, StageTimes, label_images
+from worker.predict import ImageOutcome, StageTimes, label_face_images, label_images
 from worker.state import ProcessState
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class ChunkReport:
     images: int
     labeled: int = 0
     failed: int = 0
+    # Images a face model found no face in (neither labeled nor failed).
+    no_face: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     model_version: str | None = None
     split_into: list[int] = field(default_factory=list)
@@ -159,16 +163,30 @@ def handle_chunk(
     else:
         runner = state.runner(version, artifact_path)
         times = StageTimes()
-        outcomes = label_images(
-            [image.uri for image in pending],
-            read=lambda uri: state.reader.read(uri, delivery.job_source),
-            runner=runner,
-            limits=settings.limits,
-            pool=state.pool,
-            decode_tasks=state.decode_threads,
-            batch_size=settings.worker.batch_size,
-            times=times,
-        )
+        if runner.subject == "face":
+            # A face model without its detector stops here (ModelError): never whole-image labels.
+            outcomes = label_face_images(
+                [image.uri for image in pending],
+                read=lambda uri: state.reader.read(uri, delivery.job_source),
+                runner=runner,
+                detector=state.detector(),
+                faces=settings.faces,
+                limits=settings.limits,
+                pool=state.pool,
+                batch_size=settings.worker.batch_size,
+                times=times,
+            )
+        else:
+            outcomes = label_images(
+                [image.uri for image in pending],
+                read=lambda uri: state.reader.read(uri, delivery.job_source),
+                runner=runner,
+                limits=settings.limits,
+                pool=state.pool,
+                decode_tasks=state.decode_threads,
+                batch_size=settings.worker.batch_size,
+                times=times,
+            )
         report.stage_seconds = {
             "decode": round(times.decode, 4),
             "predict": round(times.predict, 4),
@@ -177,10 +195,11 @@ def handle_chunk(
     write_started = time.perf_counter()
     _write(state, job_id, chunk_index, version, pending, outcomes)
     report.stage_seconds["write"] = round(time.perf_counter() - write_started, 4)
-    report.labeled = sum(outcome.prediction is not None for outcome in outcomes)
-    report.failed = len(outcomes) - report.labeled
+    report.no_face = sum(o.faces is not None and not o.faces.faces for o in outcomes)
+    report.failed = sum(outcome.failed for outcome in outcomes)
+    report.labeled = len(outcomes) - report.failed - report.no_face
     report.failed_by_reason = dict(
-        Counter(o.reason or Reason.CORRUPT.value for o in outcomes if o.prediction is None)
+        Counter(o.reason or Reason.CORRUPT.value for o in outcomes if o.failed)
     )
     report.seconds = round(time.perf_counter() - started, 4)
     report.images_per_second = round(len(uris) / report.seconds, 2) if report.seconds else 0.0
@@ -239,7 +258,35 @@ def _write(
             message=outcome.message,
         )
         for outcome in outcomes
-        if outcome.prediction is None
+        if outcome.failed
+    ]
+    faces = [
+        FaceRow(
+            image_id=images[outcome.uri].id,
+            model_version=version,
+            face_index=face.index,
+            x=face.box[0],
+            y=face.box[1],
+            width=face.box[2],
+            height=face.box[3],
+            detector_score=face.detector_score,
+            label=face.label,
+            confidence=face.confidence,
+            scores=face.scores,
+            fingerprint=images[outcome.uri].fingerprint,
+        )
+        for outcome in outcomes
+        if outcome.faces is not None
+        for face in outcome.faces.faces
+    ]
+    no_faces = [
+        NoFaceRow(
+            image_id=images[outcome.uri].id,
+            model_version=version,
+            fingerprint=images[outcome.uri].fingerprint,
+        )
+        for outcome in outcomes
+        if outcome.faces is not None and not outcome.faces.faces
     ]
     with state.sessions.begin() as session:
         record_outcomes(
@@ -248,6 +295,8 @@ def _write(
             results=results,
             failures=failures,
             chunk_index=chunk_index,
+            faces=faces,
+            no_faces=no_faces,
         )
         finish_job_if_complete(session=session, job_id=job_id)
 

@@ -4,7 +4,8 @@ Pool processes record what each chunk did (`record_chunk`, called by the task wi
 report); the main process serves `/metrics` (`start_metrics_server`, called once the worker is
 ready). What a scrape shows:
 
-    emolabel_images_total{outcome,reason}   images finished: outcome labeled | failed (+ reason)
+    emolabel_images_total{outcome,reason}   images finished: outcome labeled | no_face | failed
+                                            (+ reason)
     emolabel_chunks_total{result}           deliveries: written | split | skipped
     emolabel_chunk_images                   histogram: images per chunk delivery
     emolabel_chunk_seconds                  histogram: wall time per chunk
@@ -86,7 +87,8 @@ def instruments() -> Instruments:
     made = Instruments(
         images=Counter(
             "emolabel_images",
-            "Images finished by the workers, by outcome (labeled, failed) and failure reason.",
+            "Images finished by the workers, by outcome (labeled, no_face, failed) and failure "
+            "reason.",
             ["outcome", "reason"],
             registry=None,
         ),
@@ -135,6 +137,7 @@ def instruments() -> Instruments:
     )
     # Series that exist from the start, so that rate() sees their first increase.
     made.images.labels(outcome="labeled", reason="")
+    made.images.labels(outcome="no_face", reason="")
     for result in CHUNK_RESULTS:
         made.chunks.labels(result=result)
     for stage in STAGES:
@@ -176,8 +179,11 @@ def _record(report: Mapping[str, Any]) -> None:
     metrics = instruments()
     labeled = int(report.get("labeled") or 0)
     failed = int(report.get("failed") or 0)
+    no_face = int(report.get("no_face") or 0)
     if labeled:
         metrics.images.labels(outcome="labeled", reason="").inc(labeled)
+    if no_face:
+        metrics.images.labels(outcome="no_face", reason="").inc(no_face)
     counted = 0
     for reason, images in (report.get("failed_by_reason") or {}).items():
         metrics.images.labels(outcome="failed", reason=str(reason)).inc(int(images))

@@ -114,6 +114,7 @@ class KerasRunner:
         self.version: str = artifact.metadata.version
         self.spec: InputSpec = artifact.spec
         self.class_names: Sequence[str] = artifact.metadata.class_names
+        self.subject = artifact.metadata.subject  # "face": served detect -> crop -> classify
         self.batch_size = batch_size
         # A short batch (a chunk's last, a small chunk of big photos) is padded to the smallest
         # of these sizes that holds it, not to a whole batch: at most twice its own size of work.

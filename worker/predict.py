@@ -21,7 +21,9 @@ from numpy.typing import NDArray
 
 from core.errors import ImageError
 from core.reasons import Reason
-from core.settings import LimitSettings
+from core.settings import FaceSettings, LimitSettings
+from training.faces import FaceDetector
+from training.faces.labeling import DetectedFaces, PhotoFaces, find_faces, label_photos
 from training.inference import Prediction, to_predictions
 from training.preprocess import InputSpec, load_image
 
@@ -42,12 +44,21 @@ class ModelRunner(Protocol):
 
 @dataclass(frozen=True)
 class ImageOutcome:
-    """One URI's result: a prediction, or the reason there is none."""
+    """One URI's result: a prediction, a face model's faces, or the reason there is none.
+
+    An image model's outcome has `prediction`; a face model's has `faces` (its `outcome` is
+    `labeled` with one `FaceLabel` per face, or `no_face`); a failure has neither, and a reason.
+    """
 
     uri: str
     prediction: Prediction | None = None
     reason: str | None = None
     message: str | None = None
+    faces: PhotoFaces | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.prediction is None and self.faces is None
 
 
 @dataclass
@@ -207,3 +218,89 @@ def label_images(
         # The runner has copied the batch into the framework by now: the array can be refilled.
         spare.append(batch.pixels)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def label_face_images(
+    uris: Sequence[str],
+    *,
+    read: Callable[[str], bytes],
+    runner: ModelRunner,
+    detector: FaceDetector,
+    faces: FaceSettings,
+    limits: LimitSettings,
+    pool: Executor,
+    batch_size: int,
+    times: StageTimes | None = None,
+    photos_ahead: int = 4,
+) -> list[ImageOutcome]:
+    """A face model's chunk: per photo, read -> decode for faces -> detect -> crop (in the pool);
+    the crops of many photos share the model's batches. One outcome per URI, in input order.
+
+    The pool works `photos_ahead` photos ahead of the photo whose faces are being gathered, so
+    memory holds a bounded number of decoded photos whatever the chunk size; crops wait for a
+    full model batch (`batch_size` faces) and are then labeled together.
+    """
+    times = times if times is not None else StageTimes()
+    spec = runner.spec
+    outcomes: list[ImageOutcome | None] = [None] * len(uris)
+
+    def detect(uri: str) -> tuple[DetectedFaces | None, ImageOutcome | None, float]:
+        started = time.perf_counter()
+        try:
+            found = find_faces(read(uri), detector, spec, faces, limits)
+        except ImageError as error:
+            failure = ImageOutcome(uri, reason=error.reason.value, message=str(error))
+            return None, failure, time.perf_counter() - started
+        return found, None, time.perf_counter() - started
+
+    waiting: list[tuple[int, DetectedFaces]] = []  # photos whose crops wait for the model
+
+    def classify() -> None:
+        if not waiting:
+            return
+        photos = [photo for _, photo in waiting]
+        crops = np.concatenate([photo.crops for photo in photos]) if photos else None
+        scores = np.empty((0, len(runner.class_names)), dtype=np.float32)
+        if crops is not None and len(crops):
+            started = time.perf_counter()
+            scores = np.concatenate(
+                [
+                    runner.predict(crops[start : start + batch_size])
+                    for start in range(0, len(crops), batch_size)
+                ]
+            )
+            times.predict += time.perf_counter() - started
+        for (position, _), result in zip(
+            waiting, label_photos(photos, scores, runner.class_names), strict=True
+        ):
+            outcomes[position] = ImageOutcome(uris[position], faces=result)
+        waiting.clear()
+
+    futures: deque[tuple[int, Future[tuple[DetectedFaces | None, ImageOutcome | None, float]]]]
+    futures = deque()
+    positions = iter(range(len(uris)))
+    for position in positions:
+        futures.append((position, pool.submit(detect, uris[position])))
+        if len(futures) > max(1, photos_ahead):
+            break
+    while futures:
+        position, future = futures.popleft()
+        following = next(positions, None)
+        if following is not None:
+            futures.append((following, pool.submit(detect, uris[following])))
+        waited = time.perf_counter()
+        found, failure, seconds = future.result()
+        times.waiting += time.perf_counter() - waited
+        times.decode += seconds
+        if failure is not None:
+            outcomes[position] = failure
+            continue
+        assert found is not None
+        waiting.append((position, found))
+        if sum(len(photo.faces) for _, photo in waiting) >= batch_size:
+            classify()
+    classify()
+    done = [outcome for outcome in outcomes if outcome is not None]
+    if len(done) != len(uris):  # every position is filled above; a gap would be our bug
+        raise RuntimeError(f"{len(uris) - len(done)} photo(s) got no outcome")
+    return done

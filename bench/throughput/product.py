@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from bench.throughput.corpus import ImageSet
 from bench.throughput.job import POLL_SECONDS, run_job, worker_stage_seconds
 from bench.throughput.measuring import WorkerMemory
-from bench.throughput.model import MODEL_NAME
 from core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def end_to_end(
     arguments: argparse.Namespace,
 ) -> Iterator[EndToEnd]:
     """Start Redis, a database and a worker for (d), and label a small warm-up job first."""
-    from core.settings import ScanSettings, Settings, WorkerSettings
+    from core.settings import FaceSettings, ScanSettings, Settings, WorkerSettings
     from db.session import make_engine, make_sessionmaker, upgrade
     from emolabel.embedded import ensure_redis, start_local_worker
     from training.registry import register_artifact
@@ -110,7 +109,7 @@ def end_to_end(
     settings = Settings(
         home=home,
         models_dir=artifact_dir.parent.parent,
-        model_name=MODEL_NAME,
+        model_name=artifact_dir.parent.name,  # MODEL_NAME, or the face workload's model
         database_url=None,
         broker_url=None,
         worker=WorkerSettings(
@@ -121,6 +120,7 @@ def end_to_end(
             precision=arguments.precision,
         ),
         scan=ScanSettings(chunk_size=arguments.chunk_size, chunk_bytes=arguments.chunk_bytes),
+        faces=FaceSettings(detect_side=getattr(arguments, "detect_side", 1280)),
     )
     redis_server = ensure_redis(settings)
     result: dict[str, Any] = {
@@ -159,6 +159,12 @@ def end_to_end(
             ready = _wait_for_ready_children(
                 worker.logfile, version, arguments.layout.processes, arguments.timeout
             )
+            if getattr(arguments, "workload", "images") == "faces":
+                # A face model's processes also load and trace the detector before they are
+                # ready (preloaded after the model): none of it may fall in a timed job.
+                result["detector_ready"] = _wait_for_lines(
+                    worker.logfile, _DETECTOR_READY, arguments.layout.processes, arguments.timeout
+                )
             result["warm_up"] = {
                 "images": warm["images"],
                 "seconds": warm["seconds"],
@@ -192,6 +198,48 @@ def _wait_for_ready_children(
         if time.monotonic() > deadline:
             raise ConfigError(f"only {len(seconds)} of {processes} worker processes loaded a model")
         time.sleep(POLL_SECONDS)
+
+
+_DETECTOR_READY = re.compile(r"face detector ready in ([0-9.]+) s")
+
+
+def _wait_for_lines(
+    logfile: Path, pattern: re.Pattern[str], count: int, timeout: float
+) -> list[float]:
+    """Wait until the worker's log holds `count` lines matching `pattern`; their seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [float(m.group(1)) for m in pattern.finditer(logfile.read_text(errors="replace"))]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(found)} of {count} worker processes logged {pattern}")
+        time.sleep(POLL_SECONDS)
+
+
+def faces_in_ledger(
+    sessions: sessionmaker[Session], paths: Sequence[Path], version: str
+) -> dict[str, list[tuple[float, float, float, float]]]:
+    """The face boxes the ledger holds for these files and model version, by str(path)."""
+    from sqlalchemy import select
+
+    from core.uris import path_to_uri
+    from db.models import Face, Image
+
+    by_uri = {path_to_uri(path): str(path) for path in paths}
+    found: dict[str, list[tuple[float, float, float, float]]] = {
+        text: [] for text in by_uri.values()
+    }
+    query = (
+        select(Image.uri, Face.x, Face.y, Face.width, Face.height)
+        .join(Face, Face.image_id == Image.id)
+        .where(Face.model_version == version)
+    )
+    with sessions() as session:
+        for uri, x, y, width, height in session.execute(query):
+            if uri in by_uri:
+                found[by_uri[uri]].append((float(x), float(y), float(width), float(height)))
+    return found
 
 
 def _warm_up_folder(folder: Path, sets: Sequence[ImageSet]) -> Path:

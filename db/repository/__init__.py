@@ -6,8 +6,11 @@ family; import from here (`from db.repository import X`), the modules are how it
     jobs            `jobs`: create, status, chunk numbers and heartbeat, counts, end of a scan
     chunks          `chunks`: record before publishing, mark published, unfinished and open ones
     job_items       `job_items`, the ledger: rows in, failures out, `--where` and retry filters
-    outcomes        a chunk's labels and failures written in one go (results + ledger + chunk)
+    outcomes        a chunk's labels, faces and failures in one go (results + faces + ledger +
+                    chunk)
     results         `results`, read: export, already labeled, the latest label of an image
+    faces           `faces`: a face model's rows (`FaceRow`, `NoFaceRow`), the photo's label,
+                    replacing an image's faces, one row per face for export
     model_versions  `model_versions`, the registry: register, promote, roll back, list
     retrain_runs    `retrain_runs`: each retraining and its decision
 
@@ -21,12 +24,13 @@ compiled once and cached: `insert().values([...rows])` is never cached, and comp
 thousands of parameters again for every batch cost the producer more than the database did.
 
 Delivery is at least once, the effect exactly once: a redelivered chunk inserts no second result
-and leaves every ledger row in the state it reached. A result is written again only for an image
-whose fingerprint changed since it was labeled.
+(nor a second set of faces) and leaves every ledger row in the state it reached. A result, and a
+face model's faces with it, is written again only for an image whose fingerprint changed since it
+was labeled.
 
 Rows come in as small frozen dataclasses (`ImageRow`, `JobItemRow`, `ChunkRow`, `ResultRow`,
-`FailureRow`) that check themselves; bad input raises `ValueError`, an unknown job or model raises
-`NotFoundError` (a `LookupError`).
+`FaceRow`, `NoFaceRow`, `FailureRow`) that check themselves; bad input raises `ValueError`, an
+unknown job or model raises `NotFoundError` (a `LookupError`).
 """
 
 from db.repository.base import (
@@ -44,6 +48,13 @@ from db.repository.chunks import (
     pending_uris,
     record_chunks,
     unfinished_chunks,
+)
+from db.repository.faces import (
+    FaceExportRow,
+    FaceRow,
+    NoFaceRow,
+    any_face_results,
+    iter_face_rows,
 )
 from db.repository.images import (
     ImageRow,
@@ -112,12 +123,15 @@ __all__ = [
     "ChunkImage",
     "ChunkRow",
     "ExportRow",
+    "FaceExportRow",
+    "FaceRow",
     "FailedImage",
     "FailedItem",
     "FailureRow",
     "ImageRow",
     "JobCounts",
     "JobItemRow",
+    "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
     "ResultRow",
@@ -125,6 +139,7 @@ __all__ = [
     "active_model",
     "add_job_items",
     "allocate_chunk_indices",
+    "any_face_results",
     "count_job_items",
     "create_job",
     "end_scan",
@@ -135,6 +150,7 @@ __all__ = [
     "get_job",
     "get_model",
     "image_ids_for_uris",
+    "iter_face_rows",
     "iter_results",
     "job_counts",
     "labeled_fingerprints",

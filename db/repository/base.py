@@ -13,7 +13,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Chunk, Image, Job, JobItem, Result
+from db.models import Chunk, Face, Image, Job, JobItem, Result
 
 T = TypeVar("T")
 
@@ -22,6 +22,7 @@ JOBS = cast(Table, Job.__table__)
 CHUNKS = cast(Table, Chunk.__table__)
 JOB_ITEMS = cast(Table, JobItem.__table__)
 RESULTS = cast(Table, Result.__table__)
+FACES = cast(Table, Face.__table__)
 
 # Large statements hold locks longer; a thousand rows is plenty per round trip.
 MAX_ROWS_PER_STATEMENT = 1000

@@ -38,18 +38,27 @@ TERMINAL_JOB_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.C
 
 @dataclass(frozen=True, slots=True)
 class JobCounts:
-    """How a job's images stand; `enqueued` is what the producer recorded."""
+    """How a job's images stand; `enqueued` is what the producer recorded.
+
+    `no_face` counts the images a face model found no face in: done, neither labeled nor failed.
+    """
 
     enqueued: int
     labeled: int
     failed: int
     skipped: int
     pending: int
+    no_face: int = 0
 
     @property
     def total(self) -> int:
-        """Ledger rows: labeled + failed + skipped + pending."""
-        return self.labeled + self.failed + self.skipped + self.pending
+        """Ledger rows: labeled + no_face + failed + skipped + pending."""
+        return self.labeled + self.no_face + self.failed + self.skipped + self.pending
+
+    @property
+    def done(self) -> int:
+        """Images a worker finished: labeled + no_face + failed."""
+        return self.labeled + self.no_face + self.failed
 
     @property
     def balanced(self) -> bool:
@@ -129,7 +138,7 @@ def allocate_chunk_indices(
 
 
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
-    """How many of a job's images are labeled, failed, skipped and pending."""
+    """How many of a job's images are labeled, no_face, failed, skipped and pending."""
     enqueued = session.execute(select(JOBS.c.enqueued).where(JOBS.c.id == job_id)).scalar()
     if enqueued is None:
         raise NotFoundError(f"no job with id {job_id}")
@@ -147,11 +156,14 @@ def job_counts(*, session: Session, job_id: int) -> JobCounts:
         failed=by_state.get(ItemState.FAILED, 0),
         skipped=by_state.get(ItemState.SKIPPED, 0),
         pending=by_state.get(ItemState.PENDING, 0),
+        no_face=by_state.get(ItemState.NO_FACE, 0),
     )
 
 
 def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
     """Mark a queued or running job done when no item is pending; True if this call did it.
+
+    Labeled, no_face, failed and skipped items are all finished.
 
     Call it in the transaction that recorded outcomes, after them: on PostgreSQL the job row is
     locked first, so of two workers finishing the last chunks at once the second to take the

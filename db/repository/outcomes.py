@@ -1,8 +1,9 @@
-"""A chunk's outcome, written in bulk: results upserted on (image, model version), ledger rows
-labeled or failed, the chunk done.
+"""A chunk's outcome, written in bulk: results upserted on (image, model version), a face
+model's faces replaced with them, ledger rows labeled, no_face or failed, the chunk done.
 
 A redelivered chunk writes no result twice: a result is rewritten only when the image's
-fingerprint changed since it was labeled, and a labeled ledger row never turns failed.
+fingerprint changed since it was labeled, an image's faces only with its result (so the same
+write twice leaves one set of faces), and a labeled or no_face ledger row never turns failed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ from db.repository.base import (
     batches,
     check_text,
     dialect_insert,
+)
+from db.repository.faces import (
+    FaceRow,
+    NoFaceRow,
+    ResultKey,
+    group_faces,
+    photo_face,
+    replace_faces,
 )
 
 
@@ -76,6 +85,19 @@ class FailureRow:
         check_text(self.reason, "reason", max_length=REASON_LENGTH)
 
 
+@dataclass(frozen=True, slots=True)
+class _PhotoRow:
+    """One `results` row to upsert: a whole-image label, or a face model's photo-level one."""
+
+    image_id: int
+    model_version: str
+    label: str | None
+    confidence: float | None
+    scores: Mapping[str, float]
+    fingerprint: str | None
+    face_count: int | None
+
+
 def record_outcomes(
     *,
     session: Session,
@@ -83,21 +105,76 @@ def record_outcomes(
     results: Sequence[ResultRow],
     failures: Sequence[FailureRow],
     chunk_index: int | None = None,
+    faces: Sequence[FaceRow] = (),
+    no_faces: Sequence[NoFaceRow] = (),
 ) -> int:
-    """Write a chunk's labels and failures in bulk; return how many result rows were written.
+    """Write a chunk's labels, faces, no_face images and failures in bulk; return how many
+    result rows were written.
 
-    Results are upserted on (image_id, model_version) and rewritten only when the image's
-    fingerprint changed, so a redelivered chunk writes no result twice. Ledger rows become
-    labeled or failed (a labeled row never turns failed) and count one more attempt. With
-    `chunk_index`, the chunk is marked done.
+    `results` are whole-image labels. A face model's image comes as its `faces` (every face,
+    numbered from 0; the photo's result takes the largest face's label, with the face count)
+    or as a `NoFaceRow` (a result with face count 0 and no label). Results are upserted on
+    (image_id, model_version) and rewritten only when the image's fingerprint changed, so a
+    redelivered chunk writes no result twice; an image's faces are replaced (deleted and
+    inserted) exactly when its result is written, in this transaction. Ledger rows become
+    labeled, no_face (as the stored result says) or failed (a labeled or no_face row never turns
+    failed) and count one more attempt. With `chunk_index`, the chunk is marked done.
     """
-    labeled_ids = {row.image_id for row in results}
-    both = labeled_ids & {row.image_id for row in failures}
-    if both:
-        raise ValueError(f"images {sorted(both)[:10]} are both labeled and failed")
+    grouped = group_faces(faces)
+    photos = [
+        _PhotoRow(
+            row.image_id,
+            row.model_version,
+            row.label,
+            row.confidence,
+            row.scores,
+            row.fingerprint,
+            None,
+        )
+        for row in results
+    ]
+    for (image_id, version), rows in grouped.items():
+        chosen = photo_face(rows)
+        photos.append(
+            _PhotoRow(
+                image_id,
+                version,
+                chosen.label,
+                chosen.confidence,
+                chosen.scores,
+                chosen.fingerprint,
+                len(rows),
+            )
+        )
+    photos.extend(
+        _PhotoRow(row.image_id, row.model_version, None, None, {}, row.fingerprint, 0)
+        for row in no_faces
+    )
+    _check_one_outcome_per_image(results, grouped, no_faces, failures)
     now = utc_now()
-    written = _upsert_results(session=session, job_id=job_id, results=results, now=now)
-    _mark_labeled(session=session, job_id=job_id, image_ids=sorted(labeled_ids), now=now)
+    written = _upsert_results(session=session, job_id=job_id, photos=photos, now=now)
+    face_model_keys = set(grouped) | {row.key for row in no_faces}
+    replace_faces(
+        session=session, job_id=job_id, keys=written & face_model_keys, faces=grouped, now=now
+    )
+    no_face_ids = _no_face_images(
+        session=session, keys=face_model_keys, written=written, found=set(grouped)
+    )
+    labeled_ids = {row.image_id for row in photos} - no_face_ids
+    _mark_decided(
+        session=session,
+        job_id=job_id,
+        image_ids=sorted(labeled_ids),
+        state=ItemState.LABELED,
+        now=now,
+    )
+    _mark_decided(
+        session=session,
+        job_id=job_id,
+        image_ids=sorted(no_face_ids),
+        state=ItemState.NO_FACE,
+        now=now,
+    )
     _mark_failed(session=session, job_id=job_id, failures=failures, now=now)
     if chunk_index is not None:
         session.execute(
@@ -105,13 +182,33 @@ def record_outcomes(
             .where(CHUNKS.c.job_id == job_id, CHUNKS.c.chunk_index == chunk_index)
             .values(status=ChunkStatus.DONE)
         )
-    return written
+    return len(written)
+
+
+def _check_one_outcome_per_image(
+    results: Sequence[ResultRow],
+    grouped: Mapping[ResultKey, Sequence[FaceRow]],
+    no_faces: Sequence[NoFaceRow],
+    failures: Sequence[FailureRow],
+) -> None:
+    kinds = {
+        "labeled": {row.image_id for row in results},
+        "given faces": {image_id for image_id, _ in grouped},
+        "no_face": {row.image_id for row in no_faces},
+        "failed": {row.image_id for row in failures},
+    }
+    names = list(kinds)
+    for position, first in enumerate(names):
+        for second in names[position + 1 :]:
+            both = kinds[first] & kinds[second]
+            if both:
+                raise ValueError(f"images {sorted(both)[:10]} are both {first} and {second}")
 
 
 def _upsert_results(
-    *, session: Session, job_id: int, results: Sequence[ResultRow], now: dt.datetime
-) -> int:
-    latest = {(row.image_id, row.model_version): row for row in results}
+    *, session: Session, job_id: int, photos: Sequence[_PhotoRow], now: dt.datetime
+) -> set[ResultKey]:
+    latest = {(row.image_id, row.model_version): row for row in photos}
     ordered = [latest[key] for key in sorted(latest)]
     # One statement executed with a list of rows: it compiles once and is cached. A multi-row
     # `.values([...])` (with a fingerprint subquery per row) recompiled on every chunk and was
@@ -122,12 +219,20 @@ def _upsert_results(
         index_elements=["image_id", "model_version"],
         set_={
             column: new[column]
-            for column in ("label", "confidence", "scores", "fingerprint", "job_id", "created_at")
+            for column in (
+                "label",
+                "confidence",
+                "scores",
+                "fingerprint",
+                "job_id",
+                "created_at",
+                "face_count",
+            )
         },
         where=RESULTS.c.fingerprint != new.fingerprint,
-    ).returning(RESULTS.c.image_id)
-    written = 0
-    for batch in batches(session, ordered, parameters_per_item=9):
+    ).returning(RESULTS.c.image_id, RESULTS.c.model_version)
+    written: set[ResultKey] = set()
+    for batch in batches(session, ordered, parameters_per_item=10):
         fingerprints = _fingerprints(
             session, [row.image_id for row in batch if row.fingerprint is None]
         )
@@ -136,18 +241,47 @@ def _upsert_results(
                 "image_id": row.image_id,
                 "model_version": row.model_version,
                 "label": row.label,
-                "confidence": float(row.confidence),
+                "confidence": None if row.confidence is None else float(row.confidence),
                 "scores": {str(name): float(score) for name, score in row.scores.items()},
                 "fingerprint": (
                     row.fingerprint if row.fingerprint is not None else fingerprints[row.image_id]
                 ),
                 "job_id": job_id,
                 "created_at": now,
+                "face_count": row.face_count,
             }
             for row in batch
         ]
-        written += len(session.execute(statement, parameters).all())
+        written.update(
+            (int(image_id), str(version))
+            for image_id, version in session.execute(statement, parameters)
+        )
     return written
+
+
+def _no_face_images(
+    *,
+    session: Session,
+    keys: set[ResultKey],
+    written: set[ResultKey],
+    found: set[ResultKey],
+) -> set[int]:
+    """The face-model images whose stored result says no face: as written now, or, where the
+    result was left alone (a redelivery, an unchanged file), as stored before."""
+    no_face = {image_id for image_id, version in (keys & written) - found}
+    kept = sorted(keys - written)
+    by_version: dict[str, list[int]] = {}
+    for image_id, version in kept:
+        by_version.setdefault(version, []).append(image_id)
+    for version, image_ids in by_version.items():
+        for batch in batches(session, image_ids, parameters_per_item=1):
+            query = select(RESULTS.c.image_id).where(
+                RESULTS.c.model_version == version,
+                RESULTS.c.image_id.in_(batch),
+                RESULTS.c.face_count == 0,
+            )
+            no_face.update(session.scalars(query))
+    return no_face
 
 
 def _fingerprints(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
@@ -161,15 +295,20 @@ def _fingerprints(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
     return found
 
 
-def _mark_labeled(
-    *, session: Session, job_id: int, image_ids: Sequence[int], now: dt.datetime
+def _mark_decided(
+    *,
+    session: Session,
+    job_id: int,
+    image_ids: Sequence[int],
+    state: ItemState,
+    now: dt.datetime,
 ) -> None:
     for batch in batches(session, image_ids, parameters_per_item=1):
         session.execute(
             update(JOB_ITEMS)
             .where(JOB_ITEMS.c.job_id == job_id, JOB_ITEMS.c.image_id.in_(batch))
             .values(
-                state=ItemState.LABELED,
+                state=state,
                 reason=None,
                 message=None,
                 attempts=JOB_ITEMS.c.attempts + 1,
@@ -188,7 +327,7 @@ def _mark_failed(
         .where(
             JOB_ITEMS.c.job_id == job_id,
             JOB_ITEMS.c.image_id == bindparam("failed_image_id"),
-            # A redelivery must not undo a label, nor touch what the producer skipped.
+            # A redelivery must not undo a label or a no_face, nor touch what the producer skipped.
             or_(JOB_ITEMS.c.state == ItemState.PENDING, JOB_ITEMS.c.state == ItemState.FAILED),
         )
         .values(

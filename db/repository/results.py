@@ -1,7 +1,10 @@
 """The `results` table, read: what each model version labeled, for export, for the scan's
 "already labeled" skip and for `--where` selections on an image's latest label.
 
-Writing results is `db.repository.outcomes`' (a chunk's labels and failures in one go).
+Writing results is `db.repository.outcomes`' (a chunk's labels and failures in one go). A face
+model's image has one result too: the photo-level label (its largest face's) with `face_count`,
+or, for an image without a face, `face_count` 0 and no label; so the scan's skip treats a
+no_face image as decided by that model version, and a confidence filter passes it over.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     Subquery,
     and_,
     func,
@@ -30,16 +35,21 @@ from db.repository.base import (
 
 @dataclass(frozen=True, slots=True)
 class ExportRow:
-    """One result with its image's URI, for export."""
+    """One result with its image's URI, for export.
+
+    `face_count` is None for a whole-image model; for a face model the faces found, the label
+    the largest face's, and 0 for an image without a face (label and confidence None).
+    """
 
     image_id: int
     uri: str
     model_version: str
-    label: str
-    confidence: float
+    label: str | None
+    confidence: float | None
     scores: dict[str, float]
     job_id: int | None
     created_at: dt.datetime
+    face_count: int | None = None
 
 
 def labeled_fingerprints(
@@ -73,7 +83,7 @@ def iter_results(
     With `job_id`, the results of the images in that job's ledger (also those the job skipped
     as already labeled); with `model_version`, only that version's.
     """
-    query = select(
+    query: Select[Any] = select(
         RESULTS.c.image_id,
         IMAGES.c.uri,
         RESULTS.c.model_version,
@@ -82,7 +92,19 @@ def iter_results(
         RESULTS.c.scores,
         RESULTS.c.job_id,
         RESULTS.c.created_at,
+        RESULTS.c.face_count,
     ).join(IMAGES, IMAGES.c.id == RESULTS.c.image_id)
+    query = filter_results(query, job_id=job_id, model_version=model_version)
+    query = query.order_by(RESULTS.c.image_id, RESULTS.c.model_version)
+    for row in session.execute(query.execution_options(yield_per=batch_size)):
+        yield ExportRow(*row)
+
+
+def filter_results(
+    query: Select[Any], *, job_id: int | None, model_version: str | None
+) -> Select[Any]:
+    """An export's selection of `results` rows: with `job_id`, those of the images in the job's
+    ledger (also those it skipped as already labeled); with `model_version`, that version's."""
     if job_id is not None:
         query = query.join(
             JOB_ITEMS,
@@ -90,9 +112,7 @@ def iter_results(
         )
     if model_version is not None:
         query = query.where(RESULTS.c.model_version == model_version)
-    query = query.order_by(RESULTS.c.image_id, RESULTS.c.model_version)
-    for row in session.execute(query.execution_options(yield_per=batch_size)):
-        yield ExportRow(*row)
+    return query
 
 
 LatestLabelCondition = Callable[[Subquery], ColumnElement[bool]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -21,6 +21,38 @@ from emolabel.cli.app import (
     split_names,
 )
 from training.runtime import load_keras
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from training.artifacts import Artifact
+    from training.faces import FaceDetector
+    from training.faces.labeling import PhotoFaces
+    from training.metadata import Subject
+
+SUBJECT_HELP = (
+    "What one model input shows: image (the whole picture) or face (one face: served on "
+    "detected face crops)."
+)
+
+
+def checked_subject(subject: str) -> Subject:
+    if subject == "image":
+        return "image"
+    if subject == "face":
+        return "face"
+    fail(f"--subject {subject!r}: use image or face")
+
+
+def face_detector(settings: Settings) -> FaceDetector:
+    """The face detector a face model needs; one clear error (never a whole-image fallback)."""
+    from core.errors import ModelError
+    from training.faces import detector_config
+    from training.faces.mtcnn import load_mtcnn
+
+    try:
+        return load_mtcnn(detector_config(settings.faces), backend=settings.keras_backend)
+    except (ModelError, OSError, ValueError) as error:
+        fail(f"the face detector cannot load, so a face model cannot label: {error}")
 
 
 @app.command("sample-data")
@@ -86,10 +118,12 @@ def train(
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
     models_dir: Annotated[Path | None, typer.Option(help="Where artifacts go.")] = None,
     name: Annotated[str | None, typer.Option(help="Artifact family name.")] = None,
+    subject: Annotated[str, typer.Option(help=SUBJECT_HELP)] = "image",
 ) -> None:
     """Clean, split 70/20/10, train the CNN, evaluate it on the test split, save an artifact."""
     from training.train import ensure_trainable, train_model
 
+    checked_subject(subject)
     base = settings_from()
     chosen = {
         "epochs": epochs,
@@ -117,6 +151,7 @@ def train(
         settings.models_dir,
         settings.model_name,
         progress=progress_line,
+        subject=checked_subject(subject),
     )
     evaluation = outcome.evaluation
     console.print(evaluation.report, highlight=False)
@@ -155,7 +190,7 @@ def evaluate(
     from training.artifacts import load_artifact
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
-    from training.evaluate import evaluate_files, write_evaluation
+    from training.evaluate import evaluate_face_files, evaluate_files, write_evaluation
     from training.metadata import write_metadata
     from training.train import ensure_trainable
 
@@ -170,13 +205,17 @@ def evaluate(
         fail(f"{data_dir} has classes the model does not know: {', '.join(unknown)}")
     report = scan_dataset(data_dir, settings.limits)
     examples, _ = examples_from_report(report, folder_classes)
+    paths = [example.path for example in examples]
     # Labels follow the model's class order, not the folder order.
-    evaluation = evaluate_files(
-        artifact,
-        [example.path for example in examples],
-        [known.index(example.class_name) for example in examples],
-        settings.limits,
-    )
+    labels = [known.index(example.class_name) for example in examples]
+    if artifact.metadata.subject == "face":
+        # Each photo is scored by its largest face's label; photos without a face apart.
+        detector = face_detector(settings)
+        evaluation = evaluate_face_files(
+            artifact, detector, paths, labels, settings.limits, settings.faces
+        )
+    else:
+        evaluation = evaluate_files(artifact, paths, labels, settings.limits)
     target = out or artifact.path
     written = write_evaluation(evaluation, target, prefix="evaluation")
     if update_metadata:
@@ -190,6 +229,13 @@ def evaluate(
         f"{evaluation.support} images; {len(report.findings)} files left out; wrote {written[0]}",
         highlight=False,
     )
+    if artifact.metadata.subject == "face":
+        console.print(
+            f"no_face: {len(evaluation.no_face)} photos without a face (not scored)",
+            highlight=False,
+        )
+        for path in evaluation.no_face:
+            console.print(f"no_face\t{path}", highlight=False)
 
 
 @app.command()
@@ -199,28 +245,83 @@ def predict(
         str | None, typer.Option(help="Artifact folder or version (default: latest).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    draw: Annotated[
+        Path | None,
+        typer.Option(
+            help="Face models: write each photo with its face boxes and labels drawn here (a "
+            "file for one image, a folder for several); the originals are never touched."
+        ),
+    ] = None,
 ) -> None:
-    """Print label and confidence per image, preprocessing taken from the model's metadata."""
-    import numpy as np
+    """Print label and confidence per image, preprocessing taken from the model's metadata.
 
-    from core.errors import ImageError
+    A face model (subject `face`) labels each face it finds: one line per face with its box, or
+    `no_face` for a photo without one.
+    """
     from training.artifacts import load_artifact
-    from training.inference import predict_scores, to_predictions
-    from training.preprocess import load_image_file
 
     settings = settings_from()
     load_keras(settings.keras_backend)
     artifact = load_artifact(model, settings.models_dir, settings.model_name)
+    if artifact.metadata.subject == "face":
+        rows = _predict_faces(artifact, images, settings, draw)
+    else:
+        if draw is not None:
+            fail("--draw draws face boxes: this model's subject is image, not face")
+        rows = _predict_images(artifact, images, settings)
+    for row in rows:
+        if as_json:
+            print(json.dumps(row | {"model_version": artifact.metadata.version}))
+        else:
+            _print_row(row)
+    if any("error" in row for row in rows):
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    image = row["image"]
+    if "error" in row:
+        console.print(f"{image}\t[red]{row['error']}[/]\t{row['detail']}", highlight=False)
+    elif row.get("outcome") == "no_face":
+        console.print(f"{image}\tno_face", highlight=False)
+    elif "faces" in row:
+        for face in row["faces"]:
+            box = ",".join(str(value) for value in face["box"])
+            console.print(
+                f"{image}\tface {face['index']}\t{box}\t{face['label']}\t{face['confidence']:.4f}",
+                highlight=False,
+            )
+    else:
+        console.print(f"{image}\t{row['label']}\t{row['confidence']:.4f}", highlight=False)
+
+
+def _read_error(error: Exception) -> dict[str, str]:
+    from core.errors import ImageError
+
+    if isinstance(error, ImageError):
+        return {"error": error.reason.value, "detail": str(error)}
+    detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return {"error": "unreadable", "detail": detail}
+
+
+def _predict_images(
+    artifact: Artifact, images: list[Path], settings: Settings
+) -> list[dict[str, Any]]:
+    """A whole-image model: one label per image."""
+    import numpy as np
+
+    from core.errors import ImageError
+    from training.inference import predict_scores, to_predictions
+    from training.preprocess import load_image_file
+
     rows: list[dict[str, Any]] = []
     loaded: list[tuple[int, Any]] = []
     for index, path in enumerate(images):
         rows.append({"image": str(path)})
         try:
             loaded.append((index, load_image_file(path, artifact.spec, settings.limits)))
-        except ImageError as error:
-            rows[index] |= {"error": error.reason.value, "detail": str(error)}
-        except OSError as error:
-            rows[index] |= {"error": "unreadable", "detail": error.strerror or str(error)}
+        except (ImageError, OSError) as error:
+            rows[index] |= _read_error(error)
     if loaded:
         scores = predict_scores(artifact, np.stack([pixels for _, pixels in loaded]))
         for (index, _), result in zip(
@@ -228,19 +329,79 @@ def predict(
         ):
             rows[index] |= {"label": result.label, "confidence": round(result.confidence, 6)}
             rows[index]["scores"] = {k: round(v, 6) for k, v in result.scores.items()}
-    for row in rows:
-        if as_json:
-            print(json.dumps(row | {"model_version": artifact.metadata.version}))
-        elif "error" in row:
-            console.print(
-                f"{row['image']}\t[red]{row['error']}[/]\t{row['detail']}", highlight=False
+    return rows
+
+
+def _predict_faces(
+    artifact: Artifact, images: list[Path], settings: Settings, draw: Path | None
+) -> list[dict[str, Any]]:
+    """A face model: detect, crop and classify every face; all photos' faces in shared batches."""
+    from core.errors import ImageError
+    from training.faces.labeling import DetectedFaces, classify_faces, find_faces
+    from training.preprocess import read_image_file
+
+    targets = _draw_targets(images, draw) if draw is not None else None
+    detector = face_detector(settings)
+    rows: list[dict[str, Any]] = []
+    found: list[tuple[int, DetectedFaces]] = []
+    for index, path in enumerate(images):
+        rows.append({"image": str(path)})
+        try:
+            data = read_image_file(path, settings.limits)
+            found.append(
+                (index, find_faces(data, detector, artifact.spec, settings.faces, settings.limits))
             )
-        else:
-            console.print(
-                f"{row['image']}\t{row['label']}\t{row['confidence']:.4f}", highlight=False
-            )
-    if any("error" in row for row in rows):
-        raise typer.Exit(EXIT_PARTIAL)
+        except (ImageError, OSError) as error:
+            rows[index] |= _read_error(error)
+    results = classify_faces(artifact, [photo for _, photo in found])
+    for (index, _), result in zip(found, results, strict=True):
+        rows[index] |= result.to_json()
+        if targets is not None:
+            _draw(images[index], result, targets[index], settings)
+    return rows
+
+
+def _draw_targets(images: list[Path], draw: Path) -> list[Path]:
+    """Where `--draw` writes each photo: `draw` itself for one image, else `draw/<name>.png`."""
+    if len(images) == 1 and not draw.is_dir():
+        targets = [draw]
+    else:
+        if draw.exists() and not draw.is_dir():
+            fail(f"--draw {draw}: give a folder for several images")
+        names: dict[str, int] = {}
+        targets = []
+        for path in images:
+            count = names[path.stem] = names.get(path.stem, 0) + 1
+            stem = path.stem if count == 1 else f"{path.stem}-{count}"
+            targets.append(draw / f"{stem}.png")
+    originals = {path.resolve() for path in images if path.exists()}
+    for target in targets:
+        if target.resolve() in originals:
+            fail(f"--draw {target} is one of the input images; it is never overwritten")
+        if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+            fail(f"--draw {target}: use a .png, .jpg, .webp or .bmp file name")
+    return targets
+
+
+def _draw(source: Path, result: PhotoFaces, target: Path, settings: Settings) -> None:
+    """Write the photo (at its detection size) with its faces drawn, atomically."""
+    import cv2
+
+    from training.faces.drawing import draw_faces
+    from training.faces.scene import decode_for_faces
+    from training.preprocess import read_image_file
+
+    photo = decode_for_faces(
+        read_image_file(source, settings.limits), settings.faces.detect_side, settings.limits
+    )
+    drawn = draw_faces(photo.detection, result)
+    encoded, buffer = cv2.imencode(target.suffix.lower(), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        fail(f"--draw {target}: the picture could not be encoded")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(buffer.tobytes())
+    partial.replace(target)
 
 
 @app.command("import-model")
@@ -261,12 +422,14 @@ def import_model_command(
         int | None, typer.Option(help="Only for models of any input size.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Artifact family name.")] = None,
+    subject: Annotated[str, typer.Option(help=SUBJECT_HELP)] = "image",
 ) -> None:
     """Wrap a third-party Keras classifier with metadata so it is served like ours."""
     from training.importing import import_model
 
     if color is not None and color not in ("rgb", "grayscale"):
         fail(f"--color {color!r}: use rgb or grayscale")
+    chosen_subject = checked_subject(subject)
     settings = settings_from()
     load_keras(settings.keras_backend)
     directory = import_model(
@@ -278,6 +441,7 @@ def import_model_command(
         scale=scale,
         offset=offset,
         image_size=image_size,
+        subject=chosen_subject,
     )
     console.print(f"imported {file} as {directory}", highlight=False)
 

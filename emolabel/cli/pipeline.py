@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.live import Live
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
@@ -289,10 +290,11 @@ def _local_worker_if_needed(settings: Settings) -> Iterator[bool]:
 
 def _counts_table(job_id: int, counts: Any, rate: float, eta: float | None) -> Table:
     table = Table(title=f"job {job_id}", show_edge=False)
-    for column in ("labeled", "failed", "skipped", "remaining", "images/s", "ETA"):
+    for column in ("labeled", "no_face", "failed", "skipped", "remaining", "images/s", "ETA"):
         table.add_column(column, justify="right")
     table.add_row(
         str(counts.labeled),
+        str(counts.no_face),
         str(counts.failed),
         str(counts.skipped),
         str(counts.pending),
@@ -308,13 +310,13 @@ def _follow(sessions: sessionmaker[Session], job_id: int, poll: float = 0.5) -> 
     started = time.monotonic()
     with sessions() as session:
         first = job_counts(session=session, job_id=job_id)
-    done_at_start = first.labeled + first.failed
+    done_at_start = first.done
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
             with sessions() as session:
                 counts = job_counts(session=session, job_id=job_id)
             elapsed = max(time.monotonic() - started, 1e-6)
-            rate = (counts.labeled + counts.failed - done_at_start) / elapsed
+            rate = (counts.done - done_at_start) / elapsed
             eta = counts.pending / rate if rate > 0 else None
             live.update(_counts_table(job_id, counts, rate, eta))
             if counts.pending == 0:
@@ -330,7 +332,7 @@ def label(
     ] = False,
     where: Annotated[list[str] | None, typer.Option(help="As for `scan`.")] = None,
 ) -> None:
-    """Scan, then follow the job live until every image is labeled, failed or skipped."""
+    """Scan, then follow the job live until every image is labeled, no_face, failed or skipped."""
     settings = settings_from()
     broker_for(settings)
     sessions = sessions_for(settings)
@@ -339,10 +341,15 @@ def label(
         counts = _follow(sessions, summary.job_id)
     console.print()
     console.print(
-        f"done: {counts.labeled} labeled, {counts.failed} failed, {counts.skipped} skipped "
+        f"done: {counts.labeled} labeled, {counts.no_face} no_face, {counts.failed} failed, "
+        f"{counts.skipped} skipped "
         f"of {counts.enqueued} (see `emolabel status {summary.job_id}`, `emolabel export`)",
         highlight=False,
     )
+
+
+COUNT_COLUMNS = ("enqueued", "labeled", "no_face", "failed", "skipped", "pending")
+"""`emolabel status`'s counts, each a `JobCounts` field; they balance (see the README)."""
 
 
 @app.command()
@@ -362,18 +369,11 @@ def status(
         )
         if job is not None and jobs[0] is None:
             fail(f"no job {job}")
-        table = Table(
-            "job",
-            "status",
-            "source",
-            "enqueued",
-            "labeled",
-            "failed",
-            "skipped",
-            "pending",
-            "model",
-            "created",
-        )
+        # The counts in columns, what each job ran on below them: readable at 80 columns.
+        table = Table(show_edge=False, box=box.SIMPLE_HEAD)
+        for column in ("job", "status", *COUNT_COLUMNS):
+            table.add_column(column, justify="left" if column == "status" else "right")
+        about: list[str] = []
         for row in jobs:
             assert row is not None
             try:
@@ -383,16 +383,15 @@ def status(
             table.add_row(
                 str(row.id),
                 row.status,
-                row.source,
-                str(counts.enqueued),
-                str(counts.labeled),
-                str(counts.failed),
-                str(counts.skipped),
-                str(counts.pending),
-                row.model_version or "-",
-                row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                *(str(getattr(counts, column)) for column in COUNT_COLUMNS),
+            )
+            about.append(
+                f"job {row.id}: {row.source} · model {row.model_version or '-'} · created "
+                f"{row.created_at.strftime('%Y-%m-%d %H:%M:%S')}"
             )
         console.print(table)
+        for line in about:
+            console.print(line, highlight=False, soft_wrap=True)
         if job is not None:
             for state, reason, count in outcome_reasons(session=session, job_id=job):
                 console.print(f"{state}: {reason}: {count}", highlight=False)
@@ -424,55 +423,129 @@ def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
         )
 
 
+EXPORT_COLUMNS = ["uri", "label", "confidence", "model_version", "scores", "job_id"]
+"""An export's columns (CSV) or keys (JSON lines); whole-image model exports have these alone."""
+PHOTO_COLUMNS = [*EXPORT_COLUMNS, "face_count", "outcome"]
+"""`--per photo` with a face model: the photo-level label (the largest face's) and face count."""
+FACE_COLUMNS = [
+    *EXPORT_COLUMNS,
+    "outcome",
+    "face_index",
+    "x",
+    "y",
+    "width",
+    "height",
+    "detector_score",
+]
+"""`--per face` (the default) with a face model: one row per face, one per no_face image."""
+
+
 @app.command()
 def export(
     job: Annotated[int | None, typer.Option(help="Only this job's results.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
     output: Annotated[Path | None, typer.Option(help="Write here (default: stdout).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Only this model version.")] = None,
+    per: Annotated[
+        str,
+        typer.Option(
+            help="Face models: a row per face (face, the default) or per photo (photo: the "
+            "largest face's label and the face count)."
+        ),
+    ] = "face",
 ) -> None:
-    """Stream labels as CSV or JSON lines: uri, label, confidence, scores, model version."""
-    from db.repository import iter_results
+    """Stream labels as CSV or JSON lines: uri, label, confidence, scores, model version.
+
+    A face model's results come one row per face (its box, detector score, label) and one row
+    per image without a face (outcome no_face), or with `--per photo` one row per photo.
+    """
+    from db.repository import any_face_results, iter_face_rows, iter_results
 
     if output_format not in ("csv", "jsonl"):
         fail(f"--format {output_format!r}: use csv or jsonl")
+    if per not in ("face", "photo"):
+        fail(f"--per {per!r}: use face or photo")
     settings = settings_from()
     sessions = sessions_for(settings)
     handle = output.open("w", newline="") if output else sys.stdout
     try:
-        writer = csv.writer(handle) if output_format == "csv" else None
-        if writer:
-            writer.writerow(["uri", "label", "confidence", "model_version", "scores", "job_id"])
         with sessions() as session:
-            for row in iter_results(session=session, job_id=job, model_version=model_version):
+            faces = any_face_results(session=session, job_id=job, model_version=model_version)
+            records: Iterator[dict[str, Any]]
+            if faces and per == "face":
+                columns = FACE_COLUMNS
+                records = map(
+                    _face_record,
+                    iter_face_rows(session=session, job_id=job, model_version=model_version),
+                )
+            else:
+                columns = PHOTO_COLUMNS if faces else EXPORT_COLUMNS
+                records = map(
+                    _photo_record,
+                    iter_results(session=session, job_id=job, model_version=model_version),
+                )
+            writer = csv.writer(handle) if output_format == "csv" else None
+            if writer:
+                writer.writerow(columns)
+            for record in records:
                 if writer:
-                    writer.writerow(
-                        [
-                            row.uri,
-                            row.label,
-                            f"{row.confidence:.6f}",
-                            row.model_version,
-                            json.dumps(row.scores),
-                            row.job_id,
-                        ]
-                    )
+                    writer.writerow([_csv_cell(column, record.get(column)) for column in columns])
                 else:
-                    handle.write(
-                        json.dumps(
-                            {
-                                "uri": row.uri,
-                                "label": row.label,
-                                "confidence": row.confidence,
-                                "scores": row.scores,
-                                "model_version": row.model_version,
-                                "job_id": row.job_id,
-                            }
-                        )
-                        + "\n"
-                    )
+                    handle.write(json.dumps(_jsonl_record(record)) + "\n")
     finally:
         if output:
             handle.close()
+
+
+def _photo_record(row: Any) -> dict[str, Any]:
+    """A `results` row as an export record; a face model's gains face_count and outcome."""
+    record: dict[str, Any] = {
+        "uri": row.uri,
+        "label": row.label,
+        "confidence": row.confidence,
+        "scores": row.scores,
+        "model_version": row.model_version,
+        "job_id": row.job_id,
+    }
+    if row.face_count is not None:
+        record["face_count"] = row.face_count
+        record["outcome"] = "no_face" if row.face_count == 0 else "labeled"
+    return record
+
+
+def _face_record(row: Any) -> dict[str, Any]:
+    """A per-face row as an export record; a whole-image model's label stays as it was."""
+    record = _photo_record(row)
+    if record.pop("face_count", None) is not None:
+        record |= {
+            "face_index": row.face_index,
+            "x": row.x,
+            "y": row.y,
+            "width": row.width,
+            "height": row.height,
+            "detector_score": row.detector_score,
+        }
+    return record
+
+
+def _jsonl_record(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON lines give a face's box as one object (null for a no_face image)."""
+    if "x" not in record:
+        return record
+    box = {side: record.pop(side) for side in ("x", "y", "width", "height")}
+    record["box"] = None if box["x"] is None else box
+    record["detector_score"] = record.pop("detector_score")
+    return record
+
+
+def _csv_cell(column: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    if column == "confidence":
+        return f"{value:.6f}"
+    if column == "scores":
+        return json.dumps(value)
+    return value
 
 
 @app.command()

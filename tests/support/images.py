@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
+
+from core.reasons import Reason
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -76,3 +80,42 @@ def flat_png(width: int, height: int, *, channels: int = 4, bits: int = 8) -> by
 def _chunk(kind: bytes, data: bytes) -> bytes:
     body = kind + data
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _encode(image: Image.Image, image_format: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+HOSTILE: dict[str, tuple[Callable[[], bytes], Reason | None]] = {
+    # Inside every default limit, each once cost gigabytes or hours to decode (issue 14).
+    # name: (bytes maker, the reason it is refused with, or None when it is labeled)
+    "rgba-near-pixel-limit.png": (lambda: flat_png(10_950, 10_950), None),
+    "rgba-16-bit.png": (lambda: flat_png(7_000, 7_000, bits=16), None),
+    "rgba-16-bit-near-pixel-limit.png": (
+        lambda: flat_png(10_950, 10_950, bits=16),
+        Reason.TOO_LARGE,
+    ),
+    "repeated-scans.jpg": (
+        lambda: repeated_scan_jpeg(2048, 2048, 300),
+        Reason.UNSUPPORTED_TYPE,
+    ),
+    "repeated-scans-under-the-limit.jpg": (
+        lambda: repeated_scan_jpeg(2048, 2048, 60),
+        Reason.CORRUPT,
+    ),
+    "transparent.gif": (
+        lambda: _encode(Image.new("P", (3000, 3000), 0), "GIF", transparency=0),
+        None,
+    ),
+    "many-frames.gif": (
+        lambda: _encode(
+            Image.new("P", (1000, 1000), 0),
+            "GIF",
+            save_all=True,
+            append_images=[Image.new("P", (1000, 1000), (i % 2) + 1) for i in range(200)],
+        ),
+        None,
+    ),
+}
