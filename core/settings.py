@@ -50,6 +50,13 @@ class TrainSettings(BaseModel):
     split: tuple[float, float, float] = Field(
         (0.7, 0.2, 0.1), description="Train / validation / test fractions of the file list."
     )
+    target_precision: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Precision each class's threshold aims at on the validation split; a label "
+        "below its class's threshold is stored as `uncertain`.",
+    )
     cache_max_bytes: int = Field(
         2048 * MiB, ge=0, description="Keep decoded images in memory when the set fits in this."
     )
@@ -226,6 +233,24 @@ class RetrainSettings(BaseModel):
         0.02, ge=0, le=1, description="Largest fall in any class's recall a promotion allows."
     )
     time_limit: int = Field(6 * 3600, ge=60, description="Seconds a retraining task may run.")
+    use_reviews: bool = Field(
+        True,
+        description="Train on the data folder plus the labels people gave on the review page "
+        "(never on unreviewed model output).",
+    )
+    churn_sample: int = Field(
+        500,
+        ge=0,
+        description="Archive images both champion and challenger label before a promotion, to "
+        "measure label churn; 0 turns it off.",
+    )
+    max_churn: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Largest share of the churn sample whose label may change; above it the "
+        "challenger is `held` for a person to promote (1.0: never held).",
+    )
     allowed_roots: list[Path] = Field(
         default_factory=list,
         description="Folders a retrain message's data_dir must lie under (JSON list); empty: "
@@ -310,6 +335,19 @@ class FlowerSettings(BaseModel):
         return value
 
 
+class ReviewSettings(BaseModel):
+    """The review page of `emolabel review`: never open without a password or a token."""
+
+    address: str = Field(
+        "127.0.0.1", description="Interface the review page listens on (loopback by default)."
+    )
+    port: int = Field(8765, ge=1, le=65535, description="Port the review page listens on.")
+    page_size: int = Field(60, ge=1, le=1000, description="Results per review page.")
+    thumbnail_size: int = Field(
+        256, ge=32, le=2048, description="Longest side of a thumbnail, in pixels."
+    )
+
+
 class MetricsSettings(BaseModel):
     """The Prometheus endpoint that each worker serves from its main process."""
 
@@ -360,6 +398,7 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
 

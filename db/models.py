@@ -1,4 +1,4 @@
-"""The ledger and results store: nine tables, the same schema on PostgreSQL and SQLite.
+"""The ledger and results store: ten tables, the same schema on PostgreSQL and SQLite.
 
 `images`
     One row per file ever seen, keyed by `uri` (unique, always valid UTF-8: a file name whose
@@ -25,11 +25,12 @@
 `job_items`
     The per-image ledger, keyed by (`job_id`, `image_id`): every image a job touches has exactly
     one row, in `chunk_index` (NULL when skipped while scanning), with `state` pending, labeled,
-    no_face (a face model found no face: neither a failure nor a label), failed or skipped, a
+    uncertain (labeled below the class's calibrated threshold: a person should look), no_face
+    (a face model found no face: neither a failure nor a label), failed or skipped, a
     short `reason` code for failed and skipped rows ('corrupt', 'too_many_pixels',
     'not_an_image', 'already_labeled', ...), a human `message`, and `attempts` (how many times a
     worker reported on it). Hence the counts of a job balance:
-    enqueued = labeled + no_face + failed + skipped + pending.
+    enqueued = labeled + uncertain + no_face + failed + skipped + pending.
 
 `results`
     One label per (`image_id`, `model_version`): `label`, its `confidence`, every class score in
@@ -41,12 +42,15 @@
     largest face's (its box area; ties: higher detector score, then lower face index). A face
     model that found no face writes `face_count` 0 with `label` and `confidence` NULL and
     `scores` {}: the image is decided for that model version (a rescan skips it) but unlabeled.
+    `uncertain` is true when the label is below its class's threshold (a face model: any face
+    is), with the `runner_up` class and its `runner_up_confidence` kept beside the label.
 
 `faces`
     One row per face a face model labeled, keyed by (`image_id`, `model_version`,
     `face_index`) and tied to its photo's `results` row (deleted with it): the box `x`, `y`,
     `width`, `height` in pixels of the original, EXIF-oriented image, the `detector_score`, the
-    face's `label`, `confidence` and `scores`, `job_id` and `created_at`. Written with the
+    face's `label`, `confidence`, `scores`, `uncertain`, `runner_up` and its confidence, `job_id`
+    and `created_at`. Written with the
     photo's results row in one transaction, and replaced whole whenever that row is rewritten,
     so an (image, model version) has exactly one set of faces.
 
@@ -65,7 +69,16 @@
 `retrain_runs`
     One row per retraining attempt: when it ran, the `challenger_version` and the
     `champion_version` it was compared with, the `data_fingerprint` of the training data, the
-    evaluation `metrics` (JSON), the `decision` (promoted, rejected or failed) and its `reason`.
+    evaluation `metrics` (JSON), the `decision` (promoted, rejected, held or failed) and its
+    `reason`, the `reviewed_items` (human labels) the challenger trained on, and its label
+    `churn` on an archive sample (JSON).
+
+`reviews`
+    One row per human verdict on a label: the `image_id` and `face_index` (NULL for a whole-image
+    label), the `model_version` whose label was looked at and its `old_label`, the `new_label`
+    (equal to the old one: accepted; else corrected), the `reviewer`, the `job_id` it was
+    reviewed in, the image `fingerprint` the person saw and `created_at`. The latest verdict on
+    an (image, face) is its human label: `export` shows it, retraining learns from it.
 
 Timestamps are stored as UTC and read back timezone-aware on both databases. Statuses are
 stored as plain strings with CHECK constraints, never as native enum types, so adding a value
@@ -81,6 +94,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -94,6 +108,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
     func,
     text,
 )
@@ -172,6 +187,8 @@ class ItemState(StrEnum):
     PENDING = "pending"
     LABELED = "labeled"
     NO_FACE = "no_face"  # a face model found no face: decided, neither labeled nor failed
+    # Labeled below its class's threshold (the artifact's calibration): a person should look.
+    UNCERTAIN = "uncertain"
     FAILED = "failed"
     SKIPPED = "skipped"
 
@@ -190,6 +207,8 @@ class RetrainDecision(StrEnum):
 
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    # Better on the frozen test split, but it would change more archive labels than allowed.
+    HELD = "held"
     FAILED = "failed"
 
 
@@ -343,6 +362,11 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
     # NULL: a whole-image model; otherwise the faces a face model found (0: no face).
     face_count: Mapped[int | None] = mapped_column(Integer)
+    # Below its class's threshold (or, for a face model, any face is): job item `uncertain`.
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The second likeliest class and its score: what a reviewer most likely picks instead.
+    runner_up: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    runner_up_confidence: Mapped[float | None] = mapped_column(Float)
 
 
 class Face(Base):
@@ -375,6 +399,9 @@ class Face(Base):
         BigInteger, ForeignKey("jobs.id", ondelete="SET NULL"), index=True
     )
     created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    runner_up: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    runner_up_confidence: Mapped[float | None] = mapped_column(Float)
 
 
 class ModelVersion(Base):
@@ -438,3 +465,31 @@ class RetrainRun(Base):
         status_type(RetrainDecision, "retrain_decision")
     )
     reason: Mapped[str | None] = mapped_column(Text)
+    # Human-reviewed items the challenger's training set took (train, validation and holdout).
+    reviewed_items: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Label churn on an archive sample, champion -> challenger: sample size, changed, and the
+    # {from: {to: count}} table.
+    churn: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Review(Base):
+    """A person's verdict on one label: accepted (new = old) or corrected (see the docstring)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_image_id_face_index", "image_id", "face_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("images.id", ondelete="CASCADE"))
+    # NULL: the whole image's label; else the face (its index in the model version's faces).
+    face_index: Mapped[int | None] = mapped_column(Integer)
+    # The model version whose label was reviewed, and the label it gave.
+    model_version: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    old_label: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    new_label: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    reviewer: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    # The image version (fingerprint) the person looked at: a changed file is not reused.
+    fingerprint: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())

@@ -13,6 +13,8 @@ family; import from here (`from db.repository import X`), the modules are how it
                     replacing an image's faces, one row per face for export
     model_versions  `model_versions`, the registry: register, promote, roll back, list
     retrain_runs    `retrain_runs`: each retraining and its decision
+    reviews         `reviews`: people's verdicts, checked against the stored labels; the
+                    human label of an image or face (its latest verdict)
 
 Each function takes the session keyword-only and never commits, rolls back or closes it: the
 caller owns the transaction (`with Session() as session, session.begin(): ...`). The hot paths
@@ -115,6 +117,14 @@ from db.repository.results import (
 from db.repository.retrain_runs import (
     record_retrain_run,
 )
+from db.repository.reviews import (
+    HumanLabel,
+    ReviewError,
+    ReviewInput,
+    count_reviews,
+    human_labels,
+    record_reviews,
+)
 
 __all__ = [
     "MAX_ROWS_PER_STATEMENT",
@@ -128,6 +138,7 @@ __all__ = [
     "FailedImage",
     "FailedItem",
     "FailureRow",
+    "HumanLabel",
     "ImageRow",
     "JobCounts",
     "JobItemRow",
@@ -135,12 +146,15 @@ __all__ = [
     "NotFoundError",
     "OpenChunk",
     "ResultRow",
+    "ReviewError",
+    "ReviewInput",
     "SilentScan",
     "active_model",
     "add_job_items",
     "allocate_chunk_indices",
     "any_face_results",
     "count_job_items",
+    "count_reviews",
     "create_job",
     "end_scan",
     "failed_and_unchanged",
@@ -149,6 +163,7 @@ __all__ = [
     "finish_job_if_complete",
     "get_job",
     "get_model",
+    "human_labels",
     "image_ids_for_uris",
     "iter_face_rows",
     "iter_results",
@@ -169,6 +184,7 @@ __all__ = [
     "record_chunks",
     "record_outcomes",
     "record_retrain_run",
+    "record_reviews",
     "register_model",
     "reopen_job",
     "return_to_pending",
