@@ -6,7 +6,8 @@
         upsert the images; decide each entry:
           unusable                    -> skipped, with the source's reason
           labeled by model_version,
-            same fingerprint          -> skipped `already_labeled` (unless force)
+            same fingerprint          -> skipped `already_labeled` (unless force or
+                                         --where uncertain)
           failed for its content and
             unchanged since           -> skipped `already_failed` (unless force or --where)
           not matching every --where  -> skipped `not_selected`
@@ -82,6 +83,7 @@ class SelectionKind(StrEnum):
     MODEL_OTHER_THAN = "model_other_than"
     CONFIDENCE_BELOW = "confidence_below"
     FAILED = "failed"
+    UNCERTAIN = "uncertain"
 
 
 WHERE_FORMS = (
@@ -89,6 +91,7 @@ WHERE_FORMS = (
     "model!=VERSION (the latest label is by another model than VERSION)",
     "confidence<NUMBER (the latest label's confidence is below NUMBER, 0 to 1)",
     "failed (the latest worker outcome was a failure)",
+    "uncertain (the latest label is below its class's calibrated threshold)",
 )
 
 _MODEL_PATTERN = re.compile(r"model\s*!=\s*(?P<version>\S+)", re.IGNORECASE)
@@ -115,7 +118,7 @@ class Selection:
             return "older-model" if self.version is None else f"model!={self.version}"
         if self.kind is SelectionKind.CONFIDENCE_BELOW:
             return f"confidence<{self.threshold}"
-        return "failed"
+        return self.kind.value
 
 
 def parse_where(text: str) -> Selection:
@@ -130,6 +133,8 @@ def parse_where(text: str) -> Selection:
         return Selection(SelectionKind.MODEL_OTHER_THAN)
     if lowered == "failed":
         return Selection(SelectionKind.FAILED)
+    if lowered == "uncertain":
+        return Selection(SelectionKind.UNCERTAIN)
     if match := _MODEL_PATTERN.fullmatch(clause):
         version = match["version"]
         if len(version) > 128:
@@ -176,6 +181,8 @@ def _select(
             image_ids = repository.latest_outcome_failed(
                 session=session, image_ids=image_ids, exclude_job_id=job_id
             )
+        elif selection.kind is SelectionKind.UNCERTAIN:
+            image_ids = repository.latest_uncertain(session=session, image_ids=image_ids)
     return image_ids
 
 
@@ -334,7 +341,10 @@ class _Scan:
     ) -> tuple[list[JobItemRow], list[_Pending]]:
         usable = [entry for entry in entries if entry.usable]
         labeled: dict[str, str] = {}
-        if self.model_version is not None and not self.force:
+        # `--where uncertain` asks for labels a person doubts: it sends them again even to the
+        # model that gave them (recalibrated thresholds or a review may have changed the picture).
+        relabel = any(selection.kind is SelectionKind.UNCERTAIN for selection in self.where)
+        if self.model_version is not None and not self.force and not relabel:
             labeled = repository.labeled_fingerprints(
                 session=session,
                 uris=[entry.uri for entry in usable],

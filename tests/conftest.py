@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import LimitSettings
 from tests.support.services import POSTGRES_ADMIN_URL, TEST_REDIS_URL, PostgresServer, forget_queue
 from tests.support.tiny_model import TINY
+from training.metadata import write_metadata
 from training.sample_data import generate_sample_data
 from training.train import TrainOutcome, train_model
 
@@ -32,9 +34,15 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(sample_dir: Path, models_dir: Path) -> TrainOutcome:
-    return train_model(
+    """The pipeline tests' model, served raw: they count labels, and a three-epoch model's
+    calibrated thresholds would call most of them uncertain. Calibration and the uncertain
+    outcome are tested with models of their own (tests/test_calibration.py)."""
+    outcome = train_model(
         sample_dir, TINY, LimitSettings(), models_dir, "tiny", progress=lambda _: None
     )
+    raw = outcome.metadata.model_copy(update={"calibration": None})
+    write_metadata(outcome.artifact_dir, raw)
+    return replace(outcome, metadata=raw)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ class CountingRunner:
     version = "fixed"
     spec = InputSpec(64, 64, "grayscale", 2 / 255, -1.0)
     class_names: Sequence[str] = ("happy", "sad")
+    thresholds = None
 
     def __init__(self) -> None:
         self.batches: list[int] = []

@@ -1,4 +1,5 @@
-"""Accuracy, per-class and macro precision / recall / F1, and a confusion matrix on a split."""
+"""Accuracy, per-class and macro precision / recall / F1, a confusion matrix, and calibration
+(expected calibration error before and after, a reliability diagram) on a split."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from core.errors import DataError, ImageError
 from core.reasons import Reason
 from core.settings import FaceSettings, LimitSettings
 from training.artifacts import Artifact
+from training.calibration import calibrate_scores, expected_calibration_error, reliability
 from training.faces import FaceDetector
 from training.faces.labeling import DetectedFaces, classify_faces, find_faces
-from training.inference import predict_scores
-from training.plots import plot_confusion_matrix
+from training.inference import predict_scores, thresholds_of, to_predictions
+from training.metadata import ModelMetadata
+from training.plots import plot_confusion_matrix, plot_reliability
 from training.preprocess import load_image_file, read_image_file
 
 
@@ -42,6 +45,9 @@ class Evaluation:
     unusable: list[dict[str, str]] = field(default_factory=list)
     # A face model's photos in which no face was found: neither scored nor counted as errors.
     no_face: list[str] = field(default_factory=list)
+    # Expected calibration error before and after the model's calibration, the reliability
+    # bins, and how the uncertain outcome splits the set (see `calibration_report`).
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class Evaluation:
             "support": self.support,
             "unusable": self.unusable,
             "no_face": self.no_face,
+            "calibration": self.calibration,
         }
 
 
@@ -97,6 +104,34 @@ def score(
     )
 
 
+def calibration_report(
+    true_labels: NDArray[np.int64],
+    raw: NDArray[np.float32],
+    metadata: ModelMetadata,
+) -> tuple[NDArray[np.float32], dict[str, Any]]:
+    """Calibrate raw scores as the artifact says; report ECE before and after, the reliability
+    bins of both, and, for a calibrated model, how many labels are uncertain and how precise
+    the others are (what the thresholds promise)."""
+    calibrated = calibrate_scores(raw, metadata.calibration)
+    report: dict[str, Any] = {
+        "calibrated": metadata.calibration is not None,
+        "ece_before": expected_calibration_error(raw, true_labels),
+        "ece_after": expected_calibration_error(calibrated, true_labels),
+        "reliability_before": reliability(raw, true_labels),
+        "reliability_after": reliability(calibrated, true_labels),
+    }
+    if metadata.calibration is not None:
+        report["temperature"] = metadata.calibration.temperature
+        predictions = to_predictions(calibrated, metadata.class_names, thresholds_of(metadata))
+        sure = [index for index, prediction in enumerate(predictions) if not prediction.uncertain]
+        correct = calibrated.argmax(axis=1) == true_labels
+        report["uncertain"] = len(predictions) - len(sure)
+        report["coverage"] = len(sure) / len(predictions) if predictions else 0.0
+        # Accuracy of the labels not marked uncertain: what a user who trusts them gets.
+        report["precision_when_sure"] = float(correct[sure].mean()) if sure else None
+    return calibrated, report
+
+
 def load_labeled_images(
     artifact: Artifact, paths: Sequence[Path], labels: Sequence[int], limits: LimitSettings
 ) -> tuple[NDArray[np.uint8], list[int], list[dict[str, str]]]:
@@ -131,9 +166,12 @@ def evaluate_files(
 ) -> Evaluation:
     """Predict every file and score it; a file that fails to load is listed, never dropped."""
     images, kept, unusable = load_labeled_images(artifact, paths, labels, limits)
-    scores = predict_scores(artifact, images, batch_size)
-    evaluation = score(np.asarray(kept, dtype=np.int64), scores, artifact.metadata.class_names)
+    raw = predict_scores(artifact, images, batch_size, calibrated=False)
+    true_labels = np.asarray(kept, dtype=np.int64)
+    scores, calibration = calibration_report(true_labels, raw, artifact.metadata)
+    evaluation = score(true_labels, scores, artifact.metadata.class_names)
     evaluation.unusable = unusable
+    evaluation.calibration = calibration
     return evaluation
 
 
@@ -172,15 +210,18 @@ def evaluate_face_files(
             f"nothing to evaluate: no face found in any photo ({len(no_face)} without a face, "
             f"{len(unusable)} unusable)"
         )
-    results = classify_faces(artifact, detected, batch_size)
+    results = classify_faces(artifact, detected, batch_size, calibrated=False)
     # The photo's scores are its largest face's (face 0), so the photo-level label is their argmax.
     names = artifact.metadata.class_names
-    scores = np.asarray(
+    raw = np.asarray(
         [[result.faces[0].scores[name] for name in names] for result in results], np.float32
     )
-    evaluation = score(np.asarray(kept, dtype=np.int64), scores, names)
+    true_labels = np.asarray(kept, dtype=np.int64)
+    scores, calibration = calibration_report(true_labels, raw, artifact.metadata)
+    evaluation = score(true_labels, scores, names)
     evaluation.unusable = unusable
     evaluation.no_face = no_face
+    evaluation.calibration = calibration
     return evaluation
 
 
@@ -201,4 +242,18 @@ def write_evaluation(evaluation: Evaluation, directory: Path, prefix: str = "tes
         directory / f"{prefix}_confusion_matrix.png",
         f"Confusion matrix ({prefix}, n={evaluation.support})",
     )
-    return [metrics_path, matrix_path, report_path, picture]
+    written = [metrics_path, matrix_path, report_path, picture]
+    if evaluation.calibration:
+        before = evaluation.calibration["ece_before"]
+        after = evaluation.calibration["ece_after"]
+        written.append(
+            plot_reliability(
+                {
+                    f"raw (ECE {before:.3f})": evaluation.calibration["reliability_before"],
+                    f"calibrated (ECE {after:.3f})": evaluation.calibration["reliability_after"],
+                },
+                directory / f"{prefix}_reliability.png",
+                f"Reliability ({prefix}, n={evaluation.support})",
+            )
+        )
+    return written

@@ -57,6 +57,25 @@ class InputMetadata(BaseModel):
     )
 
 
+class Calibration(BaseModel):
+    """How raw scores become calibrated confidences, and when a label is `uncertain`.
+
+    See training/calibration.py: `temperature` divides the log-probabilities; a label whose
+    calibrated confidence is below `thresholds[label]` (None: the class never reached the target
+    precision on the fitting set) is uncertain. `ece_before`/`ece_after` are measured on the set
+    it was fitted on.
+    """
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0)
+    fitted_on: str
+    samples: int = Field(ge=1)
+    target_precision: float = Field(gt=0, lt=1)
+    thresholds: dict[str, float | None]
+    ece_before: float = Field(ge=0)
+    ece_after: float = Field(ge=0)
+
+
 class ModelMetadata(BaseModel):
     """The contents of `metadata.json`."""
 
@@ -74,6 +93,8 @@ class ModelMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # None: not calibrated (raw scores served, no label is ever uncertain).
+    calibration: Calibration | None = None
     model_sha256: str = ""
     libraries: dict[str, str] = Field(default_factory=dict)
 
@@ -85,6 +106,10 @@ class ModelMetadata(BaseModel):
             raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME} characters long")
         if self.head == "sigmoid" and len(self.class_names) != 2:
             raise ValueError("a sigmoid head serves exactly two classes")
+        if self.calibration is not None and set(self.calibration.thresholds) != set(
+            self.class_names
+        ):
+            raise ValueError("calibration thresholds must name exactly the model's classes")
         return self
 
     @property

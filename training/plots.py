@@ -61,3 +61,42 @@ def plot_confusion_matrix(
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_reliability(
+    curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str
+) -> Path:
+    """A reliability diagram: accuracy against mean confidence per bin, one curve per name
+    (e.g. before and after calibration), the diagonal being perfect calibration; marker area
+    shows how many images each bin holds."""
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for (name, bins), color in zip(curves.items(), ("orange", "teal", "purple"), strict=False):
+        if not bins:
+            continue
+        total = sum(b["count"] for b in bins)
+        axes.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            color=color,
+            marker="o",
+            label=name,
+        )
+        axes.scatter(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            s=[20 + 400 * b["count"] / max(total, 1) for b in bins],
+            color=color,
+            alpha=0.3,
+        )
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence (mean per bin)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.legend(loc="upper left")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

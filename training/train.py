@@ -45,6 +45,7 @@ from training.metadata import (
 )
 from training.model import compile_model, head_for, make_model
 from training.preprocess import InputSpec
+from training.recalibrate import calibrate_on_files
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,31 @@ def train_model(
     )
     write_metadata(staging, metadata)
 
+    # Calibrate on the validation split (never the test split, which measures the result):
+    # a temperature for the confidences, per-class thresholds for `uncertain`.
+    artifact = load_artifact(staging, models_dir, name)
+    validation = data.split.validation
+    try:
+        calibration = calibrate_on_files(
+            artifact,
+            [e.path for e in validation],
+            [e.label for e in validation],
+            limits,
+            train.target_precision,
+            f"validation split ({len(validation)} images)",
+            train.batch_size,
+        )
+    except DataError as error:
+        # Too small a validation split to fit on: served raw, never uncertain, and said so.
+        progress(f"not calibrated: {error}")
+    else:
+        metadata = metadata.model_copy(update={"calibration": calibration})
+        write_metadata(staging, metadata)
+        progress(
+            f"calibrated on validation: temperature {calibration.temperature:.3f}, "
+            f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}"
+        )
+
     # Evaluate the saved file, not the in-memory model: what we ship is what we measure.
     artifact = load_artifact(staging, models_dir, name)
     test = data.split.test
@@ -275,6 +301,11 @@ def train_model(
     staging.rename(final)
     seconds = time.perf_counter() - started
     progress(f"test accuracy {evaluation.accuracy:.4f}, macro F1 {evaluation.macro['f1']:.4f}")
+    progress(
+        f"test ECE {evaluation.calibration['ece_before']:.4f} before calibration, "
+        f"{evaluation.calibration['ece_after']:.4f} after; "
+        f"{evaluation.calibration.get('uncertain', 0)} of {evaluation.support} uncertain"
+    )
     return TrainOutcome(final, metadata, evaluation, data.findings, data.split, seconds)
 
 

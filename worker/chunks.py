@@ -58,6 +58,8 @@ class ChunkReport:
     failed: int = 0
     # Images a face model found no face in (neither labeled nor failed).
     no_face: int = 0
+    # Labeled below the label's calibrated threshold (not counted in `labeled`).
+    uncertain: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     model_version: str | None = None
     split_into: list[int] = field(default_factory=list)
@@ -197,7 +199,12 @@ def handle_chunk(
     report.stage_seconds["write"] = round(time.perf_counter() - write_started, 4)
     report.no_face = sum(o.faces is not None and not o.faces.faces for o in outcomes)
     report.failed = sum(outcome.failed for outcome in outcomes)
-    report.labeled = len(outcomes) - report.failed - report.no_face
+    report.uncertain = sum(
+        (o.prediction is not None and o.prediction.uncertain)
+        or (o.faces is not None and o.faces.uncertain)
+        for o in outcomes
+    )
+    report.labeled = len(outcomes) - report.failed - report.no_face - report.uncertain
     report.failed_by_reason = dict(
         Counter(o.reason or Reason.CORRUPT.value for o in outcomes if o.failed)
     )
@@ -247,6 +254,9 @@ def _write(
             confidence=outcome.prediction.confidence,
             scores=outcome.prediction.scores,
             fingerprint=images[outcome.uri].fingerprint,
+            uncertain=outcome.prediction.uncertain,
+            runner_up=outcome.prediction.runner_up,
+            runner_up_confidence=outcome.prediction.runner_up_confidence,
         )
         for outcome in outcomes
         if outcome.prediction is not None
@@ -274,6 +284,9 @@ def _write(
             confidence=face.confidence,
             scores=face.scores,
             fingerprint=images[outcome.uri].fingerprint,
+            uncertain=face.uncertain,
+            runner_up=face.runner_up,
+            runner_up_confidence=face.runner_up_confidence,
         )
         for outcome in outcomes
         if outcome.faces is not None

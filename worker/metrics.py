@@ -4,7 +4,8 @@ Pool processes record what each chunk did (`record_chunk`, called by the task wi
 report); the main process serves `/metrics` (`start_metrics_server`, called once the worker is
 ready). What a scrape shows:
 
-    emolabel_images_total{outcome,reason}   images finished: outcome labeled | no_face | failed
+    emolabel_images_total{outcome,reason}   images finished: outcome labeled | uncertain |
+                                            no_face | failed
                                             (+ reason)
     emolabel_chunks_total{result}           deliveries: written | split | skipped
     emolabel_chunk_images                   histogram: images per chunk delivery
@@ -87,7 +88,8 @@ def instruments() -> Instruments:
     made = Instruments(
         images=Counter(
             "emolabel_images",
-            "Images finished by the workers, by outcome (labeled, no_face, failed) and failure "
+            "Images finished by the workers, by outcome (labeled, uncertain, no_face, failed) and "
+            "failure "
             "reason.",
             ["outcome", "reason"],
             registry=None,
@@ -138,6 +140,7 @@ def instruments() -> Instruments:
     # Series that exist from the start, so that rate() sees their first increase.
     made.images.labels(outcome="labeled", reason="")
     made.images.labels(outcome="no_face", reason="")
+    made.images.labels(outcome="uncertain", reason="")
     for result in CHUNK_RESULTS:
         made.chunks.labels(result=result)
     for stage in STAGES:
@@ -180,6 +183,9 @@ def _record(report: Mapping[str, Any]) -> None:
     labeled = int(report.get("labeled") or 0)
     failed = int(report.get("failed") or 0)
     no_face = int(report.get("no_face") or 0)
+    uncertain = int(report.get("uncertain") or 0)
+    if uncertain:
+        metrics.images.labels(outcome="uncertain", reason="").inc(uncertain)
     if labeled:
         metrics.images.labels(outcome="labeled", reason="").inc(labeled)
     if no_face:

@@ -11,7 +11,7 @@ bfloat16-computing copy of the model (`worker.precision`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from core.settings import Precision
 from training.artifacts import Artifact, load_artifact
-from training.inference import class_scores
+from training.inference import class_scores, thresholds_of
 from training.preprocess import InputSpec
 from training.trust import ArtifactHashes, artifact_under
 from worker.precision import bfloat16_copy
@@ -114,6 +114,8 @@ class KerasRunner:
         self.version: str = artifact.metadata.version
         self.spec: InputSpec = artifact.spec
         self.class_names: Sequence[str] = artifact.metadata.class_names
+        # Scores come out calibrated (`class_scores`); below these a label is uncertain.
+        self.thresholds: Mapping[str, float | None] | None = thresholds_of(artifact.metadata)
         self.subject = artifact.metadata.subject  # "face": served detect -> crop -> classify
         self.batch_size = batch_size
         # A short batch (a chunk's last, a small chunk of big photos) is padded to the smallest

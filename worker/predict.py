@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +36,8 @@ class ModelRunner(Protocol):
     version: str
     spec: InputSpec
     class_names: Sequence[str]
+    # The calibrated per-class thresholds (None: the model never says uncertain).
+    thresholds: Mapping[str, float | None] | None
 
     def predict(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(N, H, W, C) uint8 -> (N, classes) scores; `images` is not used after it returns."""
@@ -211,7 +213,7 @@ def label_images(
             scores = runner.predict(pixels)
             times.predict += time.perf_counter() - started
             for slot, prediction in zip(
-                good, to_predictions(scores, runner.class_names), strict=True
+                good, to_predictions(scores, runner.class_names, runner.thresholds), strict=True
             ):
                 position = batch.start + slot
                 outcomes[position] = ImageOutcome(uris[position], prediction=prediction)
@@ -271,7 +273,9 @@ def label_face_images(
             )
             times.predict += time.perf_counter() - started
         for (position, _), result in zip(
-            waiting, label_photos(photos, scores, runner.class_names), strict=True
+            waiting,
+            label_photos(photos, scores, runner.class_names, runner.thresholds),
+            strict=True,
         ):
             outcomes[position] = ImageOutcome(uris[position], faces=result)
         waiting.clear()

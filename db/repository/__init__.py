@@ -113,6 +113,7 @@ from db.repository.results import (
     labeled_fingerprints,
     latest_confidence_below,
     latest_label_not_by,
+    latest_uncertain,
 )
 from db.repository.retrain_runs import (
     record_retrain_run,
@@ -173,6 +174,7 @@ __all__ = [
     "latest_jobs",
     "latest_label_not_by",
     "latest_outcome_failed",
+    "latest_uncertain",
     "list_models",
     "mark_chunk_published",
     "open_chunks",

@@ -54,10 +54,15 @@ class FaceRow:
     confidence: float
     scores: Mapping[str, float]
     fingerprint: str | None = None
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
 
     def __post_init__(self) -> None:
         check_text(self.model_version, "model_version", max_length=NAME_LENGTH)
         check_text(self.label, "label", max_length=NAME_LENGTH)
+        if self.runner_up is not None:
+            check_text(self.runner_up, "runner_up", max_length=NAME_LENGTH)
         where = f"face {self.face_index} of image {self.image_id}"
         if self.face_index < 0:
             raise ValueError(f"{where}: face_index must not be negative")
@@ -165,6 +170,9 @@ def replace_faces(
                     "label": face.label,
                     "confidence": float(face.confidence),
                     "scores": {str(name): float(score) for name, score in face.scores.items()},
+                    "uncertain": face.uncertain,
+                    "runner_up": face.runner_up,
+                    "runner_up_confidence": face.runner_up_confidence,
                     "job_id": job_id,
                     "created_at": now,
                 }

@@ -48,8 +48,10 @@ class JobItemRow:
     message: str | None = None
 
     def __post_init__(self) -> None:
-        if self.state is ItemState.LABELED:
-            raise ValueError("an item enters the ledger pending, skipped or failed, not labeled")
+        if self.state in (ItemState.LABELED, ItemState.UNCERTAIN, ItemState.NO_FACE):
+            raise ValueError(
+                f"an item enters the ledger pending, skipped or failed, not {self.state}"
+            )
         if self.state is not ItemState.PENDING and self.reason is None:
             raise ValueError(f"a {self.state} item needs a reason code")
         if self.reason is not None:

@@ -41,6 +41,8 @@ class JobCounts:
     """How a job's images stand; `enqueued` is what the producer recorded.
 
     `no_face` counts the images a face model found no face in: done, neither labeled nor failed.
+    `uncertain` counts the images labeled below their class's calibrated threshold (not in
+    `labeled`): done, waiting for a person's look.
     """
 
     enqueued: int
@@ -49,16 +51,17 @@ class JobCounts:
     skipped: int
     pending: int
     no_face: int = 0
+    uncertain: int = 0
 
     @property
     def total(self) -> int:
-        """Ledger rows: labeled + no_face + failed + skipped + pending."""
-        return self.labeled + self.no_face + self.failed + self.skipped + self.pending
+        """Ledger rows: labeled + uncertain + no_face + failed + skipped + pending."""
+        return self.done + self.skipped + self.pending
 
     @property
     def done(self) -> int:
-        """Images a worker finished: labeled + no_face + failed."""
-        return self.labeled + self.no_face + self.failed
+        """Images a worker finished: labeled + uncertain + no_face + failed."""
+        return self.labeled + self.uncertain + self.no_face + self.failed
 
     @property
     def balanced(self) -> bool:
@@ -138,7 +141,7 @@ def allocate_chunk_indices(
 
 
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
-    """How many of a job's images are labeled, no_face, failed, skipped and pending."""
+    """How many of a job's images are labeled, uncertain, no_face, failed, skipped, pending."""
     enqueued = session.execute(select(JOBS.c.enqueued).where(JOBS.c.id == job_id)).scalar()
     if enqueued is None:
         raise NotFoundError(f"no job with id {job_id}")
@@ -157,13 +160,14 @@ def job_counts(*, session: Session, job_id: int) -> JobCounts:
         skipped=by_state.get(ItemState.SKIPPED, 0),
         pending=by_state.get(ItemState.PENDING, 0),
         no_face=by_state.get(ItemState.NO_FACE, 0),
+        uncertain=by_state.get(ItemState.UNCERTAIN, 0),
     )
 
 
 def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
     """Mark a queued or running job done when no item is pending; True if this call did it.
 
-    Labeled, no_face, failed and skipped items are all finished.
+    Labeled, uncertain, no_face, failed and skipped items are all finished.
 
     Call it in the transaction that recorded outcomes, after them: on PostgreSQL the job row is
     locked first, so of two workers finishing the last chunks at once the second to take the

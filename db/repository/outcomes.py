@@ -1,5 +1,6 @@
 """A chunk's outcome, written in bulk: results upserted on (image, model version), a face
-model's faces replaced with them, ledger rows labeled, no_face or failed, the chunk done.
+model's faces replaced with them, ledger rows labeled, uncertain, no_face or failed, the chunk
+done.
 
 A redelivered chunk writes no result twice: a result is rewritten only when the image's
 fingerprint changed since it was labeled, an image's faces only with its result (so the same
@@ -61,10 +62,16 @@ class ResultRow:
     confidence: float
     scores: Mapping[str, float]
     fingerprint: str | None = None
+    # Below the label's calibrated threshold; the second likeliest class and its score.
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
 
     def __post_init__(self) -> None:
         check_text(self.model_version, "model_version", max_length=NAME_LENGTH)
         check_text(self.label, "label", max_length=NAME_LENGTH)
+        if self.runner_up is not None:
+            check_text(self.runner_up, "runner_up", max_length=NAME_LENGTH)
         if not math.isfinite(self.confidence):
             raise ValueError(f"confidence of image {self.image_id} is {self.confidence}")
         if not all(math.isfinite(score) for score in self.scores.values()):
@@ -96,6 +103,16 @@ class _PhotoRow:
     scores: Mapping[str, float]
     fingerprint: str | None
     face_count: int | None
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
+
+    @property
+    def state(self) -> ItemState:
+        """The ledger state this result decides."""
+        if self.face_count == 0:
+            return ItemState.NO_FACE
+        return ItemState.UNCERTAIN if self.uncertain else ItemState.LABELED
 
 
 def record_outcomes(
@@ -130,6 +147,9 @@ def record_outcomes(
             row.scores,
             row.fingerprint,
             None,
+            row.uncertain,
+            row.runner_up,
+            row.runner_up_confidence,
         )
         for row in results
     ]
@@ -144,6 +164,10 @@ def record_outcomes(
                 chosen.scores,
                 chosen.fingerprint,
                 len(rows),
+                # The photo needs a look when any of its faces does.
+                any(row.uncertain for row in rows),
+                chosen.runner_up,
+                chosen.runner_up_confidence,
             )
         )
     photos.extend(
@@ -157,24 +181,15 @@ def record_outcomes(
     replace_faces(
         session=session, job_id=job_id, keys=written & face_model_keys, faces=grouped, now=now
     )
-    no_face_ids = _no_face_images(
-        session=session, keys=face_model_keys, written=written, found=set(grouped)
-    )
-    labeled_ids = {row.image_id for row in photos} - no_face_ids
-    _mark_decided(
-        session=session,
-        job_id=job_id,
-        image_ids=sorted(labeled_ids),
-        state=ItemState.LABELED,
-        now=now,
-    )
-    _mark_decided(
-        session=session,
-        job_id=job_id,
-        image_ids=sorted(no_face_ids),
-        state=ItemState.NO_FACE,
-        now=now,
-    )
+    states = _decided_states(session=session, photos=photos, written=written)
+    for state in (ItemState.LABELED, ItemState.UNCERTAIN, ItemState.NO_FACE):
+        _mark_decided(
+            session=session,
+            job_id=job_id,
+            image_ids=sorted(image_id for image_id, decided in states.items() if decided is state),
+            state=state,
+            now=now,
+        )
     _mark_failed(session=session, job_id=job_id, failures=failures, now=now)
     if chunk_index is not None:
         session.execute(
@@ -227,12 +242,15 @@ def _upsert_results(
                 "job_id",
                 "created_at",
                 "face_count",
+                "uncertain",
+                "runner_up",
+                "runner_up_confidence",
             )
         },
         where=RESULTS.c.fingerprint != new.fingerprint,
     ).returning(RESULTS.c.image_id, RESULTS.c.model_version)
     written: set[ResultKey] = set()
-    for batch in batches(session, ordered, parameters_per_item=10):
+    for batch in batches(session, ordered, parameters_per_item=13):
         fingerprints = _fingerprints(
             session, [row.image_id for row in batch if row.fingerprint is None]
         )
@@ -249,6 +267,9 @@ def _upsert_results(
                 "job_id": job_id,
                 "created_at": now,
                 "face_count": row.face_count,
+                "uncertain": row.uncertain,
+                "runner_up": row.runner_up,
+                "runner_up_confidence": row.runner_up_confidence,
             }
             for row in batch
         ]
@@ -259,29 +280,30 @@ def _upsert_results(
     return written
 
 
-def _no_face_images(
-    *,
-    session: Session,
-    keys: set[ResultKey],
-    written: set[ResultKey],
-    found: set[ResultKey],
-) -> set[int]:
-    """The face-model images whose stored result says no face: as written now, or, where the
-    result was left alone (a redelivery, an unchanged file), as stored before."""
-    no_face = {image_id for image_id, version in (keys & written) - found}
-    kept = sorted(keys - written)
-    by_version: dict[str, list[int]] = {}
-    for image_id, version in kept:
-        by_version.setdefault(version, []).append(image_id)
-    for version, image_ids in by_version.items():
-        for batch in batches(session, image_ids, parameters_per_item=1):
-            query = select(RESULTS.c.image_id).where(
-                RESULTS.c.model_version == version,
-                RESULTS.c.image_id.in_(batch),
-                RESULTS.c.face_count == 0,
+def _decided_states(
+    *, session: Session, photos: Sequence[_PhotoRow], written: set[ResultKey]
+) -> dict[int, ItemState]:
+    """Each image's ledger state as its stored result says: labeled, uncertain or no_face.
+
+    As written now, or, where the result was left alone (a redelivery, an unchanged file), as
+    stored before: a redelivered chunk never changes what the first delivery decided.
+    """
+    states: dict[int, ItemState] = {}
+    kept: dict[str, list[int]] = {}
+    for row in photos:
+        if (row.image_id, row.model_version) in written:
+            states[row.image_id] = row.state
+        else:
+            kept.setdefault(row.model_version, []).append(row.image_id)
+    for version, image_ids in kept.items():
+        for batch in batches(session, sorted(set(image_ids)), parameters_per_item=1):
+            query = select(RESULTS.c.image_id, RESULTS.c.face_count, RESULTS.c.uncertain).where(
+                RESULTS.c.model_version == version, RESULTS.c.image_id.in_(batch)
             )
-            no_face.update(session.scalars(query))
-    return no_face
+            for image_id, face_count, uncertain in session.execute(query):
+                stored = _PhotoRow(image_id, version, None, None, {}, None, face_count, uncertain)
+                states[int(image_id)] = stored.state
+    return states
 
 
 def _fingerprints(session: Session, image_ids: Sequence[int]) -> dict[int, str]:

@@ -139,6 +139,11 @@ def latest_confidence_below(
     )
 
 
+def latest_uncertain(*, session: Session, image_ids: Iterable[int]) -> set[int]:
+    """The images whose most recent label is `uncertain` (below its class's threshold)."""
+    return _latest_label_matching(session, image_ids, lambda latest: latest.c.uncertain)
+
+
 def _latest_label_matching(
     session: Session,
     image_ids: Iterable[int],
@@ -155,6 +160,7 @@ def _latest_label_matching(
                 RESULTS.c.image_id,
                 RESULTS.c.model_version.label("version"),
                 RESULTS.c.confidence,
+                RESULTS.c.uncertain,
                 order.label("rank"),
             )
             .where(RESULTS.c.image_id.in_(batch))

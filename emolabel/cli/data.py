@@ -229,6 +229,21 @@ def evaluate(
         f"{evaluation.support} images; {len(report.findings)} files left out; wrote {written[0]}",
         highlight=False,
     )
+    calibration = evaluation.calibration
+    if calibration:
+        console.print(
+            f"expected calibration error {calibration['ece_before']:.4f} raw, "
+            f"{calibration['ece_after']:.4f} calibrated"
+            + (
+                f" (temperature {calibration['temperature']:.3f}); "
+                f"{calibration['uncertain']} uncertain, accuracy of the rest "
+                f"{_percent(calibration['precision_when_sure'])}"
+                if calibration["calibrated"]
+                else " (the model has no calibration: `emolabel calibrate MODEL DATA_DIR`)"
+            )
+            + f"; reliability diagram {target / 'evaluation_reliability.png'}",
+            highlight=False,
+        )
     if artifact.metadata.subject == "face":
         console.print(
             f"no_face: {len(evaluation.no_face)} photos without a face (not scored)",
@@ -236,6 +251,83 @@ def evaluate(
         )
         for path in evaluation.no_face:
             console.print(f"no_face\t{path}", highlight=False)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Argument(help="Artifact folder or version to calibrate.")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class labelled images.")],
+    target_precision: Annotated[
+        float | None,
+        typer.Option(help="Precision each class threshold aims at (default: the setting)."),
+    ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Share of the images kept out of the fit, to measure it.")
+    ] = 0.3,
+) -> None:
+    """Fit a temperature and per-class thresholds on labelled images; write a calibrated copy.
+
+    For imported models (trained ones are calibrated on their validation split). The copy is a
+    new version in the same family: promote it with `emolabel models promote FOLDER`.
+    """
+    from training.artifacts import load_artifact
+    from training.clean import scan_dataset
+    from training.dataset import discover_classes, examples_from_report
+    from training.recalibrate import recalibrate
+    from training.train import ensure_trainable
+
+    settings = settings_from()
+    target = settings.train.target_precision if target_precision is None else target_precision
+    if not 0 < target < 1:
+        fail(f"--target-precision {target}: use a number between 0 and 1")
+    if not 0 <= holdout < 1:
+        fail(f"--holdout {holdout}: use a number from 0 to below 1")
+    ensure_trainable(data_dir)
+    load_keras(settings.keras_backend)
+    artifact = load_artifact(model, settings.models_dir, settings.model_name)
+    known = artifact.metadata.class_names
+    folder_classes = discover_classes(data_dir)
+    unknown = sorted(set(folder_classes) - set(known))
+    if unknown:
+        fail(f"{data_dir} has classes the model does not know: {', '.join(unknown)}")
+    report = scan_dataset(data_dir, settings.limits)
+    examples, _ = examples_from_report(report, folder_classes)
+    done = recalibrate(
+        artifact,
+        [example.path for example in examples],
+        [known.index(example.class_name) for example in examples],
+        settings.limits,
+        target_precision=target,
+        holdout=holdout,
+        seed=settings.train.seed,
+        models_dir=settings.models_dir,
+        fitted_on=f"{data_dir} ({len(examples)} images, {holdout:.0%} held out)",
+    )
+    calibration = done.calibration
+    console.print(
+        f"temperature {calibration.temperature:.4f} fitted on {calibration.samples} images; "
+        f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f} on them",
+        highlight=False,
+    )
+    held = done.holdout
+    if held.get("images"):
+        console.print(
+            f"held out {held['images']} images: ECE {held['ece_before']:.4f} raw, "
+            f"{held['ece_after']:.4f} calibrated; accuracy {held['accuracy']:.4f} (unchanged "
+            f"by calibration); {held['uncertain']} uncertain",
+            highlight=False,
+        )
+    for name, threshold in calibration.thresholds.items():
+        shown = "none reached: always uncertain" if threshold is None else f"{threshold:.4f}"
+        console.print(f"threshold {name}: {shown}", highlight=False)
+    console.print(
+        f"wrote {done.directory}; promote it with `emolabel models promote {done.directory}`",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -287,12 +379,15 @@ def _print_row(row: dict[str, Any]) -> None:
     elif "faces" in row:
         for face in row["faces"]:
             box = ",".join(str(value) for value in face["box"])
+            doubt = f"\tuncertain (or {face['runner_up']})" if face.get("uncertain") else ""
             console.print(
-                f"{image}\tface {face['index']}\t{box}\t{face['label']}\t{face['confidence']:.4f}",
+                f"{image}\tface {face['index']}\t{box}\t{face['label']}\t"
+                f"{face['confidence']:.4f}{doubt}",
                 highlight=False,
             )
     else:
-        console.print(f"{image}\t{row['label']}\t{row['confidence']:.4f}", highlight=False)
+        doubt = f"\tuncertain (or {row['runner_up']})" if row.get("outcome") == "uncertain" else ""
+        console.print(f"{image}\t{row['label']}\t{row['confidence']:.4f}{doubt}", highlight=False)
 
 
 def _read_error(error: Exception) -> dict[str, str]:
@@ -311,7 +406,7 @@ def _predict_images(
     import numpy as np
 
     from core.errors import ImageError
-    from training.inference import predict_scores, to_predictions
+    from training.inference import predict_scores, thresholds_of, to_predictions
     from training.preprocess import load_image_file
 
     rows: list[dict[str, Any]] = []
@@ -324,10 +419,16 @@ def _predict_images(
             rows[index] |= _read_error(error)
     if loaded:
         scores = predict_scores(artifact, np.stack([pixels for _, pixels in loaded]))
-        for (index, _), result in zip(
-            loaded, to_predictions(scores, artifact.metadata.class_names), strict=True
-        ):
-            rows[index] |= {"label": result.label, "confidence": round(result.confidence, 6)}
+        predictions = to_predictions(
+            scores, artifact.metadata.class_names, thresholds_of(artifact.metadata)
+        )
+        for (index, _), result in zip(loaded, predictions, strict=True):
+            rows[index] |= {
+                "outcome": "uncertain" if result.uncertain else "labeled",
+                "label": result.label,
+                "confidence": round(result.confidence, 6),
+                "runner_up": result.runner_up,
+            }
             rows[index]["scores"] = {k: round(v, 6) for k, v in result.scores.items()}
     return rows
 

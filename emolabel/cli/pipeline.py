@@ -290,10 +290,20 @@ def _local_worker_if_needed(settings: Settings) -> Iterator[bool]:
 
 def _counts_table(job_id: int, counts: Any, rate: float, eta: float | None) -> Table:
     table = Table(title=f"job {job_id}", show_edge=False)
-    for column in ("labeled", "no_face", "failed", "skipped", "remaining", "images/s", "ETA"):
+    for column in (
+        "labeled",
+        "uncertain",
+        "no_face",
+        "failed",
+        "skipped",
+        "remaining",
+        "images/s",
+        "ETA",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
         str(counts.labeled),
+        str(counts.uncertain),
         str(counts.no_face),
         str(counts.failed),
         str(counts.skipped),
@@ -332,7 +342,8 @@ def label(
     ] = False,
     where: Annotated[list[str] | None, typer.Option(help="As for `scan`.")] = None,
 ) -> None:
-    """Scan, then follow the job live until every image is labeled, no_face, failed or skipped."""
+    """Scan, then follow the job live until every image is labeled, uncertain, no_face, failed
+    or skipped."""
     settings = settings_from()
     broker_for(settings)
     sessions = sessions_for(settings)
@@ -341,14 +352,15 @@ def label(
         counts = _follow(sessions, summary.job_id)
     console.print()
     console.print(
-        f"done: {counts.labeled} labeled, {counts.no_face} no_face, {counts.failed} failed, "
+        f"done: {counts.labeled} labeled, {counts.uncertain} uncertain, {counts.no_face} no_face, "
+        f"{counts.failed} failed, "
         f"{counts.skipped} skipped "
         f"of {counts.enqueued} (see `emolabel status {summary.job_id}`, `emolabel export`)",
         highlight=False,
     )
 
 
-COUNT_COLUMNS = ("enqueued", "labeled", "no_face", "failed", "skipped", "pending")
+COUNT_COLUMNS = ("enqueued", "labeled", "uncertain", "no_face", "failed", "skipped", "pending")
 """`emolabel status`'s counts, each a `JobCounts` field; they balance (see the README)."""
 
 

@@ -19,7 +19,7 @@ a face is `no_face`: an outcome, neither a failure nor a label.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -32,12 +32,12 @@ from training.artifacts import Artifact
 from training.faces import Box, Face, FaceDetector
 from training.faces import boxes as box_math
 from training.faces.scene import crop_source, decode_for_faces
-from training.inference import predict_scores, to_predictions
+from training.inference import predict_scores, thresholds_of, to_predictions
 from training.preprocess import InputSpec, resize
 
 NO_FACE: Final = "no_face"
 LABELED: Final = "labeled"
-Outcome = Literal["labeled", "no_face"]
+Outcome = Literal["labeled", "uncertain", "no_face"]
 PixelBox = tuple[int, int, int, int]  # x, y, width, height in original oriented pixels
 
 
@@ -65,6 +65,9 @@ class FaceLabel:
     label: str
     confidence: float
     scores: dict[str, float]
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,8 @@ class FaceLabel:
             "detector_score": round(self.detector_score, 6),
             "label": self.label,
             "confidence": round(self.confidence, 6),
+            "uncertain": self.uncertain,
+            "runner_up": self.runner_up,
             "scores": {name: round(value, 6) for name, value in self.scores.items()},
         }
 
@@ -87,7 +92,14 @@ class PhotoFaces:
 
     @property
     def outcome(self) -> Outcome:
-        return "labeled" if self.faces else "no_face"
+        if not self.faces:
+            return "no_face"
+        return "uncertain" if self.uncertain else "labeled"
+
+    @property
+    def uncertain(self) -> bool:
+        """Any face below its class's threshold: the photo needs a person's look."""
+        return any(face.uncertain for face in self.faces)
 
     @property
     def label(self) -> str | None:
@@ -181,13 +193,20 @@ def face_batch(photos: Sequence[DetectedFaces], spec: InputSpec) -> NDArray[np.u
 
 
 def label_photos(
-    photos: Sequence[DetectedFaces], scores: NDArray[np.float32], class_names: Sequence[str]
+    photos: Sequence[DetectedFaces],
+    scores: NDArray[np.float32],
+    class_names: Sequence[str],
+    thresholds: Mapping[str, float | None] | None = None,
 ) -> list[PhotoFaces]:
     """The (N, C) scores of `face_batch(photos)` back to one `PhotoFaces` per photo."""
     total = sum(len(photo.faces) for photo in photos)
     if len(scores) != total:
         raise ValueError(f"{len(scores)} rows of scores for {total} faces")
-    predictions = to_predictions(np.asarray(scores, dtype=np.float32), class_names) if total else []
+    predictions = (
+        to_predictions(np.asarray(scores, dtype=np.float32), class_names, thresholds)
+        if total
+        else []
+    )
     results: list[PhotoFaces] = []
     start = 0
     for photo in photos:
@@ -199,6 +218,9 @@ def label_photos(
                 label=prediction.label,
                 confidence=prediction.confidence,
                 scores=prediction.scores,
+                uncertain=prediction.uncertain,
+                runner_up=prediction.runner_up,
+                runner_up_confidence=prediction.runner_up_confidence,
             )
             for index, (face, prediction) in enumerate(
                 zip(photo.faces, predictions[start : start + len(photo.faces)], strict=True)
@@ -210,9 +232,16 @@ def label_photos(
 
 
 def classify_faces(
-    artifact: Artifact, photos: Sequence[DetectedFaces], batch_size: int = 64
+    artifact: Artifact,
+    photos: Sequence[DetectedFaces],
+    batch_size: int = 64,
+    *,
+    calibrated: bool = True,
 ) -> list[PhotoFaces]:
-    """Label every face of `photos` with the model, all photos' faces sharing model batches."""
+    """Label every face of `photos` with the model, all photos' faces sharing model batches
+    (raw, uncalibrated scores with `calibrated` False: to measure or fit a calibration)."""
     batch = face_batch(photos, artifact.spec)
-    scores = predict_scores(artifact, batch, batch_size)
-    return label_photos(photos, scores, artifact.metadata.class_names)
+    scores = predict_scores(artifact, batch, batch_size, calibrated=calibrated)
+    return label_photos(
+        photos, scores, artifact.metadata.class_names, thresholds_of(artifact.metadata)
+    )
