@@ -155,7 +155,7 @@ class JobWatch:
                 if status is JobStatus.DONE or now >= next_count:
                     counts = job_counts(session=session, job_id=self.job_id)
                     next_count = now + COUNT_SECONDS
-            done = counts.labeled + counts.no_face + counts.failed if counts is not None else 0
+            done = counts.done if counts is not None else 0
             for percent in (10, 50):
                 reached = {point.percent for point in self.checkpoints}
                 if percent not in reached and done * 100 >= percent * self.expected:
@@ -261,7 +261,7 @@ def run_job(
     )
     threads = thread_cpu_spent(threads_before, memory.thread_cpu())
     counts = watch.counts
-    images = counts.labeled + counts.no_face + counts.failed  # no_face: a face model's outcome
+    images = counts.done  # labeled, uncertain, no_face (a face model's outcome) or failed
     result.update(
         {
             "job_id": summary.job_id,

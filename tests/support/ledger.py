@@ -91,5 +91,6 @@ def results_per_image(sessions: sessionmaker[Session]) -> dict[str, int]:
 def assert_balanced(balance: JobCounts) -> None:
     assert balance.pending == 0, balance
     assert (
-        balance.enqueued == balance.labeled + balance.no_face + balance.failed + balance.skipped
+        balance.enqueued
+        == balance.labeled + balance.uncertain + balance.no_face + balance.failed + balance.skipped
     ), balance
