@@ -98,6 +98,14 @@ function clearSelection() {
 }
 
 cards.forEach((card, index) => {
+  // A refused or unreadable image (outside the roots, gone, corrupt) says so in place of pixels.
+  const image = card.querySelector("img");
+  const refused = () => {
+    image.alt = "thumbnail not shown (outside the roots, missing or unreadable)";
+    card.classList.add("no-thumbnail");
+  };
+  image.addEventListener("error", refused);
+  if (image.complete && image.naturalWidth === 0 && image.currentSrc) refused();
   card.addEventListener("click", (event) => {
     const choice = event.target.closest("button[data-choice]");
     setFocus(index);
