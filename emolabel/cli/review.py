@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 from typing import Annotated
 
 import typer
 
-from emolabel.cli.app import app, console, fail, sessions_for, settings_from
+from emolabel.cli.app import app, console, errors, fail, sessions_for, settings_from
 
 # getpass.getuser() has no answer in a container without a passwd entry or USER variable.
 FALLBACK_REVIEWER = "reviewer"
@@ -19,6 +20,13 @@ def default_reviewer() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return FALLBACK_REVIEWER
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @app.command()
@@ -72,4 +80,11 @@ def review(
         soft_wrap=True,
     )
     console.print(f"Reviewing as {name}; Ctrl-C stops it.", highlight=False)
+    if not _is_loopback(host):
+        # The page speaks plain HTTP: off loopback, the token and passwords cross the network
+        # in clear unless a TLS proxy stands in front.
+        errors.print(
+            f"warning: listening on {host}, not loopback: serve it behind a TLS proxy",
+            highlight=False,
+        )
     uvicorn.run(web_app, host=host, port=settings.review.port, log_level="warning")
