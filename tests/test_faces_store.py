@@ -347,6 +347,11 @@ def test_export_writes_a_row_per_face_and_per_no_face_image(
         "model_version": VERSION,
         "job_id": job_id,
         "outcome": "no_face",
+        "runner_up": None,
+        "runner_up_confidence": None,
+        "human_label": None,
+        "reviewed_by": None,
+        "reviewed_at": None,
         "face_index": None,
         "box": None,
         "detector_score": None,
@@ -359,11 +364,17 @@ def test_export_writes_a_row_per_face_and_per_no_face_image(
         ("", "0", "no_face"),
     ]
 
-    # A whole-image model's export is exactly as it was.
+    # A whole-image model's export: the columns it always had, then outcome, runner-up and the
+    # human label with its provenance (empty: nobody reviewed it).
     image_only = cli(settings, "export", "--model-version", "image-v1").stdout
-    assert image_only.splitlines()[0] == "uri,label,confidence,model_version,scores,job_id"
+    assert image_only.splitlines()[0] == (
+        "uri,label,confidence,model_version,scores,job_id,outcome,runner_up,"
+        "runner_up_confidence,human_label,reviewed_by,reviewed_at"
+    )
     (only,) = list(csv.reader(io.StringIO(image_only)))[1:]
-    assert only[1:4] + only[5:] == ["sad", "0.700000", "image-v1", str(job_id)]
+    assert (
+        only[1:4] + only[5:] == ["sad", "0.700000", "image-v1", str(job_id), "labeled"] + [""] * 5
+    )
     assert json.loads(only[4]) == {"happy": 0.3, "sad": 0.7}
     jsonl = cli(settings, "export", "--format", "jsonl", "--model-version", "image-v1").stdout
     assert list(json.loads(jsonl)) == [
@@ -373,4 +384,10 @@ def test_export_writes_a_row_per_face_and_per_no_face_image(
         "scores",
         "model_version",
         "job_id",
+        "outcome",
+        "runner_up",
+        "runner_up_confidence",
+        "human_label",
+        "reviewed_by",
+        "reviewed_at",
     ]

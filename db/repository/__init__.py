@@ -13,6 +13,8 @@ family; import from here (`from db.repository import X`), the modules are how it
                     replacing an image's faces, one row per face for export
     model_versions  `model_versions`, the registry: register, promote, roll back, list
     retrain_runs    `retrain_runs`: each retraining and its decision
+    review_items    what the review page reads: a job's labels to judge (images or faces) with
+                    filters, mean confidence per class, a thumbnail's source
     reviews         `reviews`: people's verdicts, checked against the stored labels; the
                     human label of an image or face (its latest verdict)
 
@@ -118,12 +120,24 @@ from db.repository.results import (
 from db.repository.retrain_runs import (
     record_retrain_run,
 )
+from db.repository.review_items import (
+    ReviewFilters,
+    ReviewItem,
+    ThumbnailSource,
+    job_labels,
+    job_model_versions,
+    mean_confidence_by_label,
+    missing_items,
+    review_items,
+    thumbnail_source,
+)
 from db.repository.reviews import (
     HumanLabel,
     ReviewError,
     ReviewInput,
     count_reviews,
     human_labels,
+    model_classes,
     record_reviews,
 )
 
@@ -148,8 +162,11 @@ __all__ = [
     "OpenChunk",
     "ResultRow",
     "ReviewError",
+    "ReviewFilters",
     "ReviewInput",
+    "ReviewItem",
     "SilentScan",
+    "ThumbnailSource",
     "active_model",
     "add_job_items",
     "allocate_chunk_indices",
@@ -169,6 +186,8 @@ __all__ = [
     "iter_face_rows",
     "iter_results",
     "job_counts",
+    "job_labels",
+    "job_model_versions",
     "labeled_fingerprints",
     "latest_confidence_below",
     "latest_jobs",
@@ -177,6 +196,9 @@ __all__ = [
     "latest_uncertain",
     "list_models",
     "mark_chunk_published",
+    "mean_confidence_by_label",
+    "missing_items",
+    "model_classes",
     "open_chunks",
     "outcome_reasons",
     "pending_images",
@@ -190,11 +212,13 @@ __all__ = [
     "register_model",
     "reopen_job",
     "return_to_pending",
+    "review_items",
     "set_active_model",
     "set_job_status",
     "set_model_hashes",
     "set_model_status",
     "silent_scans",
+    "thumbnail_source",
     "unfinished_chunks",
     "upsert_images",
 ]

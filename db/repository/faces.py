@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, select
+from sqlalchemy import and_, delete, exists, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import NAME_LENGTH
@@ -27,6 +27,7 @@ from db.repository.base import (
     check_text,
 )
 from db.repository.results import filter_results
+from db.repository.reviews import latest_verdicts
 
 ResultKey = tuple[int, str]
 """(image_id, model_version): one `results` row, and the faces that belong to it."""
@@ -205,11 +206,20 @@ class FaceExportRow:
     scores: dict[str, float]
     job_id: int | None
     created_at: dt.datetime
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
+    # The latest verdict of a person on this face (on the image, for a whole-image label).
+    human_label: str | None = None
+    reviewed_by: str | None = None
+    reviewed_at: dt.datetime | None = None
 
     @property
     def outcome(self) -> str:
-        """`no_face` for an image without a face, else `labeled`."""
-        return "no_face" if self.face_count == 0 else "labeled"
+        """`no_face` for an image without a face, `uncertain` or `labeled`."""
+        if self.face_count == 0:
+            return "no_face"
+        return "uncertain" if self.uncertain else "labeled"
 
 
 def any_face_results(
@@ -234,6 +244,7 @@ def iter_face_rows(
     """Stream the selected results one row per face, by image id, model version and face index:
     a face model's image gives a row per face (none found: one no_face row), a whole-image
     model's label one row. Selection as in `iter_results`."""
+    verdict = latest_verdicts()
     query = filter_results(
         select(
             RESULTS.c.image_id,
@@ -254,6 +265,15 @@ def iter_face_rows(
             FACES.c.label,
             FACES.c.confidence,
             FACES.c.scores,
+            RESULTS.c.uncertain,
+            RESULTS.c.runner_up,
+            RESULTS.c.runner_up_confidence,
+            FACES.c.uncertain,
+            FACES.c.runner_up,
+            FACES.c.runner_up_confidence,
+            verdict.c.new_label,
+            verdict.c.reviewer,
+            verdict.c.created_at,
         )
         .join(IMAGES, IMAGES.c.id == RESULTS.c.image_id)
         .outerjoin(
@@ -261,6 +281,16 @@ def iter_face_rows(
             and_(
                 FACES.c.image_id == RESULTS.c.image_id,
                 FACES.c.model_version == RESULTS.c.model_version,
+            ),
+        )
+        .outerjoin(
+            verdict,
+            and_(
+                verdict.c.image_id == RESULTS.c.image_id,
+                or_(
+                    verdict.c.face_index == FACES.c.face_index,
+                    and_(verdict.c.face_index.is_(None), FACES.c.face_index.is_(None)),
+                ),
             ),
         ),
         job_id=job_id,
@@ -274,12 +304,15 @@ def _export_row(row: Any) -> FaceExportRow:
     (image_id, uri, version, face_count, label, confidence, scores, job_id, created_at) = row[:9]
     (face_index, x, y, width, height, detector_score, face_label, face_confidence) = row[9:17]
     face_scores = row[17]
+    result_doubt, face_doubt, verdict = row[18:21], row[21:24], row[24:27]
     if face_index is None:
         return FaceExportRow(
             image_id, uri, version, face_count, None, None, None, None, None, None,
             label, confidence, dict(scores or {}), job_id, created_at,
+            bool(result_doubt[0]), *result_doubt[1:], *verdict,
         )  # fmt: skip
     return FaceExportRow(
         image_id, uri, version, face_count, face_index, x, y, width, height, detector_score,
         face_label, face_confidence, dict(face_scores), job_id, created_at,
+        bool(face_doubt[0]), *face_doubt[1:], *verdict,
     )  # fmt: skip

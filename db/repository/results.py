@@ -31,6 +31,7 @@ from db.repository.base import (
     batches,
     id_batches,
 )
+from db.repository.reviews import latest_verdicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,8 @@ class ExportRow:
     """One result with its image's URI, for export.
 
     `face_count` is None for a whole-image model; for a face model the faces found, the label
-    the largest face's, and 0 for an image without a face (label and confidence None).
+    the largest face's, and 0 for an image without a face (label and confidence None). The human
+    label is the image's own verdict (not a face's).
     """
 
     image_id: int
@@ -50,6 +52,20 @@ class ExportRow:
     job_id: int | None
     created_at: dt.datetime
     face_count: int | None = None
+    uncertain: bool = False
+    runner_up: str | None = None
+    runner_up_confidence: float | None = None
+    # The latest verdict of a person on this image's label (any model version's), if any.
+    human_label: str | None = None
+    reviewed_by: str | None = None
+    reviewed_at: dt.datetime | None = None
+
+    @property
+    def outcome(self) -> str:
+        """`no_face` for a face model's image without a face, `uncertain` or `labeled`."""
+        if self.face_count == 0:
+            return "no_face"
+        return "uncertain" if self.uncertain else "labeled"
 
 
 def labeled_fingerprints(
@@ -83,6 +99,7 @@ def iter_results(
     With `job_id`, the results of the images in that job's ledger (also those the job skipped
     as already labeled); with `model_version`, only that version's.
     """
+    verdict = latest_verdicts()
     query: Select[Any] = select(
         RESULTS.c.image_id,
         IMAGES.c.uri,
@@ -93,11 +110,26 @@ def iter_results(
         RESULTS.c.job_id,
         RESULTS.c.created_at,
         RESULTS.c.face_count,
-    ).join(IMAGES, IMAGES.c.id == RESULTS.c.image_id)
+        RESULTS.c.uncertain,
+        RESULTS.c.runner_up,
+        RESULTS.c.runner_up_confidence,
+        verdict.c.new_label,
+        verdict.c.reviewer,
+        verdict.c.created_at,
+    )
+    query = query.join(IMAGES, IMAGES.c.id == RESULTS.c.image_id).outerjoin(
+        verdict,
+        and_(verdict.c.image_id == RESULTS.c.image_id, verdict.c.face_index.is_(None)),
+    )
     query = filter_results(query, job_id=job_id, model_version=model_version)
     query = query.order_by(RESULTS.c.image_id, RESULTS.c.model_version)
     for row in session.execute(query.execution_options(yield_per=batch_size)):
-        yield ExportRow(*row)
+        (image_id, uri, version, label, confidence, scores, job_id, created_at) = row[:8]
+        (face_count, uncertain, runner_up, runner_up_confidence) = row[8:12]
+        yield ExportRow(
+            image_id, uri, version, label, confidence, scores, job_id, created_at, face_count,
+            bool(uncertain), runner_up, runner_up_confidence, *row[12:15],
+        )  # fmt: skip
 
 
 def filter_results(

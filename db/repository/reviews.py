@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, and_, func, insert, select, tuple_
+from sqlalchemy import Subquery, Table, and_, func, insert, select, tuple_
 from sqlalchemy.orm import Session
 
 from db.models import NAME_LENGTH, ModelVersion, Review, utc_now
@@ -79,7 +79,7 @@ class HumanLabel:
         return self.fingerprint is not None and self.fingerprint != self.current_fingerprint
 
 
-def _class_names(session: Session, versions: Iterable[str]) -> dict[str, list[str]]:
+def model_classes(*, session: Session, versions: Iterable[str]) -> dict[str, list[str]]:
     """Each model version's classes: the registry's, else the class scores its results carry."""
     wanted = sorted(set(versions))
     found: dict[str, list[str]] = {}
@@ -110,7 +110,7 @@ def record_reviews(*, session: Session, reviews: Sequence[ReviewInput]) -> list[
     """
     if not reviews:
         return []
-    classes = _class_names(session, (review.model_version for review in reviews))
+    classes = model_classes(session=session, versions=(review.model_version for review in reviews))
     keys = {(review.image_id, review.model_version) for review in reviews}
     stored = {
         (row.image_id, row.model_version): row
@@ -247,6 +247,27 @@ def human_labels(*, session: Session, image_ids: Sequence[int] | None = None) ->
             )
         )
     return labels
+
+
+def latest_verdicts() -> Subquery:
+    """A subquery of the latest verdict per (image, face index): image_id, face_index,
+    new_label, reviewer, created_at; for exports to join their rows with."""
+    newest = (
+        select(func.max(REVIEWS.c.id).label("review_id"))
+        .group_by(REVIEWS.c.image_id, REVIEWS.c.face_index)
+        .subquery()
+    )
+    return (
+        select(
+            REVIEWS.c.image_id,
+            REVIEWS.c.face_index,
+            REVIEWS.c.new_label,
+            REVIEWS.c.reviewer,
+            REVIEWS.c.created_at,
+        )
+        .join(newest, newest.c.review_id == REVIEWS.c.id)
+        .subquery("latest_verdicts")
+    )
 
 
 def count_reviews(*, session: Session) -> dict[str, int]:

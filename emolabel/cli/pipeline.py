@@ -435,13 +435,29 @@ def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
         )
 
 
-EXPORT_COLUMNS = ["uri", "label", "confidence", "model_version", "scores", "job_id"]
-"""An export's columns (CSV) or keys (JSON lines); whole-image model exports have these alone."""
-PHOTO_COLUMNS = [*EXPORT_COLUMNS, "face_count", "outcome"]
+EXPORT_COLUMNS = [
+    "uri",
+    "label",
+    "confidence",
+    "model_version",
+    "scores",
+    "job_id",
+    "outcome",
+    "runner_up",
+    "runner_up_confidence",
+    "human_label",
+    "reviewed_by",
+    "reviewed_at",
+]
+"""An export's columns (CSV) or keys (JSON lines); whole-image model exports have these alone.
+
+`outcome` is labeled, uncertain (below its class's threshold) or no_face; `human_label` is the
+latest verdict of a person on the image (or face), `reviewed_by` and `reviewed_at` say whose and
+when, empty when nobody reviewed it."""
+PHOTO_COLUMNS = [*EXPORT_COLUMNS, "face_count"]
 """`--per photo` with a face model: the photo-level label (the largest face's) and face count."""
 FACE_COLUMNS = [
     *EXPORT_COLUMNS,
-    "outcome",
     "face_index",
     "x",
     "y",
@@ -518,10 +534,15 @@ def _photo_record(row: Any) -> dict[str, Any]:
         "scores": row.scores,
         "model_version": row.model_version,
         "job_id": row.job_id,
+        "outcome": row.outcome,
+        "runner_up": row.runner_up,
+        "runner_up_confidence": row.runner_up_confidence,
+        "human_label": row.human_label,
+        "reviewed_by": row.reviewed_by,
+        "reviewed_at": row.reviewed_at.isoformat() if row.reviewed_at is not None else None,
     }
     if row.face_count is not None:
         record["face_count"] = row.face_count
-        record["outcome"] = "no_face" if row.face_count == 0 else "labeled"
     return record
 
 
@@ -553,7 +574,7 @@ def _jsonl_record(record: dict[str, Any]) -> dict[str, Any]:
 def _csv_cell(column: str, value: Any) -> Any:
     if value is None:
         return ""
-    if column == "confidence":
+    if column in ("confidence", "runner_up_confidence"):
         return f"{value:.6f}"
     if column == "scores":
         return json.dumps(value)
