@@ -13,6 +13,8 @@ family; import from here (`from db.repository import X`), the modules are how it
                     replacing an image's faces, one row per face for export
     model_versions  `model_versions`, the registry: register, promote, roll back, list
     retrain_runs    `retrain_runs`: each retraining and its decision
+    churn           label churn between two versions' results, the runs' recorded churn, the
+                    archive images a run samples (URI and the root to read them under)
     reviews         `reviews`: people's verdicts, checked against the stored labels; the
                     human label of an image or face (its latest verdict)
 
@@ -50,6 +52,15 @@ from db.repository.chunks import (
     pending_uris,
     record_chunks,
     unfinished_chunks,
+)
+from db.repository.churn import (
+    ArchiveImage,
+    RecordedChurn,
+    archive_images,
+    changed_image_ids,
+    label_pairs,
+    labeled_image_ids,
+    recorded_churn,
 )
 from db.repository.faces import (
     FaceExportRow,
@@ -130,6 +141,7 @@ __all__ = [
     "MAX_ROWS_PER_STATEMENT",
     "POSTGRESQL_MAX_PARAMETERS",
     "TERMINAL_JOB_STATUSES",
+    "ArchiveImage",
     "ChunkImage",
     "ChunkRow",
     "ExportRow",
@@ -145,6 +157,7 @@ __all__ = [
     "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
+    "RecordedChurn",
     "ResultRow",
     "ReviewError",
     "ReviewInput",
@@ -153,6 +166,8 @@ __all__ = [
     "add_job_items",
     "allocate_chunk_indices",
     "any_face_results",
+    "archive_images",
+    "changed_image_ids",
     "count_job_items",
     "count_reviews",
     "create_job",
@@ -168,7 +183,9 @@ __all__ = [
     "iter_face_rows",
     "iter_results",
     "job_counts",
+    "label_pairs",
     "labeled_fingerprints",
+    "labeled_image_ids",
     "latest_confidence_below",
     "latest_jobs",
     "latest_label_not_by",
@@ -185,6 +202,7 @@ __all__ = [
     "record_outcomes",
     "record_retrain_run",
     "record_reviews",
+    "recorded_churn",
     "register_model",
     "reopen_job",
     "return_to_pending",
