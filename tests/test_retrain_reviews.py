@@ -17,11 +17,14 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import LimitSettings, Settings, TrainSettings
+from core.settings import FaceSettings, LimitSettings, Settings, TrainSettings
 from core.uris import path_to_uri, uri_to_path
 from db import repository
 from db.models import ModelStatus, ModelVersion, RetrainDecision, RetrainRun
@@ -30,7 +33,9 @@ from db.session import make_engine, make_sessionmaker, upgrade
 from tests.support.brightness import bright_and_dark, brightness_model
 from tests.support.cli import cli
 from training.artifacts import load_artifact
+from training.churn_sample import Labeler, archive_churn
 from training.evaluate import evaluate_files
+from training.faces import Face
 from training.metadata import Subject
 from training.registry import register_artifact
 from training.retrain import run_retrain
@@ -261,3 +266,45 @@ def test_models_diff_matches_a_comparison_of_two_exports(tmp_path: Path) -> None
     shown = " ".join(cli(settings, "models", "diff", "A", "B").stdout.split())  # unwrapped
     assert f"compared 18 images, {report['changed']} changed" in shown
     assert "retrain run 1" in shown and "2 of 5 changed (40.0%)" in shown
+
+
+class CentreDetector:
+    """Finds one face in the middle of any photo that is not a single flat colour."""
+
+    def detect(self, rgb: NDArray[np.uint8]) -> list[Face]:
+        if int(rgb.std()) == 0:
+            return []
+        height, width = rgb.shape[:2]
+        return [Face((width / 4, height / 4, width / 2, height / 2), 0.99)]
+
+
+def test_face_models_churn_on_photo_labels_and_no_face_counts_as_a_label(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, tmp_path / "data")
+    photos = bright_and_dark(tmp_path / "archive", 3, seed=4)
+    files = sorted(photos.rglob("*.png"))
+    flat = np.full((80, 80, 3), 128, np.uint8)
+    contents = [path.read_bytes() for path in files] + [encoded_png(flat), b"not an image"]
+    labelers = [
+        Labeler(
+            load_artifact(
+                brightness_model(settings, version, inverted=inverted, subject="face"),
+                settings.models_dir,
+                "faces",
+            ),
+            LimitSettings(),
+            FaceSettings(),
+            CentreDetector(),
+        )
+        for version, inverted in (("0-inverted", True), ("1-right", False))
+    ]
+    churn = archive_churn(*labelers, enumerate(contents, start=1))
+    # Every face's label flips; the flat photo is no_face for both; the junk is left out.
+    assert (churn.sample, churn.changed, churn.left_out) == (7, 6, 1)
+    assert churn.table == {"happy": {"sad": 3}, "sad": {"happy": 3}, "no_face": {"no_face": 1}}
+    assert churn.changed_images == [1, 2, 3, 4, 5, 6]
+
+
+def encoded_png(rgb: NDArray[np.uint8]) -> bytes:
+    ok, buffer = cv2.imencode(".png", rgb)
+    assert ok
+    return bytes(buffer)

@@ -466,7 +466,7 @@ def _measure_churn(
         )
     unlisted = min(size, len(labeled)) - len(images)
     detector = None
-    if "face" in (champion.metadata.subject, challenger.metadata.subject):
+    if images and "face" in (champion.metadata.subject, challenger.metadata.subject):
         from training.faces import detector_config
         from training.faces.mtcnn import load_mtcnn
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from core.settings import Settings
 from training.artifacts import save_artifact
-from training.metadata import InputMetadata, ModelMetadata
+from training.metadata import InputMetadata, ModelMetadata, Subject
 
 CLASSES = ["happy", "sad"]  # index order: the sigmoid gives the probability of "sad"
 
@@ -32,7 +32,9 @@ def bright_and_dark(target: Path, per_class: int, seed: int) -> Path:
     return target
 
 
-def brightness_model(settings: Settings, version: str, *, inverted: bool) -> Path:
+def brightness_model(
+    settings: Settings, version: str, *, inverted: bool, subject: Subject = "image"
+) -> Path:
     """A saved artifact whose fixed weights call mean brightness above one half "happy" (or,
     inverted, "sad"): p(sad) = sigmoid(-+20 x (mean - 0.5))."""
     import keras
@@ -54,6 +56,7 @@ def brightness_model(settings: Settings, version: str, *, inverted: bool) -> Pat
         head="sigmoid",
         input=InputMetadata(height=size, width=size, color_mode="rgb", scaling_in_model=True),
         source="imported",
+        subject=subject,
         training={"fixed_weights": "inverted brightness" if inverted else "brightness"},
     )
     return save_artifact(model, metadata, settings.models_dir / settings.model_name / version)
