@@ -19,8 +19,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -30,10 +28,9 @@ from db.models import ModelStatus, ModelVersion, Result, RetrainRun
 from db.repository import active_model
 from db.session import make_engine, make_sessionmaker, upgrade
 from emolabel.embedded import ensure_redis, start_local_worker
+from tests.support.brightness import CLASSES, bright_and_dark, brightness_model
 from tests.support.cli import run_cli
 from tests.support.services import wait_for
-from training.artifacts import save_artifact
-from training.metadata import InputMetadata, ModelMetadata
 from training.registry import register_artifact
 from training.sample_data import generate_sample_data
 from worker.celery_app import make_celery
@@ -42,47 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # The challengers' quality does not matter (the champions decide every gate): train briefly.
 TRAIN = TrainSettings(epochs=2, batch_size=16, image_size=64, patience=2, seed=3)
-CLASSES = ["happy", "sad"]  # index order: the sigmoid gives the probability of "sad"
-
-
-def bright_and_dark(target: Path, per_class: int, seed: int) -> Path:
-    """`happy` images with every pixel in 200..255, `sad` ones in 0..55 (square PNGs)."""
-    rng = np.random.default_rng(seed)
-    for name, (low, high) in {"happy": (200, 256), "sad": (0, 56)}.items():
-        folder = target / name
-        folder.mkdir(parents=True)
-        for index in range(per_class):
-            side = int(rng.integers(64, 97))
-            pixels = rng.integers(low, high, (side, side, 3), dtype=np.uint8)
-            assert cv2.imwrite(str(folder / f"{name}-{index:03}.png"), pixels)
-    return target
-
-
-def brightness_model(settings: Settings, version: str, *, inverted: bool) -> Path:
-    """A saved artifact whose fixed weights call mean brightness above one half "happy" (or,
-    inverted, "sad"): p(sad) = sigmoid(-+20 x (mean - 0.5))."""
-    import keras
-    from keras import layers
-
-    size = settings.train.image_size
-    inputs = keras.Input(shape=(size, size, 3), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    x = layers.GlobalAveragePooling2D(name="mean")(x)
-    dense = layers.Dense(1, activation="sigmoid", name="probability")
-    outputs = dense(x)
-    sign = 1.0 if inverted else -1.0
-    dense.set_weights([np.full((3, 1), sign * 20 / 3, np.float32), np.array([-sign * 10.0])])
-    model = keras.Model(inputs, outputs, name=f"brightness_{version}")
-    metadata = ModelMetadata(
-        name=settings.model_name,
-        version=version,
-        class_names=CLASSES,
-        head="sigmoid",
-        input=InputMetadata(height=size, width=size, color_mode="rgb", scaling_in_model=True),
-        source="imported",
-        training={"fixed_weights": "inverted brightness" if inverted else "brightness"},
-    )
-    return save_artifact(model, metadata, settings.models_dir / settings.model_name / version)
 
 
 def shuffled_copy(source: Path, target: Path, seed: int) -> Path:

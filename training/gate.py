@@ -1,10 +1,12 @@
-"""The promotion gate: does a challenger beat the champion on the frozen test split?"""
+"""The promotion gate: does a challenger beat the champion on the frozen test split, and would
+it change too many of the archive's labels to be promoted without a person looking?"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from training.churn import Churn
 from training.evaluate import Evaluation
 
 Metric = Literal["macro_f1", "accuracy"]
@@ -14,6 +16,8 @@ Metric = Literal["macro_f1", "accuracy"]
 class Decision:
     promote: bool
     reason: str
+    # Better by the gate but not promoted: left a candidate for a person to promote by hand.
+    held: bool = False
 
 
 def metric_value(evaluation: Evaluation, metric: Metric) -> float:
@@ -58,4 +62,21 @@ def decide(
         True,
         f"{metric} {new:.4f} beats the champion's {old:.4f} by {new - old:.4f} (margin "
         f"{margin}); no class recall falls more than {max_recall_drop}",
+    )
+
+
+def hold_for_churn(
+    decision: Decision, churn: Churn | None, *, max_churn: float, challenger_version: str
+) -> Decision:
+    """Hold a promotion whose label churn on the archive sample is over `max_churn`; any other
+    decision (or no churn measured) stands as it is."""
+    if not decision.promote or churn is None or churn.rate <= max_churn:
+        return decision
+    return Decision(
+        False,
+        f"held: {churn.changed} of {churn.sample} sampled archive labels would change "
+        f"({churn.rate:.1%}), more than EMOLABEL_RETRAIN__MAX_CHURN {max_churn:.1%}; the gate "
+        f"had said: {decision.reason}; check the churn (`emolabel models diff`) and promote by "
+        f"hand with `emolabel models promote {challenger_version}`",
+        held=True,
     )

@@ -10,6 +10,22 @@ that version is still the active one (`db.repository.promote_if_active`, decided
 database). A `models promote` or `models rollback` made during the run wins; the run is recorded
 as rejected, saying so.
 
+People's labels train the next model (`retrain.use_reviews`): every usable human label (the
+latest verdict per image or face, `db.repository.human_labels`; never a model's own output) is
+written into a per-run scratch folder under the family folder, cropped as served for a face
+model (`training.reviewed`), and split train / validation / holdout by a stable hash of its
+image id. Train and validation join the data folder's; the frozen test split stays exactly as it
+is, so the gate compares like with like; the reviewed holdout is scored for both challenger and
+champion and recorded in the run's metrics (`reviewed_holdout`), with how many reviewed items it
+used (`reviewed_items`).
+
+Before a promotion takes effect the run measures label churn (`retrain.churn_sample`): a seeded
+sample of the images the champion labeled is read again (confined to each image's job root, as a
+worker reads it) and labeled by both models (`training.churn_sample`); the table, the rate and
+the changed images are recorded in `retrain_runs.churn`. A promotion whose churn rate is over
+`retrain.max_churn` is `held` (`gate.hold_for_churn`): the challenger stays a candidate that a
+person promotes with `emolabel models promote VERSION`.
+
 A queued message names its training folder; `queued_data_dir` accepts only a folder under
 `retrain.allowed_roots` (default: the configured `retrain.data_dir`), so whoever can write to
 the broker cannot make a worker train on, and promote a model from, any folder it can read.
@@ -21,23 +37,40 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ConfigError, EmolabelError
-from core.settings import RetrainSettings, Settings
+from core.errors import ConfigError, EmolabelError, ImageError
+from core.reasons import Reason
+from core.settings import LimitSettings, RetrainSettings, Settings, TrainSettings
 from db.models import ModelStatus, RetrainDecision
-from db.repository import active_model, promote_if_active, record_retrain_run, set_model_status
+from db.repository import (
+    HumanLabel,
+    active_model,
+    archive_images,
+    human_labels,
+    labeled_image_ids,
+    promote_if_active,
+    record_retrain_run,
+    set_model_status,
+)
 from training.registry import register_artifact, registered_hashes
 from training.trust import artifact_under
 
 if TYPE_CHECKING:
+    from core.storage.reader import Reader
+    from training.artifacts import Artifact
+    from training.churn import Churn
     from training.gate import Decision
+    from training.metadata import Subject
+    from training.reviewed import ReviewedFile, ReviewedSplit
+    from training.train import TrainOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +121,24 @@ def queued_data_dir(value: object, settings: RetrainSettings) -> Path | None:
     return real
 
 
+class Trainer(Protocol):
+    """What trains the challenger: `training.train.train_model` (a seam for tests that need a
+    challenger fixed by construction)."""
+
+    def __call__(
+        self,
+        data_dir: Path,
+        train: TrainSettings,
+        limits: LimitSettings,
+        models_dir: Path,
+        name: str,
+        progress: Callable[[str], None] = ...,
+        frozen_test_dir: Path | None = None,
+        subject: Subject = "image",
+        reviewed: ReviewedSplit | None = None,
+    ) -> TrainOutcome: ...
+
+
 @dataclass(frozen=True)
 class RetrainReport:
     run_id: int
@@ -97,6 +148,8 @@ class RetrainReport:
     champion_version: str | None
     challenger_metric: float | None
     champion_metric: float | None
+    reviewed_items: int = 0
+    churn_rate: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,9 +183,11 @@ def run_retrain(
     *,
     data_dir: Path | None = None,
     progress: Callable[[str], None] = logger.info,
+    trainer: Trainer | None = None,
 ) -> RetrainReport:
     """Train, gate, register and record; returns the decision (a failure is recorded too)."""
     from training.runtime import load_keras
+    from training.train import train_model
 
     source = data_dir or settings.retrain.data_dir
     if source is None:
@@ -146,10 +201,12 @@ def run_retrain(
             champion_version = champion.version if champion else None
             champion_path = champion.artifact_path if champion else None
         try:
-            return _train_and_gate(
-                settings, sessions, source, family, started, champion_version, champion_path,
-                progress,
-            )  # fmt: skip
+            # The reviewed files are scratch: made for this run, gone after it.
+            with tempfile.TemporaryDirectory(prefix=".reviewed-", dir=family) as scratch:
+                return _train_and_gate(
+                    settings, sessions, source, family, started, champion_version,
+                    champion_path, progress, trainer or train_model, Path(scratch),
+                )  # fmt: skip
         except EmolabelError as error:
             with sessions.begin() as session:
                 record_retrain_run(
@@ -171,17 +228,23 @@ def _train_and_gate(
     champion_version: str | None,
     champion_path: str | None,
     progress: Callable[[str], None],
+    trainer: Trainer,
+    scratch: Path,
 ) -> RetrainReport:
     from training.artifacts import load_artifact
     from training.evaluate import evaluate_files
-    from training.gate import Decision, decide, metric_value
+    from training.gate import Decision, decide, hold_for_churn, metric_value
     from training.metadata import read_metadata
-    from training.train import train_model
 
     # The challenger is a model for the same job as the champion: a face model's retraining
     # (on face crops) yields a face model, served detect -> crop -> classify like its champion.
     subject = read_metadata(Path(champion_path)).subject if champion_path else "image"
-    outcome = train_model(
+    reviewed = (
+        _reviewed_split(settings, sessions, source, subject, scratch, progress)
+        if settings.retrain.use_reviews
+        else None
+    )
+    outcome = trainer(
         source,
         settings.train,
         settings.limits,
@@ -190,8 +253,15 @@ def _train_and_gate(
         progress=progress,
         frozen_test_dir=family / FROZEN_FOLDER,
         subject=subject,
+        reviewed=reviewed,
     )
+    # What training used: no reviewed copy of a frozen test image (as `train_model` left out).
+    used = reviewed.excluding({e.sha256 for e in outcome.split.test}) if reviewed else None
     challenger = outcome.evaluation
+    challenger_artifact = load_artifact(
+        outcome.artifact_dir, settings.models_dir, settings.model_name
+    )
+    artifact: Artifact | None = None
     champion_evaluation = None
     classes_differ = False
     if champion_path is not None and champion_version is not None:
@@ -214,6 +284,14 @@ def _train_and_gate(
                 [names.index(example.class_name) for example in test],
                 settings.limits,
             )
+    holdout = _score_holdout(
+        used, challenger_artifact, None if classes_differ else artifact, settings.limits
+    )
+    churn = None
+    if artifact is not None and champion_version is not None:
+        churn = _measure_churn(
+            settings, sessions, champion_version, artifact, challenger_artifact, progress
+        )
     gate = settings.retrain
     if classes_differ:
         decision = Decision(
@@ -229,6 +307,9 @@ def _train_and_gate(
             margin=gate.margin,
             max_recall_drop=gate.max_recall_drop,
         )
+    decision = hold_for_churn(
+        decision, churn, max_churn=gate.max_churn, challenger_version=outcome.metadata.version
+    )
     new_metric = metric_value(challenger, gate.metric)
     old_metric = metric_value(champion_evaluation, gate.metric) if champion_evaluation else None
     with sessions.begin() as session:
@@ -242,7 +323,7 @@ def _train_and_gate(
         run_id = record_retrain_run(
             session=session,
             started_at=started,
-            decision=RetrainDecision.PROMOTED if decision.promote else RetrainDecision.REJECTED,
+            decision=_recorded(decision),
             reason=decision.reason,
             challenger_version=outcome.metadata.version,
             champion_version=champion_version,
@@ -251,18 +332,163 @@ def _train_and_gate(
                 "metric": gate.metric,
                 "challenger": challenger.to_json(),
                 "champion": champion_evaluation.to_json() if champion_evaluation else None,
+                "reviewed": used.summary() if used else None,
+                "reviewed_holdout": holdout,
             },
+            reviewed_items=used.used if used else 0,
+            churn=churn.to_json() if churn else None,
         )
-    progress(("promoted: " if decision.promote else "rejected: ") + decision.reason)
+    progress(f"{_recorded(decision).value}: {decision.reason}")
     return RetrainReport(
         run_id,
-        "promoted" if decision.promote else "rejected",
+        _recorded(decision).value,
         decision.reason,
         outcome.metadata.version,
         champion_version,
         new_metric,
         old_metric,
+        used.used if used else 0,
+        churn.rate if churn else None,
     )
+
+
+def _recorded(decision: Decision) -> RetrainDecision:
+    if decision.promote:
+        return RetrainDecision.PROMOTED
+    return RetrainDecision.HELD if decision.held else RetrainDecision.REJECTED
+
+
+def _reader(settings: Settings) -> Reader:
+    """A worker's reader: files confined to their job's root (and the allowed roots), limits."""
+    from core.storage.reader import Reader
+
+    return Reader(
+        max_file_bytes=settings.limits.max_file_bytes,
+        allowed_roots=[os.fsencode(root) for root in settings.worker.allowed_roots],
+        s3=settings.s3,
+    )
+
+
+def _reviewed_split(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    source: Path,
+    subject: Subject,
+    folder: Path,
+    progress: Callable[[str], None],
+) -> ReviewedSplit | None:
+    """People's labels written under `folder` and split; None when there are none."""
+    from training.dataset import discover_classes
+    from training.preprocess import InputSpec
+    from training.reviewed import materialize, split_reviewed
+
+    with sessions() as session:
+        labels = human_labels(session=session)
+        listed = archive_images(session=session, image_ids=[item.image_id for item in labels])
+        roots = {image.image_id: image.source for image in listed}
+    if not labels:
+        return None
+    reader = _reader(settings)
+
+    def read(label: HumanLabel) -> bytes:
+        root = roots.get(label.image_id)
+        if root is None:
+            raise ImageError(Reason.OUTSIDE_ROOT, "no job lists this image: no root to read under")
+        return reader.read(label.uri, root)
+
+    class_names = discover_classes(source)
+    train = settings.train
+    files, skipped = materialize(
+        labels,
+        class_names,
+        folder,
+        read,
+        subject=subject,
+        spec=InputSpec(train.image_size, train.image_size, train.color_mode),
+        faces=settings.faces,
+        limits=settings.limits,
+    )
+    progress(
+        f"reviewed labels: {len(files)} of {len(labels)} usable"
+        + "".join(f", {count} {reason}" for reason, count in sorted(skipped.items()))
+    )
+    return split_reviewed(files, class_names, train.split, train.seed, skipped)
+
+
+def _score_holdout(
+    used: ReviewedSplit | None,
+    challenger: Artifact,
+    champion: Artifact | None,
+    limits: LimitSettings,
+) -> dict[str, Any] | None:
+    """Both models scored on the reviewed holdout (people's labels neither trained on)."""
+    from training.evaluate import evaluate_files
+
+    if used is None or not used.holdout:
+        return None
+
+    def scored(artifact: Artifact, files: list[ReviewedFile]) -> dict[str, Any]:
+        names = artifact.metadata.class_names
+        return evaluate_files(
+            artifact,
+            [item.example.path for item in files],
+            [names.index(item.example.class_name) for item in files],
+            limits,
+        ).to_json()
+
+    return {
+        "items": len(used.holdout),
+        "challenger": scored(challenger, used.holdout),
+        "champion": scored(champion, used.holdout) if champion is not None else None,
+    }
+
+
+def _measure_churn(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    champion_version: str,
+    champion: Artifact,
+    challenger: Artifact,
+    progress: Callable[[str], None],
+) -> Churn | None:
+    """Both models on a seeded sample of the images the champion labeled; None when the
+    sample is turned off (`retrain.churn_sample` 0)."""
+    from training.churn import sample_ids
+    from training.churn_sample import Labeler, archive_churn
+
+    size = settings.retrain.churn_sample
+    if size <= 0:
+        return None
+    with sessions() as session:
+        labeled = labeled_image_ids(session=session, model_version=champion_version)
+        images = archive_images(
+            session=session, image_ids=sample_ids(labeled, size, settings.train.seed)
+        )
+    unlisted = min(size, len(labeled)) - len(images)
+    detector = None
+    if images and "face" in (champion.metadata.subject, challenger.metadata.subject):
+        from training.faces import detector_config
+        from training.faces.mtcnn import load_mtcnn
+
+        detector = load_mtcnn(detector_config(settings.faces), backend=settings.keras_backend)
+    reader = _reader(settings)
+    unreadable = 0
+
+    def photos() -> Iterator[tuple[int, bytes]]:
+        nonlocal unreadable
+        for image in images:
+            try:
+                yield image.image_id, reader.read(image.uri, image.source)
+            except ImageError as error:
+                logger.info("churn sample: image %d left out: %s", image.image_id, error)
+                unreadable += 1
+
+    def labeler(artifact: Artifact) -> Labeler:
+        return Labeler(artifact, settings.limits, settings.faces, detector)
+
+    churn = archive_churn(labeler(champion), labeler(challenger), photos(), progress=progress)
+    # Reading happens lazily inside `archive_churn`: count its failures once it is done.
+    return replace(churn, left_out=churn.left_out + unreadable + unlisted)
 
 
 def conclude(
@@ -282,6 +508,9 @@ def conclude(
     from training.gate import Decision
 
     register_artifact(session=session, directory=challenger_dir, activate=False)
+    if decision.held:
+        # Left a candidate: a person looks at the churn and promotes it, or not.
+        return decision
     if decision.promote:
         if promote_if_active(
             session=session, version=challenger_version, expected=champion_version

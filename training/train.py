@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import DataError
 from core.settings import LimitSettings, TrainSettings
@@ -46,6 +46,9 @@ from training.metadata import (
 from training.model import compile_model, head_for, make_model
 from training.preprocess import InputSpec
 from training.recalibrate import calibrate_on_files
+
+if TYPE_CHECKING:
+    from training.reviewed import ReviewedSplit
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +166,14 @@ def train_model(
     progress: Progress = logger.info,
     frozen_test_dir: Path | None = None,
     subject: Subject = "image",
+    reviewed: ReviewedSplit | None = None,
 ) -> TrainOutcome:
     """Train, evaluate on the test split, and save a complete artifact; returns what it made.
 
     `subject` is what each training image shows (`face`: one face, so the model is served on
     detected face crops; `image`: the whole picture); it is recorded in the metadata.
+    `reviewed`: people's labels (`training.reviewed`), whose train and validation parts join
+    the data folder's; the test split stays the data folder's (or the frozen one).
     """
     import keras
 
@@ -176,6 +182,8 @@ def train_model(
 
     started = time.perf_counter()
     data = prepare_data(data_dir, train, limits, progress, frozen_test_dir)
+    used = _reviewed_used(reviewed, data, progress)
+    reviewed_train, reviewed_validation = _reviewed_examples(used)
     spec = InputSpec(train.image_size, train.image_size, train.color_mode)
     keras.utils.set_random_seed(train.seed)
 
@@ -189,6 +197,8 @@ def train_model(
         # The test images live in the frozen folder, outside the data root: record them apart.
         write_manifest(replace(data.split, test=[]), data_dir, staging / "split_manifest.json")
         shutil.copy2(frozen_test_dir / FROZEN_MANIFEST, staging / FROZEN_MANIFEST)
+    if used is not None:
+        _write_reviewed_manifest(used, staging / "reviewed_manifest.json")
     (staging / "data_report.json").write_text(
         json.dumps(
             data.report.to_json() | {"unassigned": [str(f.path) for f in data.findings]}, indent=2
@@ -210,8 +220,8 @@ def train_model(
         )
 
     progress("loading images")
-    train_batches = batches(data.split.train, training=True)
-    validation_batches = batches(data.split.validation, training=False)
+    train_batches = batches([*data.split.train, *reviewed_train], training=True)
+    validation_batches = batches([*data.split.validation, *reviewed_validation], training=False)
 
     num_classes = len(data.class_names)
     model = make_model(spec.shape, num_classes)
@@ -254,6 +264,7 @@ def train_model(
             "train": _counts(data.split.train, data.class_names),
             "validation": _counts(data.split.validation, data.class_names),
             "test": _counts(data.split.test, data.class_names),
+            "reviewed": used.summary() if used is not None else None,
         },
         metrics={"validation": {"loss": float(history["val_loss"][best_epoch])}},
         libraries=library_versions(),
@@ -307,6 +318,47 @@ def train_model(
         f"{evaluation.calibration.get('uncertain', 0)} of {evaluation.support} uncertain"
     )
     return TrainOutcome(final, metadata, evaluation, data.findings, data.split, seconds)
+
+
+def _reviewed_used(
+    reviewed: ReviewedSplit | None, data: PreparedData, progress: Progress
+) -> ReviewedSplit | None:
+    """The reviewed labels this run uses: none that copies a test image into training."""
+    if reviewed is None:
+        return None
+    if reviewed.class_names != data.class_names:
+        raise DataError(
+            f"reviewed labels were written for classes {reviewed.class_names}, the data has "
+            f"{data.class_names}"
+        )
+    used = reviewed.excluding({example.sha256 for example in data.split.test})
+    progress(
+        f"reviewed labels: {len(used.train)} train / {len(used.validation)} validation / "
+        f"{len(used.holdout)} holdout"
+    )
+    return used
+
+
+def _reviewed_examples(used: ReviewedSplit | None) -> tuple[list[Example], list[Example]]:
+    if used is None:
+        return [], []
+    return [item.example for item in used.train], [item.example for item in used.validation]
+
+
+def _write_reviewed_manifest(used: ReviewedSplit, path: Path) -> None:
+    """Which reviews went into which part (the files themselves are per-run scratch)."""
+    parts = {"train": used.train, "validation": used.validation, "holdout": used.holdout}
+    rows = {
+        part: [
+            {"review_id": item.review_id, "image_id": item.image_id,
+             "face_index": item.face_index, "class": item.example.class_name,
+             "sha256": item.example.sha256}
+            for item in files
+        ]
+        for part, files in parts.items()
+    }  # fmt: skip
+    document = {"class_names": used.class_names, "skipped": used.skipped, **rows}
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def discard_partial(models_dir: Path, name: str) -> None:

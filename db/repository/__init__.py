@@ -15,6 +15,8 @@ family; import from here (`from db.repository import X`), the modules are how it
     retrain_runs    `retrain_runs`: each retraining and its decision
     review_items    what the review page reads: a job's labels to judge (images or faces) with
                     filters, mean confidence per class, a thumbnail's source
+    churn           label churn between two versions' results, the runs' recorded churn, the
+                    archive images a run samples (URI and the root to read them under)
     reviews         `reviews`: people's verdicts, checked against the stored labels; the
                     human label of an image or face (its latest verdict)
 
@@ -52,6 +54,15 @@ from db.repository.chunks import (
     pending_uris,
     record_chunks,
     unfinished_chunks,
+)
+from db.repository.churn import (
+    ArchiveImage,
+    RecordedChurn,
+    archive_images,
+    changed_image_ids,
+    label_pairs,
+    labeled_image_ids,
+    recorded_churn,
 )
 from db.repository.faces import (
     FaceExportRow,
@@ -145,6 +156,7 @@ __all__ = [
     "MAX_ROWS_PER_STATEMENT",
     "POSTGRESQL_MAX_PARAMETERS",
     "TERMINAL_JOB_STATUSES",
+    "ArchiveImage",
     "ChunkImage",
     "ChunkRow",
     "ExportRow",
@@ -160,6 +172,7 @@ __all__ = [
     "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
+    "RecordedChurn",
     "ResultRow",
     "ReviewError",
     "ReviewFilters",
@@ -171,6 +184,8 @@ __all__ = [
     "add_job_items",
     "allocate_chunk_indices",
     "any_face_results",
+    "archive_images",
+    "changed_image_ids",
     "count_job_items",
     "count_reviews",
     "create_job",
@@ -188,7 +203,9 @@ __all__ = [
     "job_counts",
     "job_labels",
     "job_model_versions",
+    "label_pairs",
     "labeled_fingerprints",
+    "labeled_image_ids",
     "latest_confidence_below",
     "latest_jobs",
     "latest_label_not_by",
@@ -209,6 +226,7 @@ __all__ = [
     "record_outcomes",
     "record_retrain_run",
     "record_reviews",
+    "recorded_churn",
     "register_model",
     "reopen_job",
     "return_to_pending",

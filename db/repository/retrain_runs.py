@@ -29,8 +29,14 @@ def record_retrain_run(
     champion_version: str | None = None,
     data_fingerprint: str | None = None,
     metrics: Mapping[str, Any] | None = None,
+    reviewed_items: int = 0,
+    churn: Mapping[str, Any] | None = None,
 ) -> int:
-    """Record one retraining attempt and its decision; return its id."""
+    """Record one retraining attempt and its decision; return its id.
+
+    `reviewed_items`: the human labels its training set took; `churn`: the label churn it
+    measured on an archive sample (`training.churn.Churn.to_json`).
+    """
     run = RetrainRun(
         started_at=started_at,
         finished_at=finished_at if finished_at is not None else utc_now(),
@@ -40,6 +46,8 @@ def record_retrain_run(
         metrics=json_document(dict(metrics or {}), "metrics"),
         decision=decision,
         reason=reason,
+        reviewed_items=reviewed_items,
+        churn=json_document(dict(churn or {}), "churn"),
     )
     session.add(run)
     session.flush()

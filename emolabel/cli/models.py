@@ -1,4 +1,4 @@
-"""Registry and retraining commands: `models list|show|promote|rollback|trust`, `retrain`,
+"""Registry and retraining commands: `models list|show|promote|rollback|trust|diff`, `retrain`,
 `beat`."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from emolabel.cli.app import (
 )
 
 models_app = typer.Typer(
-    help="The model registry: list, show, promote, rollback, trust.", no_args_is_help=True
+    help="The model registry: list, show, promote, rollback, trust, diff.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
 
@@ -157,6 +157,76 @@ def rollback() -> None:
     console.print(f"active model: {restored} (was {replaced})", highlight=False)
 
 
+@models_app.command("diff")
+def diff(
+    version_a: Annotated[str, typer.Argument(metavar="A", help="The version labels move from.")],
+    version_b: Annotated[str, typer.Argument(metavar="B", help="The version labels move to.")],
+    job: Annotated[int | None, typer.Option(help="Only the images of this job.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Label churn from A to B over the images both labeled (stored results): a table of label
+    by A x label by B, how many were compared and changed, and the churn a retraining run that
+    compared A and B measured on its archive sample, if one did."""
+    from db.repository import changed_image_ids, get_job, label_pairs, recorded_churn
+    from training.churn import churn_from_counts
+
+    sessions = sessions_for(settings_from())
+    with sessions() as session:
+        if job is not None and get_job(session=session, job_id=job) is None:
+            fail(f"no job {job} (see `emolabel status`)")
+        pairs = label_pairs(session=session, version_a=version_a, version_b=version_b, job_id=job)
+        changed = changed_image_ids(
+            session=session, version_a=version_a, version_b=version_b, job_id=job
+        )
+        run = recorded_churn(session=session, versions=(version_a, version_b))
+    churn = churn_from_counts(pairs)
+    recorded = None
+    if run is not None:
+        recorded = {"run_id": run.run_id, "champion_version": run.champion_version,
+                    "challenger_version": run.challenger_version, **run.churn}  # fmt: skip
+    if as_json:
+        print(json.dumps({
+            "version_a": version_a, "version_b": version_b, "job": job,
+            "compared": churn.sample, "changed": churn.changed, "rate": churn.rate,
+            "table": churn.table, "changed_images": changed, "retrain_sample": recorded,
+        }))  # fmt: skip
+        return
+    if churn.sample == 0:
+        console.print(
+            f"no image has a label by both {version_a} and {version_b}"
+            + (f" in job {job}" if job is not None else ""),
+            highlight=False,
+        )
+    else:
+        console.print(_churn_table(churn.table, version_a, version_b))
+        console.print(
+            f"compared {churn.sample} images, {churn.changed} changed ({churn.rate:.1%})",
+            highlight=False,
+        )
+    if run is not None and recorded is not None:
+        console.print(
+            f"retrain run {run.run_id} (champion {run.champion_version}, challenger "
+            f"{run.challenger_version}) measured on its archive sample: {recorded.get('changed')}"
+            f" of {recorded.get('sample')} changed ({float(recorded.get('rate', 0.0)):.1%})",
+            highlight=False,
+        )
+
+
+def _churn_table(table: dict[str, dict[str, int]], version_a: str, version_b: str) -> Table:
+    """Rows: label by A; columns: label by B; the diagonal is what stays."""
+    targets = sorted({name for row in table.values() for name in row})
+    grid = Table(title=f"labels by {version_a} (rows) -> {version_b} (columns)")
+    grid.add_column(escape(version_a))
+    for name in targets:
+        grid.add_column(escape(name), justify="right")
+    grid.add_column("changed", justify="right")
+    for source in sorted(table):
+        row = table[source]
+        moved = sum(count for name, count in row.items() if name != source)
+        grid.add_row(escape(source), *(str(row.get(name, 0)) for name in targets), str(moved))
+    return grid
+
+
 @app.command()
 def retrain(
     data_dir: Annotated[
@@ -188,6 +258,11 @@ def retrain(
     console.print(
         f"run {report.run_id}: {report.decision} challenger {report.challenger_version} "
         f"(champion {report.champion_version}): {report.reason}",
+        highlight=False,
+    )
+    churn = "-" if report.churn_rate is None else f"{report.churn_rate:.1%}"
+    console.print(
+        f"reviewed items used: {report.reviewed_items}; label churn on the archive sample: {churn}",
         highlight=False,
     )
 
