@@ -112,6 +112,9 @@ def test_uncertain_labels_are_stored_counted_exported_and_sent_again(
         .splitlines()
     ]
     assert len(exported) == IMAGES
+    outcomes = {row["uri"]: row["outcome"] for row in exported}
+    assert {uri for uri, outcome in outcomes.items() if outcome == "uncertain"} == doubtful
+    assert all(row["runner_up"] in {"happy", "sad"} for row in exported)
 
     # `--where uncertain` sends exactly the doubtful images again, even to the same model.
     again = cli_scan(settings, str(tmp_path / "archive"), "--where", "uncertain")
