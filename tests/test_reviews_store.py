@@ -83,3 +83,32 @@ def test_verdicts_are_checked_and_the_latest_is_the_human_label(
         (4, 6, 30, 40),
     )
     assert all(label.uri.startswith("file:///r/") and not label.stale for label in labels)
+
+
+def test_the_review_page_can_show_what_another_version_labeled_differently(
+    ledger_sessions: sessionmaker[Session],
+) -> None:
+    with ledger_sessions.begin() as session:
+        job_id, ids = labeled(session, 4)  # VERSION: happy, happy, happy, a face (sad)
+        repository.record_outcomes(
+            session=session,
+            job_id=job_id,
+            results=[
+                ResultRow(ids[0], "v-new", "sad", 0.8, {"happy": 0.2, "sad": 0.8}),
+                ResultRow(ids[1], "v-new", "happy", 0.9, {"happy": 0.9, "sad": 0.1}),
+                ResultRow(ids[2], "v-new", "sad", 0.6, {"happy": 0.4, "sad": 0.6}),
+            ],
+            failures=[],
+        )
+    with ledger_sessions() as session:
+        changed = repository.review_items(
+            session=session,
+            filters=repository.ReviewFilters(
+                job_id=job_id, model_version="v-new", changed_from=VERSION
+            ),
+        )
+        everything = repository.review_items(
+            session=session, filters=repository.ReviewFilters(job_id=job_id)
+        )
+    assert sorted(item.image_id for item in changed) == [ids[0], ids[2]]
+    assert len(everything) == 7  # 3 + 1 face by VERSION, 3 by v-new

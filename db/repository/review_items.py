@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from db.repository.base import FACES, IMAGES, JOB_ITEMS, JOBS, RESULTS
@@ -28,6 +28,8 @@ class ReviewFilters:
     max_confidence: float | None = None
     model_version: str | None = None
     uncertain_only: bool = False
+    # Only images this other model version labeled differently (what a new model changed).
+    changed_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,17 @@ def _filtered(query: Select[Any], table: Any, filters: ReviewFilters) -> Select[
         query = query.where(table.c.confidence <= filters.max_confidence)
     if filters.uncertain_only:
         query = query.where(table.c.uncertain.is_(True))
+    if filters.changed_from is not None:
+        other = RESULTS.alias("other")
+        query = query.where(
+            exists().where(
+                other.c.image_id == RESULTS.c.image_id,
+                other.c.model_version == filters.changed_from,
+                RESULTS.c.model_version != filters.changed_from,
+                other.c.label.is_not(None),
+                other.c.label != RESULTS.c.label,
+            )
+        )
     return query
 
 

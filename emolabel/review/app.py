@@ -145,6 +145,7 @@ def page(request: Request) -> Response:
     label = query.get("label") or None
     version = query.get("version") or None
     uncertain_only = query.get("uncertain") in ("1", "on", "true")
+    changed_from = query.get("changed") or None
     page_size = context.settings.review.page_size
     with context.sessions() as session:
         jobs = repository.latest_jobs(session=session, limit=JOBS_LISTED)
@@ -158,6 +159,7 @@ def page(request: Request) -> Response:
             "minimum": minimum,
             "maximum": maximum,
             "uncertain_only": uncertain_only,
+            "changed_from": changed_from,
             "csrf_token": context.credentials.csrf_token,
             "reviewer": request.state.reviewer,
             "groups": [],
@@ -176,6 +178,7 @@ def page(request: Request) -> Response:
                 max_confidence=maximum,
                 model_version=version,
                 uncertain_only=uncertain_only,
+                changed_from=changed_from,
             )
             items = repository.review_items(session=session, filters=filters)
             thresholds = repository.mean_confidence_by_label(
