@@ -313,6 +313,7 @@ _CAPPED_WORKER = textwrap.dedent(
         version = "fixed"
         spec = InputSpec(64, 64, "rgb")
         class_names = ("happy", "sad")
+        thresholds = None
 
         def predict(self, images):
             return np.tile(np.array([[0.75, 0.25]], np.float32), (len(images), 1))
