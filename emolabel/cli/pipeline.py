@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.live import Live
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
@@ -288,19 +287,25 @@ def _local_worker_if_needed(settings: Settings) -> Iterator[bool]:
         yield True
 
 
+def _compact_table(columns: tuple[str, ...], *, left: tuple[str, ...] = (), **kwargs: Any) -> Table:
+    """A table whose headers are never cut: no box, one space between columns, each column at
+    least as wide as its header, so nine count columns fit in 80 terminal columns."""
+    table = Table(box=None, pad_edge=False, padding=(0, 0, 0, 1), header_style="bold", **kwargs)
+    for column in columns:
+        table.add_column(
+            column,
+            justify="left" if column in left else "right",
+            no_wrap=True,
+            min_width=len(column),
+        )
+    return table
+
+
 def _counts_table(job_id: int, counts: Any, rate: float, eta: float | None) -> Table:
-    table = Table(title=f"job {job_id}", show_edge=False)
-    for column in (
-        "labeled",
-        "uncertain",
-        "no_face",
-        "failed",
-        "skipped",
-        "remaining",
-        "images/s",
-        "ETA",
-    ):
-        table.add_column(column, justify="right")
+    table = _compact_table(
+        ("labeled", "uncertain", "no_face", "failed", "skipped", "remaining", "images/s", "ETA"),
+        title=f"job {job_id}",
+    )
     table.add_row(
         str(counts.labeled),
         str(counts.uncertain),
@@ -367,6 +372,9 @@ COUNT_COLUMNS = ("enqueued", "labeled", "uncertain", "no_face", "failed", "skipp
 @app.command()
 def status(
     job: Annotated[int | None, typer.Argument(help="A job id (default: the latest jobs).")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per job, for scripts.")
+    ] = False,
 ) -> None:
     """Jobs and their counts; with a job id, also why images failed or were skipped."""
     from db.repository import NotFoundError, get_job, job_counts, latest_jobs, outcome_reasons
@@ -382,15 +390,29 @@ def status(
         if job is not None and jobs[0] is None:
             fail(f"no job {job}")
         # The counts in columns, what each job ran on below them: readable at 80 columns.
-        table = Table(show_edge=False, box=box.SIMPLE_HEAD)
-        for column in ("job", "status", *COUNT_COLUMNS):
-            table.add_column(column, justify="left" if column == "status" else "right")
+        table = _compact_table(("job", "status", *COUNT_COLUMNS), left=("status",))
         about: list[str] = []
         for row in jobs:
             assert row is not None
             try:
                 counts = job_counts(session=session, job_id=row.id)
             except NotFoundError:
+                continue
+            if as_json:
+                record = {
+                    "job": row.id,
+                    "status": row.status,
+                    **{column: getattr(counts, column) for column in COUNT_COLUMNS},
+                    "source": row.source,
+                    "model_version": row.model_version,
+                    "created_at": row.created_at.isoformat(),
+                }
+                if job is not None:
+                    record["reasons"] = [
+                        {"state": state, "reason": reason, "count": count}
+                        for state, reason, count in outcome_reasons(session=session, job_id=job)
+                    ]
+                sys.stdout.write(json.dumps(record) + "\n")
                 continue
             table.add_row(
                 str(row.id),
@@ -401,6 +423,8 @@ def status(
                 f"job {row.id}: {row.source} · model {row.model_version or '-'} · created "
                 f"{row.created_at.strftime('%Y-%m-%d %H:%M:%S')}"
             )
+        if as_json:
+            return
         console.print(table)
         for line in about:
             console.print(line, highlight=False, soft_wrap=True)
