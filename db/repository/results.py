@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from db.repository.base import (
     IMAGES,
     JOB_ITEMS,
+    JOBS,
     RESULTS,
     batches,
     id_batches,
@@ -130,6 +131,86 @@ def iter_results(
             image_id, uri, version, label, confidence, scores, job_id, created_at, face_count,
             bool(uncertain), runner_up, runner_up_confidence, *row[12:15],
         )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One ledger row (an image in a job) for `export --state`: its state, the reason and
+    message of a failed or skipped image, and the label of the job's model version if that
+    version labeled the image (in this job, or earlier for an image skipped as already labeled).
+    """
+
+    job_id: int
+    image_id: int
+    uri: str
+    state: str
+    reason: str | None
+    message: str | None
+    attempts: int
+    model_version: str | None
+    label: str | None
+    confidence: float | None
+    scores: dict[str, float] | None
+    face_count: int | None
+    runner_up: str | None
+    runner_up_confidence: float | None
+    human_label: str | None
+    reviewed_by: str | None
+    reviewed_at: dt.datetime | None
+
+
+def iter_ledger_rows(
+    *,
+    session: Session,
+    states: Iterable[str],
+    job_id: int | None = None,
+    batch_size: int = 1000,
+) -> Iterator[LedgerRow]:
+    """Stream the ledger rows in `states` (of one job, or of every job), by job and image: every
+    file a job saw exactly once, so a job's rows per state equal its counts in `status`."""
+    verdict = latest_verdicts()
+    query: Select[Any] = (
+        select(
+            JOB_ITEMS.c.job_id,
+            JOB_ITEMS.c.image_id,
+            IMAGES.c.uri,
+            JOB_ITEMS.c.state,
+            JOB_ITEMS.c.reason,
+            JOB_ITEMS.c.message,
+            JOB_ITEMS.c.attempts,
+            JOBS.c.model_version,
+            RESULTS.c.label,
+            RESULTS.c.confidence,
+            RESULTS.c.scores,
+            RESULTS.c.face_count,
+            RESULTS.c.runner_up,
+            RESULTS.c.runner_up_confidence,
+            verdict.c.new_label,
+            verdict.c.reviewer,
+            verdict.c.created_at,
+        )
+        .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
+        .join(JOBS, JOBS.c.id == JOB_ITEMS.c.job_id)
+        .outerjoin(
+            RESULTS,
+            and_(
+                RESULTS.c.image_id == JOB_ITEMS.c.image_id,
+                RESULTS.c.model_version == JOBS.c.model_version,
+            ),
+        )
+        .outerjoin(
+            verdict,
+            and_(verdict.c.image_id == JOB_ITEMS.c.image_id, verdict.c.face_index.is_(None)),
+        )
+        .where(JOB_ITEMS.c.state.in_(sorted(set(states))))
+        .order_by(JOB_ITEMS.c.job_id, JOB_ITEMS.c.image_id)
+    )
+    if job_id is not None:
+        query = query.where(JOB_ITEMS.c.job_id == job_id)
+    for row in session.execute(query.execution_options(yield_per=batch_size)):
+        values = list(row)
+        values[3] = str(values[3])  # the ItemState enum, as its name
+        yield LedgerRow(*values)
 
 
 def filter_results(

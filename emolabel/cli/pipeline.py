@@ -8,11 +8,10 @@ configured) -> database migrated (the embedded SQLite migrates itself; PostgreSQ
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -319,7 +318,16 @@ def _counts_table(job_id: int, counts: Any, rate: float, eta: float | None) -> T
     return table
 
 
-def _follow(sessions: sessionmaker[Session], job_id: int, poll: float = 0.5) -> Any:
+PollHook = Callable[[Any, float, Callable[[str], None]], None]
+"""Called on every poll of `_follow` with the counts, the seconds since it began and a print."""
+
+
+def _follow(
+    sessions: sessionmaker[Session],
+    job_id: int,
+    poll: float = 0.5,
+    on_poll: PollHook | None = None,
+) -> Any:
     from db.repository import job_counts
 
     started = time.monotonic()
@@ -336,7 +344,47 @@ def _follow(sessions: sessionmaker[Session], job_id: int, poll: float = 0.5) -> 
             live.update(_counts_table(job_id, counts, rate, eta))
             if counts.pending == 0:
                 return counts
+            if on_poll is not None:
+                on_poll(counts, elapsed, lambda line: live.console.print(line, highlight=False))
             time.sleep(poll)
+
+
+class _WorkerWatch:
+    """`label`'s hint when nothing consumes the job's queue: an external broker with no worker
+    would otherwise leave it waiting in silence. Asks the workers (Celery's `active_queues`)
+    a few seconds in, while nothing has finished, and again every `RECHECK` seconds; says so
+    once when none consumes the queue and once when one turns up."""
+
+    FIRST_CHECK = 3.0
+    RECHECK = 15.0
+
+    def __init__(self, settings: Settings, job_id: int) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.next_check = self.FIRST_CHECK
+        self.warned = False
+        self.done_at_start: int | None = None
+
+    def __call__(self, counts: Any, elapsed: float, say: Callable[[str], None]) -> None:
+        from emolabel.embedded import worker_running
+
+        if self.done_at_start is None:
+            self.done_at_start = counts.done
+        if elapsed < self.next_check or (counts.done > self.done_at_start and not self.warned):
+            return
+        self.next_check = elapsed + self.RECHECK
+        consuming = worker_running(celery_for(self.settings), queue=self.settings.queue)
+        if not consuming and not self.warned:
+            self.warned = True
+            say(
+                f"no worker consumes queue {self.settings.queue!r} on "
+                f"{safe_url(self.settings.effective_broker_url)}: start one with `emolabel "
+                "worker` (same settings) or `docker compose up worker`. Waiting; Ctrl-C leaves "
+                f"job {self.job_id} queued (`emolabel status {self.job_id}`)."
+            )
+        elif consuming and self.warned:
+            self.warned = False
+            say(f"a worker consumes queue {self.settings.queue!r} now")
 
 
 @app.command()
@@ -353,8 +401,17 @@ def label(
     broker_for(settings)
     sessions = sessions_for(settings)
     summary = _scan(settings, sessions, source, force=force, where=where or [])
-    with _local_worker_if_needed(settings):
-        counts = _follow(sessions, summary.job_id)
+    with _local_worker_if_needed(settings) as started:
+        watch = None if started else _WorkerWatch(settings, summary.job_id)
+        try:
+            counts = _follow(sessions, summary.job_id, on_poll=watch)
+        except KeyboardInterrupt:
+            console.print(
+                f"stopped following job {summary.job_id}; its images stay queued for the "
+                f"workers (`emolabel status {summary.job_id}`)",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
     console.print()
     console.print(
         f"done: {counts.labeled} labeled, {counts.uncertain} uncertain, {counts.no_face} no_face, "
@@ -459,157 +516,107 @@ def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
         )
 
 
-EXPORT_COLUMNS = [
-    "uri",
-    "label",
-    "confidence",
-    "model_version",
-    "scores",
-    "job_id",
-    "outcome",
-    "runner_up",
-    "runner_up_confidence",
-    "human_label",
-    "reviewed_by",
-    "reviewed_at",
-]
-"""An export's columns (CSV) or keys (JSON lines); whole-image model exports have these alone.
-
-`outcome` is labeled, uncertain (below its class's threshold) or no_face; `human_label` is the
-latest verdict of a person on the image (or face), `reviewed_by` and `reviewed_at` say whose and
-when, empty when nobody reviewed it."""
-PHOTO_COLUMNS = [*EXPORT_COLUMNS, "face_count"]
-"""`--per photo` with a face model: the photo-level label (the largest face's) and face count."""
-FACE_COLUMNS = [
-    *EXPORT_COLUMNS,
-    "face_index",
-    "x",
-    "y",
-    "width",
-    "height",
-    "detector_score",
-]
-"""`--per face` (the default) with a face model: one row per face, one per no_face image."""
-
-
 @app.command()
 def export(
     job: Annotated[int | None, typer.Option(help="Only this job's results.")] = None,
-    output_format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    output_format: Annotated[
+        str, typer.Option("--format", help="csv, jsonl or parquet (needs --output).")
+    ] = "csv",
     output: Annotated[Path | None, typer.Option(help="Write here (default: stdout).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Only this model version.")] = None,
     per: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Face models: a row per face (face, the default) or per photo (photo: the "
             "largest face's label and the face count)."
         ),
-    ] = "face",
+    ] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Export the ledger instead: one row per file in these states (labeled, "
+            "uncertain, no_face, failed, skipped, pending, or all; repeat or comma-separate), "
+            "with the reason and message of the failed and skipped ones."
+        ),
+    ] = None,
 ) -> None:
-    """Stream labels as CSV or JSON lines: uri, label, confidence, scores, model version.
+    """Stream labels as CSV, JSON lines or Parquet: uri, label, confidence, scores, model version.
 
     A face model's results come one row per face (its box, detector score, label) and one row
-    per image without a face (outcome no_face), or with `--per photo` one row per photo.
+    per image without a face (outcome no_face), or with `--per photo` one row per photo. With
+    `--state`, one row per file a job saw, whatever became of it: `--state all --job N` tells
+    the whole story of job N, its rows per state equal to `status N`.
     """
-    from db.repository import any_face_results, iter_face_rows, iter_results
+    from core.errors import ConfigError
+    from db.repository import any_face_results, iter_face_rows, iter_ledger_rows, iter_results
+    from emolabel import exports
 
-    if output_format not in ("csv", "jsonl"):
-        fail(f"--format {output_format!r}: use csv or jsonl")
-    if per not in ("face", "photo"):
+    if output_format not in exports.FORMATS:
+        fail(f"--format {output_format!r}: use {', '.join(exports.FORMATS)}")
+    if per not in (None, "face", "photo"):
         fail(f"--per {per!r}: use face or photo")
+    try:
+        states = exports.parse_states(state or [])
+    except ConfigError as error:
+        fail(str(error))
+    if states and per == "face":
+        fail("--state exports one row per file: leave --per out (or use --per photo)")
+    if states and model_version is not None:
+        fail("--state exports each job's own model version's labels: leave --model-version out")
+    if output_format == "parquet" and output is None:
+        fail("--format parquet writes a file: give --output FILE.parquet")
     settings = settings_from()
     sessions = sessions_for(settings)
-    handle = output.open("w", newline="") if output else sys.stdout
+    handle = (
+        None
+        if output_format == "parquet"
+        else output.open("w", newline="")
+        if output
+        else sys.stdout
+    )
     try:
         with sessions() as session:
-            faces = any_face_results(session=session, job_id=job, model_version=model_version)
+            columns: list[str]
             records: Iterator[dict[str, Any]]
-            if faces and per == "face":
-                columns = FACE_COLUMNS
+            if states:
+                columns = exports.LEDGER_COLUMNS
                 records = map(
-                    _face_record,
+                    exports.ledger_record,
+                    iter_ledger_rows(session=session, states=states, job_id=job),
+                )
+            elif any_face_results(session=session, job_id=job, model_version=model_version) and (
+                per in (None, "face")
+            ):
+                columns = exports.FACE_COLUMNS
+                records = map(
+                    exports.face_record,
                     iter_face_rows(session=session, job_id=job, model_version=model_version),
                 )
             else:
-                columns = PHOTO_COLUMNS if faces else EXPORT_COLUMNS
+                faces = any_face_results(session=session, job_id=job, model_version=model_version)
+                columns = exports.PHOTO_COLUMNS if faces else exports.EXPORT_COLUMNS
                 records = map(
-                    _photo_record,
+                    exports.photo_record,
                     iter_results(session=session, job_id=job, model_version=model_version),
                 )
-            writer = csv.writer(handle) if output_format == "csv" else None
-            if writer:
-                writer.writerow(columns)
-            for record in records:
-                if writer:
-                    writer.writerow([_csv_cell(column, record.get(column)) for column in columns])
-                else:
-                    handle.write(json.dumps(_jsonl_record(record)) + "\n")
+            count = exports.write_records(records, columns, output_format, handle, output)
     finally:
-        if output:
+        if output and handle is not None:
             handle.close()
-
-
-def _photo_record(row: Any) -> dict[str, Any]:
-    """A `results` row as an export record; a face model's gains face_count and outcome."""
-    record: dict[str, Any] = {
-        "uri": row.uri,
-        "label": row.label,
-        "confidence": row.confidence,
-        "scores": row.scores,
-        "model_version": row.model_version,
-        "job_id": row.job_id,
-        "outcome": row.outcome,
-        "runner_up": row.runner_up,
-        "runner_up_confidence": row.runner_up_confidence,
-        "human_label": row.human_label,
-        "reviewed_by": row.reviewed_by,
-        "reviewed_at": row.reviewed_at.isoformat() if row.reviewed_at is not None else None,
-    }
-    if row.face_count is not None:
-        record["face_count"] = row.face_count
-    return record
-
-
-def _face_record(row: Any) -> dict[str, Any]:
-    """A per-face row as an export record; a whole-image model's label stays as it was."""
-    record = _photo_record(row)
-    if record.pop("face_count", None) is not None:
-        record |= {
-            "face_index": row.face_index,
-            "x": row.x,
-            "y": row.y,
-            "width": row.width,
-            "height": row.height,
-            "detector_score": row.detector_score,
-        }
-    return record
-
-
-def _jsonl_record(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON lines give a face's box as one object (null for a no_face image)."""
-    if "x" not in record:
-        return record
-    box = {side: record.pop(side) for side in ("x", "y", "width", "height")}
-    record["box"] = None if box["x"] is None else box
-    record["detector_score"] = record.pop("detector_score")
-    return record
-
-
-def _csv_cell(column: str, value: Any) -> Any:
-    if value is None:
-        return ""
-    if column in ("confidence", "runner_up_confidence"):
-        return f"{value:.6f}"
-    if column == "scores":
-        return json.dumps(value)
-    return value
+    if output is not None:
+        console.print(f"{count} rows written to {output}", highlight=False)
 
 
 @app.command()
 def failures(
     job: Annotated[int | None, typer.Option(help="Only this job.")] = None,
     retry: Annotated[bool, typer.Option(help="Enqueue the failed images of --job again.")] = False,
-    limit: Annotated[int, typer.Option(min=1, help="Rows to print.")] = 200,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Rows to print (default 200; --json: all).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines: job, uri, reason, message, attempts.")
+    ] = False,
 ) -> None:
     """List failed images with their reason; `--retry --job N` enqueues them again."""
     from db.repository import failed_items
@@ -631,11 +638,24 @@ def failures(
         )
         console.print(f"job {job}: {count} failed images enqueued again", highlight=False)
         return
+    if limit is None and not as_json:
+        limit = 200
     table = Table("job", "uri", "reason", "message", "attempts")
     with sessions() as session:
         for index, item in enumerate(failed_items(session=session, job_id=job)):
-            if index >= limit:
+            if limit is not None and index >= limit:
                 break
+            if as_json:
+                record = {
+                    "job_id": item.job_id,
+                    "uri": item.uri,
+                    "reason": item.reason,
+                    "message": item.message,
+                    "attempts": item.attempts,
+                    "updated_at": item.updated_at.isoformat(),
+                }
+                sys.stdout.write(json.dumps(record) + "\n")
+                continue
             table.add_row(
                 str(item.job_id),
                 item.uri,
@@ -643,7 +663,8 @@ def failures(
                 item.message or "",
                 str(item.attempts),
             )
-    console.print(table)
+    if not as_json:
+        console.print(table)
 
 
 def _metrics_directory_for_pool(settings: Settings) -> None:

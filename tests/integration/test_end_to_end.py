@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,6 +89,37 @@ def test_an_archive_with_hostile_files_ends_with_every_file_in_one_state(
     assert all(set(row["scores"]) == set(CLASSES) for row in exported)
     assert all(row["label"] in CLASSES and 0.0 <= row["confidence"] <= 1.0 for row in exported)
     assert {row["job_id"] for row in exported} == {job_id}
+
+    # The whole story of the job in one file: one row per file, its state and reason, the
+    # counts those of `status --json`; the Parquet file holds the same rows.
+    story = [
+        json.loads(line)
+        for line in cli(settings, "export", "--job", str(job_id), "--state", "all", "--format",
+                        "jsonl").stdout.strip().splitlines()
+    ]  # fmt: skip
+    assert sorted(row["uri"] for row in story) == sorted(archive.expected)
+    assert {row["uri"]: (row["state"], row["reason"]) for row in story} == ended
+    (reported,) = [json.loads(line) for line in cli(settings, "status", str(job_id), "--json")
+                   .stdout.strip().splitlines()]  # fmt: skip
+    for state in ("labeled", "failed", "skipped", "uncertain", "no_face", "pending"):
+        assert sum(row["state"] == state for row in story) == reported[state], state
+    assert all(row["message"] for row in story if row["state"] == "failed")
+    labeled_rows = [row for row in story if row["state"] == "labeled"]
+    assert all(row["label"] in CLASSES and row["scores"] for row in labeled_rows)
+    assert all(row["label"] is None for row in story if row["state"] == "failed")
+    parquet = tmp_path / "story.parquet"
+    cli(settings, "export", "--job", str(job_id), "--state", "all", "--format", "parquet",
+        "--output", str(parquet))  # fmt: skip
+    table = pq.read_table(parquet).to_pylist()
+    assert [(row["uri"], row["state"], row["reason"]) for row in table] == [
+        (row["uri"], row["state"], row["reason"]) for row in story
+    ]
+    assert [dict(row["scores"] or []) for row in table] == [row["scores"] or {} for row in story]
+    failed_json = [json.loads(line) for line in cli(settings, "failures", "--job", str(job_id),
+                   "--json").stdout.strip().splitlines()]  # fmt: skip
+    assert sorted(row["uri"] for row in failed_json) == sorted(
+        row["uri"] for row in story if row["state"] == "failed"
+    )
 
     # The worker is still running: a second scan of the unchanged archive enqueues nothing.
     again = cli_scan(settings, str(archive.root))
