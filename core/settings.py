@@ -348,6 +348,31 @@ class ReviewSettings(BaseModel):
     )
 
 
+class XmpSettings(BaseModel):
+    """`emolabel xmp`: labels written into XMP sidecars where photo tools look for them."""
+
+    naming: Literal["append", "replace"] = Field(
+        "append",
+        description="Sidecar name: append (photo.jpg.xmp: digiKam, darktable) or replace "
+        "(photo.xmp: Lightroom).",
+    )
+    keyword_root: str = Field(
+        "emolabel",
+        min_length=1,
+        max_length=200,
+        description="Root of the hierarchical keywords (emolabel|happy); may nest (AI|emotion).",
+    )
+    mirror: Path | None = Field(
+        None,
+        description="Write sidecars under this folder (the image's path below it) instead of "
+        "beside the images; where S3 objects' sidecars go unless s3_beside.",
+    )
+    s3_beside: bool = Field(
+        False,
+        description="Write S3 objects' sidecars as objects next to them (needs write access).",
+    )
+
+
 class MetricsSettings(BaseModel):
     """The Prometheus endpoint that each worker serves from its main process."""
 
@@ -399,6 +424,7 @@ class Settings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    xmp: XmpSettings = Field(default_factory=XmpSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
 
@@ -459,5 +485,6 @@ def settings_table() -> str:
     """The README's settings table, generated so that it cannot drift from the code."""
     lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
     for variable, default, description in iter_setting_rows():
-        lines.append(f"| `{variable}` | `{default}` | {description} |")
+        cell = description.replace("|", "\\|")  # a literal `|` would end the cell
+        lines.append(f"| `{variable}` | `{default}` | {cell} |")
     return "\n".join(lines)

