@@ -11,6 +11,7 @@ BENCHMARKS = {
     "real-dataset": "bench.real_dataset",
     "precision": "bench.precision",
     "decode_memory": "bench.decode_memory",
+    "review_loop": "bench.review_loop",
 }
 
 

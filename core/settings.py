@@ -204,6 +204,13 @@ class ScanSettings(BaseModel):
     """How the producer walks a source and publishes chunks."""
 
     chunk_size: int = Field(256, ge=1, le=10_000, description="Image URIs per queue message.")
+    batch_files: int = Field(
+        2048,
+        ge=1,
+        le=100_000,
+        description="Files the producer puts in the ledger per transaction (at least a chunk): "
+        "its chunks are recorded in one commit and marked published in another.",
+    )
     chunk_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1,

@@ -2,13 +2,16 @@
 
     record_and_publish(sessions=..., publish=..., job_id=..., record=...)
       record(session) writes the chunk(s) in the ledger and names them, COMMIT
-      for each chunk, in order: publish it, then mark it published, COMMIT
+      for each chunk, in order: publish it; then mark them all published, COMMIT
 
 A chunk is committed before its message is sent, so a message the broker never took (or a
 process that died in between) leaves the chunk recorded and unpublished, and it is sent again
 from the ledger: `republish_chunk` (the reconciler, `republish`) takes its pending images from
 the ledger and goes through the same loop. On `PublishError` the loop stops: what was recorded
-stays recorded, what was published stays marked, and the error is raised as it is.
+stays recorded, what was published is marked, and the error is raised as it is. The marks of a
+batch's chunks go in one commit after the last publish (two commits per batch, however many
+chunks it holds): a process that dies in between leaves chunks that were sent unmarked, and
+they are sent again, which delivery tolerates (a second message for a chunk changes nothing).
 
 The scan, `failures --retry` (`db.requeue`), a worker splitting a chunk and the republishers
 all call `record_and_publish`; each brings its own `record`.
@@ -29,7 +32,7 @@ from db.repository import (
     NotFoundError,
     finish_job_if_complete,
     get_job,
-    mark_chunk_published,
+    mark_chunks_published,
     pending_uris,
     record_outcomes,
     unfinished_chunks,
@@ -56,24 +59,33 @@ def record_and_publish(
     published: Callable[[OutgoingChunk], None] | None = None,
 ) -> list[OutgoingChunk]:
     """Run `record` in one transaction, commit, then publish each chunk it returns in order and
-    mark it published (one commit each); returns the chunks.
+    mark them all published (one more commit); returns the chunks.
 
     `committed` is called once the record transaction has committed (before any publishing),
-    `published` after each chunk's mark is committed. Raises `PublishError` when the broker
-    refuses a message: the chunks not published yet stay recorded (pending) for a republish.
+    `published` for each chunk, in order, once the marks are committed. Raises `PublishError`
+    when the broker refuses a message: the chunks published before it are marked, those not
+    published yet stay recorded (pending) for a republish.
     """
     with sessions.begin() as session:
         chunks = list(record(session))
     if committed is not None:
         committed(chunks)
-    for chunk in chunks:
-        task_id = publish(job_id, chunk.chunk_index, chunk.uris)
-        with sessions.begin() as session:
-            mark_chunk_published(
-                session=session, job_id=job_id, chunk_index=chunk.chunk_index, task_id=task_id
-            )
-        if published is not None:
-            published(chunk)
+    sent: list[tuple[OutgoingChunk, str | None]] = []
+    try:
+        for chunk in chunks:
+            sent.append((chunk, publish(job_id, chunk.chunk_index, chunk.uris)))
+    finally:
+        # Also when a publish failed: what the broker took is marked before the error goes up.
+        if sent:
+            with sessions.begin() as session:
+                mark_chunks_published(
+                    session=session,
+                    job_id=job_id,
+                    published=[(chunk.chunk_index, task_id) for chunk, task_id in sent],
+                )
+            if published is not None:
+                for chunk, _ in sent:
+                    published(chunk)
     return chunks
 
 

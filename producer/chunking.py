@@ -11,11 +11,25 @@ T = TypeVar("T")
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Yield lists of `size` items in order, the last one shorter; reads `items` lazily."""
+    """Yield lists of `size` items in order, the last one shorter; reads `items` lazily.
+
+    When reading `items` raises, the items read before it come out as one last (short) list and
+    the error is raised at the next step: a listing that fails after 2,000 files of a 2,048-file
+    batch still gets those 2,000 into the ledger.
+    """
     if size < 1:
         raise ValueError(f"chunk size must be at least 1, got {size}")
     iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
+    while True:
+        chunk: list[T] = []
+        try:
+            chunk.extend(islice(iterator, size))
+        except Exception:
+            if chunk:
+                yield chunk
+            raise
+        if not chunk:
+            return
         yield chunk
 
 

@@ -2,7 +2,7 @@
 
     run_scan(source, sessions=..., publish=..., chunk_size=256, model_version="v3")
       create the job (scanning), commit
-      for each batch of `chunk_size` entries (the listing is never held whole):
+      for each batch of `batch_files` entries (at least a chunk; the listing is never held whole):
         upsert the images; decide each entry:
           unusable                    -> skipped, with the source's reason
           labeled by model_version,
@@ -14,7 +14,7 @@
           else                        -> pending, into the next chunk
         record the ledger rows and each full chunk (`chunk_size` images, or fewer that add up to
         `chunk_bytes`) (status pending), COMMIT, then publish each
-        chunk and mark it published, COMMIT
+        chunk and mark them all published, COMMIT
       the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
 
 A chunk is committed before its message is sent, so a message the broker lost or never took can
@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import ConfigError, EmolabelError
 from core.publishing import Publisher, PublishError
 from core.reasons import FINAL_FAILURES, Reason
+from core.settings import ScanSettings
 from core.storage.entries import Entry, Source
 from core.uris import display_name
 from db import repository
@@ -447,6 +448,7 @@ def run_scan(
     chunk_size: int,
     model_version: str | None,
     chunk_bytes: int | None = None,
+    batch_files: int = ScanSettings.model_fields["batch_files"].default,
     force: bool = False,
     where: Sequence[Selection] = (),
     options: Mapping[str, Any] | None = None,
@@ -454,7 +456,9 @@ def run_scan(
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
 
-    A chunk closes earlier once its files add up to `chunk_bytes` (None: no byte budget).
+    A chunk closes earlier once its files add up to `chunk_bytes` (None: no byte budget). The
+    listing goes to the ledger `batch_files` files at a time (at least a chunk's worth): one
+    commit records a batch's images and chunks, one more marks its chunks published.
 
     With `model_version` None nothing counts as already labeled. `force` enqueues images already
     labeled by `model_version`; `where` keeps only the images that match every selection.
@@ -492,7 +496,7 @@ def run_scan(
         where=where,
     )
     try:
-        for entries in chunked(source.iter_entries(), chunk_size):
+        for entries in chunked(source.iter_entries(), max(batch_files, chunk_size)):
             scan.add_batch(entries)
             if progress is not None:
                 progress(scan.progress())

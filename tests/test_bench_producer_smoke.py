@@ -33,7 +33,7 @@ def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((out / "producer-sqlite-300.json").read_text())
-    walk, scan = report["phases"]
+    walk, scan, rescan = report["phases"]
     assert (walk["phase"], walk["files"], walk["usable"]) == ("walk", 300, 300)
     assert (scan["phase"], scan["database"], scan["files"]) == ("scan", "sqlite", 300)
     # 300 pending images in chunks of 64: five messages, each the chunk's URIs and no more.
@@ -44,7 +44,11 @@ def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> N
     assert scan["files_per_s"] > 0 and scan["cpu_seconds"] >= 0
     assert report["environment"]["cpus_usable"] >= 1 and "versions" in report["environment"]
     assert "cores of" in done.stdout and "wrote" in done.stdout
+    # The rescan of the same tree, every image labeled in between: nothing goes out again.
+    assert (rescan["phase"], rescan["files"], rescan["pending_images"]) == ("rescan", 300, 0)
+    assert rescan["chunks"] == 0 and rescan["split_seconds"]["publish"] == 0
 
     # The queue it filled is deleted: a bench run leaves nothing pending behind it.
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    assert not list(client.scan_iter(match=f"*{scan['queue']}*"))
+    for phase in (scan, rescan):
+        assert not list(client.scan_iter(match=f"*{phase['queue']}*"))

@@ -126,6 +126,7 @@ def test_a_split_while_the_scan_runs_takes_numbers_the_scan_never_reuses(
         sessions=sessions,
         publish=broker,
         chunk_size=4,
+        batch_files=4,  # a chunk a transaction: the split comes between two of the scan's
         model_version=None,
     )
     indices = [chunk_index for _, chunk_index, _ in broker.sent]

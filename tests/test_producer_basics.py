@@ -6,6 +6,7 @@ import itertools
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,18 @@ def test_chunked_cuts_in_order_with_a_short_tail() -> None:
     assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(chunked([], 3)) == []
     assert list(chunked("ab", 5)) == [["a", "b"]]
+
+
+def test_a_listing_that_fails_midway_gives_up_what_it_read_before_the_error() -> None:
+    def listing() -> Iterator[int]:
+        yield from range(5)
+        raise OSError("SlowDown")
+
+    batches = chunked(listing(), 3)
+    assert next(batches) == [0, 1, 2]
+    assert next(batches) == [3, 4]
+    with pytest.raises(OSError, match="SlowDown"):
+        next(batches)
 
 
 def test_chunked_is_lazy() -> None:

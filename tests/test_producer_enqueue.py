@@ -178,6 +178,7 @@ def scan(
     *,
     model_version: str | None = "v1",
     chunk_size: int = 7,
+    batch_files: int = 2048,
     force: bool = False,
     where: Sequence[Selection] = (),
 ) -> ScanSummary:
@@ -186,6 +187,7 @@ def scan(
         sessions=sessions,
         publish=publish,
         chunk_size=chunk_size,
+        batch_files=batch_files,
         model_version=model_version,
         force=force,
         where=where,
@@ -295,6 +297,7 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
         sessions=sessions,
         publish=publish,
         chunk_size=7,
+        batch_files=21,  # three chunks a transaction: progress comes once per batch
         model_version="v1",
         options={"follow_symlinks": True},
         progress=reports.append,
@@ -349,7 +352,7 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
         "not_an_image": 2,
         "symlink_outside_root": 1,
     }
-    assert len(reports) == math.ceil(55 / 7) + 1
+    assert len(reports) == math.ceil(55 / 21) + 1
     assert reports[-1] == ScanProgress(seen=55, images=50, skipped=5, enqueued=50, chunks=8)
     for before, after in itertools.pairwise(reports):
         assert before.seen <= after.seen and before.enqueued <= after.enqueued
@@ -554,7 +557,8 @@ def test_a_scan_the_broker_stops_loses_nothing_and_can_be_republished(
         return (publish if len(calls) <= 3 else closed_broker)(job_id, chunk_index, uris)
 
     with pytest.raises(ScanInterrupted) as caught:
-        scan(root, sessions, broker_goes_down, chunk_size=7)
+        # One chunk a transaction: the broker goes away while most of the tree is still unlisted.
+        scan(root, sessions, broker_goes_down, chunk_size=7, batch_files=7)
 
     job_id = caught.value.job_id
     assert f"job {job_id}" in str(caught.value) and "republish" in str(caught.value)
@@ -624,14 +628,17 @@ def test_a_source_that_fails_midway_leaves_a_queued_job_with_its_error(
     stopped = job(sessions, job_id)
     assert stopped.status is JobStatus.QUEUED  # done once its recorded chunks are
     assert stopped.error is not None and "SlowDown" in stopped.error
-    # Chunk 0 went out; the four images waiting for a full chunk are recorded, not published.
-    assert publisher.sent == [5]
+    # All 12 files listed before the error are in the ledger (one not an image): the two full
+    # chunks went out, the image waiting for a full chunk is recorded, not published.
+    assert publisher.sent == [5, 5]
     recorded = chunks(sessions, job_id)
     assert [(c.size, c.status) for c in recorded] == [
         (5, ChunkStatus.PUBLISHED),
-        (4, ChunkStatus.PENDING),
+        (5, ChunkStatus.PUBLISHED),
+        (1, ChunkStatus.PENDING),
     ]
-    assert counts(sessions, job_id).balanced
+    balance = counts(sessions, job_id)
+    assert balance.balanced and (balance.enqueued, balance.skipped) == (12, 1)
 
 
 def test_a_source_that_fails_at_once_leaves_a_finished_job_with_its_error(

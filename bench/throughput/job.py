@@ -231,6 +231,7 @@ def run_job(
             publish=watch.publisher(celery_publisher(app, settings.queue)),
             chunk_size=settings.scan.chunk_size,
             chunk_bytes=settings.scan.chunk_bytes,
+            batch_files=settings.scan.batch_files,
             model_version=model_version,
             force=force,
         )

@@ -9,9 +9,11 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Column, ColumnElement, Enum, String, Table, any_, bindparam, column, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.types import TypeEngine
 
 from db.models import Chunk, Face, Image, Job, JobItem, Result
 
@@ -32,6 +34,9 @@ POSTGRESQL_MAX_PARAMETERS = 32_000
 _PARAMETER_HEADROOM = 16
 # Below SQLite's historical limit of 999 bound parameters, with room for the constants.
 IDS_PER_STATEMENT = 500
+# PostgreSQL takes a batch as one array per column (`unnest_rows`, `membership`): the statement's
+# text is the same whatever the count, so ten thousand rows go in one round trip.
+ARRAY_ROWS_PER_STATEMENT = 10_000
 
 
 class NotFoundError(LookupError):
@@ -67,6 +72,60 @@ def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite
     if name == "sqlite":
         return sqlite.insert(table)
     raise ValueError(f"database {name!r} is not supported: use PostgreSQL or SQLite")
+
+
+def is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _array_type(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
+    # A status column is a non-native Enum (VARCHAR with a CHECK): its array is of text.
+    return String() if isinstance(column_type, Enum) else column_type
+
+
+def unnest_rows(columns: Sequence[Column[Any]]) -> TableValuedAlias:
+    """PostgreSQL's `unnest(:a_x::T[], :a_y::U[], ...) AS rows(x, y, ...)`: a batch of rows
+    given as one array per column (`column_arrays`), to INSERT ... SELECT from.
+
+    A multi-row VALUES list is a new statement for every batch, which psycopg parses in Python
+    and PostgreSQL plans each time (most of a scan's time, measured in bench/RESULTS.md); this
+    text is the same for any number of rows, so both are done once.
+    """
+    arrays = [
+        bindparam(f"a_{c.name}", type_=postgresql.ARRAY(_array_type(c.type))) for c in columns
+    ]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*(column(c.name, _array_type(c.type)) for c in columns))
+        .render_derived()
+    )
+
+
+def column_arrays(
+    columns: Sequence[Column[Any]], rows: Sequence[dict[str, Any]]
+) -> dict[str, list[Any]]:
+    """The parameters of `unnest_rows(columns)` for `rows` (dicts by column name)."""
+    return {f"a_{c.name}": [row[c.name] for row in rows] for c in columns}
+
+
+def membership(
+    session: Session, target: ColumnElement[Any], values: Sequence[Any]
+) -> Iterator[ColumnElement[bool]]:
+    """`target IN values`, as one condition per statement to run: on PostgreSQL
+    `target = ANY(:array)` (one statement text for any count), on SQLite `IN (...)` lists under
+    its bound-parameter limit. Nothing when `values` is empty."""
+    if not is_postgresql(session):
+        for batch in batches(session, values, parameters_per_item=1):
+            yield target.in_(batch)
+        return
+    for start in range(0, len(values), ARRAY_ROWS_PER_STATEMENT):
+        array = bindparam(
+            "m_values",
+            value=list(values[start : start + ARRAY_ROWS_PER_STATEMENT]),
+            type_=postgresql.ARRAY(_array_type(target.type)),
+            unique=True,
+        )
+        yield target == any_(array)
 
 
 def _parameter_limit(session: Session) -> int:

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    String,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -94,6 +96,36 @@ def mark_chunk_published(
         .returning(CHUNKS.c.chunk_index)
     )
     return session.execute(statement).first() is not None
+
+
+def mark_chunks_published(
+    *, session: Session, job_id: int, published: Sequence[tuple[int, str | None]]
+) -> None:
+    """`mark_chunk_published` for several chunks (chunk index, task id) in one statement
+    executed with a list of parameters (one round trip on PostgreSQL's pipeline)."""
+    if not published:
+        return
+    statement = (
+        update(CHUNKS)
+        .where(
+            CHUNKS.c.job_id == bindparam("b_job_id"),
+            CHUNKS.c.chunk_index == bindparam("b_chunk_index"),
+            CHUNKS.c.status != ChunkStatus.DONE,
+        )
+        .values(
+            status=ChunkStatus.PUBLISHED,
+            published_at=utc_now(),
+            attempts=CHUNKS.c.attempts + 1,
+            task_id=func.coalesce(bindparam("b_task_id", type_=String), CHUNKS.c.task_id),
+        )
+    )
+    session.execute(
+        statement,
+        [
+            {"b_job_id": job_id, "b_chunk_index": index, "b_task_id": task_id}
+            for index, task_id in published
+        ],
+    )
 
 
 def unfinished_chunks(

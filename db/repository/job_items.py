@@ -1,8 +1,9 @@
 """The `job_items` table, the ledger proper: one row per image per job, pending in a chunk or
 labeled, failed or skipped with a reason.
 
-The `--where` and already-failed filters take image ids and return the subset that matches,
-`IDS_PER_STATEMENT` ids per statement so that SQLite's bound-parameter limit is never reached.
+The `--where` and already-failed filters take image ids and return the subset that matches, in
+statements that stay under SQLite's bound-parameter limit (`membership`: PostgreSQL takes the
+ids as one array). `add_job_items` inserts from arrays on PostgreSQL (`unnest_rows`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    bindparam,
     func,
+    literal,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -28,12 +32,16 @@ from db.models import (
     utc_now,
 )
 from db.repository.base import (
+    ARRAY_ROWS_PER_STATEMENT,
     IMAGES,
     JOB_ITEMS,
     batches,
     check_text,
+    column_arrays,
     dialect_insert,
-    id_batches,
+    is_postgresql,
+    membership,
+    unnest_rows,
 )
 
 
@@ -77,6 +85,41 @@ def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow])
     rows = list({item.image_id: item for item in reversed(items)}.values())
     now = utc_now()
     inserted: set[int] = set()
+    if is_postgresql(session):
+        columns = [
+            JOB_ITEMS.c[name] for name in ("image_id", "chunk_index", "state", "reason", "message")
+        ]
+        given = unnest_rows(columns)
+        source = select(
+            bindparam("b_job_id", type_=JOB_ITEMS.c.job_id.type),
+            *given.c,
+            literal(0, JOB_ITEMS.c.attempts.type),
+            bindparam("b_now", type_=JOB_ITEMS.c.updated_at.type),
+        ).order_by(given.c.image_id)
+        arrays = (
+            postgresql.insert(JOB_ITEMS)
+            .from_select(["job_id", *(c.name for c in columns), "attempts", "updated_at"], source)
+            .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
+            .returning(JOB_ITEMS.c.image_id)
+        )
+        for start in range(0, len(rows), ARRAY_ROWS_PER_STATEMENT):
+            given_rows = [
+                {
+                    "image_id": item.image_id,
+                    "chunk_index": item.chunk_index,
+                    "state": str(item.state),
+                    "reason": item.reason,
+                    "message": item.message,
+                }
+                for item in rows[start : start + ARRAY_ROWS_PER_STATEMENT]
+            ]
+            inserted.update(
+                session.scalars(
+                    arrays,
+                    {**column_arrays(columns, given_rows), "b_job_id": job_id, "b_now": now},
+                )
+            )
+        return inserted
     statement = (
         dialect_insert(session, JOB_ITEMS)
         .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
@@ -134,8 +177,8 @@ def latest_outcome_failed(
     asking) are not counted.
     """
     matched: set[int] = set()
-    for batch in id_batches(image_ids):
-        query = _latest_outcomes(batch, exclude_job_id).where(JOB_ITEMS.c.state == ItemState.FAILED)
+    for among in membership(session, JOB_ITEMS.c.image_id, sorted(set(image_ids))):
+        query = _latest_outcomes(among, exclude_job_id).where(JOB_ITEMS.c.state == ItemState.FAILED)
         matched.update(session.scalars(query))
     return matched
 
@@ -155,9 +198,9 @@ def failed_and_unchanged(
     """
     wanted = sorted(set(reasons))
     matched: dict[int, str] = {}
-    for batch in id_batches(image_ids):
+    for among in membership(session, JOB_ITEMS.c.image_id, sorted(set(image_ids))):
         query = (
-            _latest_outcomes(batch, exclude_job_id, JOB_ITEMS.c.reason)
+            _latest_outcomes(among, exclude_job_id, JOB_ITEMS.c.reason)
             .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
             .where(
                 JOB_ITEMS.c.state == ItemState.FAILED,
@@ -170,10 +213,11 @@ def failed_and_unchanged(
 
 
 def _latest_outcomes(
-    batch: Sequence[int], exclude_job_id: int | None, *columns: ColumnElement[Any]
+    among: ColumnElement[bool], exclude_job_id: int | None, *columns: ColumnElement[Any]
 ) -> Select[Any]:
-    """The ledger row of each image's latest job that a worker reported on (skips passed over)."""
-    conditions = [JOB_ITEMS.c.image_id.in_(batch), JOB_ITEMS.c.state != ItemState.SKIPPED]
+    """The ledger row of each image (those `among` selects) in its latest job that a worker
+    reported on (skips passed over)."""
+    conditions = [among, JOB_ITEMS.c.state != ItemState.SKIPPED]
     if exclude_job_id is not None:
         conditions.append(JOB_ITEMS.c.job_id != exclude_job_id)
     latest = (

@@ -29,8 +29,8 @@ from db.repository.base import (
     JOB_ITEMS,
     JOBS,
     RESULTS,
-    batches,
     id_batches,
+    membership,
 )
 from db.repository.reviews import latest_verdicts
 
@@ -78,11 +78,11 @@ def labeled_fingerprints(
     """
     wanted = sorted(set(uris))
     found: dict[str, str] = {}
-    for batch in batches(session, wanted, parameters_per_item=1):
+    for condition in membership(session, IMAGES.c.uri, wanted):
         query = (
             select(IMAGES.c.uri, RESULTS.c.fingerprint)
             .join(RESULTS, RESULTS.c.image_id == IMAGES.c.id)
-            .where(RESULTS.c.model_version == model_version, IMAGES.c.uri.in_(batch))
+            .where(RESULTS.c.model_version == model_version, condition)
         )
         found.update({uri: fingerprint for uri, fingerprint in session.execute(query)})
     return found

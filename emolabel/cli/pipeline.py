@@ -145,6 +145,7 @@ def _scan(
             publish=publish,
             chunk_size=settings.scan.chunk_size,
             chunk_bytes=settings.scan.chunk_bytes,
+            batch_files=settings.scan.batch_files,
             model_version=version,
             force=force,
             where=selections,

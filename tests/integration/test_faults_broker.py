@@ -323,7 +323,8 @@ def test_two_producers_scanning_the_same_folder_at_once(
     gate = archive.root / "m-gate.png"
     write_bytes(gate, encode(noise(), "PNG"))
     images = [*archive.generated, path_to_uri(gate)]
-    settings = make_settings(scan=ScanSettings(chunk_size=4))
+    # A chunk per batch: each chunk committed and published as soon as its files are listed.
+    settings = make_settings(scan=ScanSettings(chunk_size=4, batch_files=4))
     workers.start(settings)
 
     # The producer opens a file by its name inside its folder (openat), so the name is matched.
@@ -339,8 +340,18 @@ def test_two_producers_scanning_the_same_folder_at_once(
             jobs = session.execute(select(Job.id, Job.status).order_by(Job.id)).all()
         assert [status for _, status in jobs] == [JobStatus.SCANNING] * 2
         job_ids = [job_id for job_id, _ in jobs]
-        # Five full chunks each so far, published; the worker is labeling them meanwhile.
-        assert [len(chunks_of(sessions, job_id)) for job_id in job_ids] == [5, 5]
+        # Each job holds the 20 images listed so far: in full chunks, published, or skipped as
+        # already labeled when the worker labeled them from the other job's chunks first.
+        for job_id in job_ids:
+            recorded = chunks_of(sessions, job_id)
+            assert all(chunk.size == 4 for chunk in recorded)
+            rows = ledger(sessions, job_id)
+            assert len(rows) == 20
+            assert (
+                sum(chunk.size for chunk in recorded)
+                + sum(row.reason == "already_labeled" for row in rows.values())
+                == 20
+            )
         for producer in producers:
             os.kill(producer.pid, signal.SIGCONT)
         outputs = [producer.communicate(timeout=120)[0] for producer in producers]

@@ -369,7 +369,8 @@ def test_killed_children_and_failures_retry_during_a_6000_image_scan_lose_nothin
     # The worker starts before the scan registers the model, so its first chunks load it: tens
     # of seconds on a loaded machine, and the time limit must not take that for a crash.
     settings = make_settings(
-        scan=ScanSettings(chunk_size=4),
+        # Batches of 500 files: the gate (file 1,500) falls between two batches.
+        scan=ScanSettings(chunk_size=4, batch_files=500),
         worker=WorkerSettings(
             concurrency=2,
             decode_threads=2,

@@ -121,6 +121,7 @@ SCAN_UNTIL_TOLD = textwrap.dedent(
         sessions=sessions,
         publish=celery_publisher(make_celery(settings), settings.queue),
         chunk_size=settings.scan.chunk_size,
+        batch_files=settings.scan.batch_files,
         model_version=None,
     )
     """
@@ -134,7 +135,8 @@ def test_a_producer_killed_mid_scan_is_ended_by_the_reconciler(
     workers: Workers,
 ) -> None:
     archive = build_archive(tmp_path / "archive", 30)
-    settings = make_settings(scan=ScanSettings(chunk_size=4))
+    # A chunk a transaction, so the producer dies with part of the tree in the ledger.
+    settings = make_settings(scan=ScanSettings(chunk_size=4, batch_files=4))
     gate = tmp_path / "scanned-enough"
     producer = subprocess.Popen(
         [sys.executable, "-c", SCAN_UNTIL_TOLD, str(archive.root), str(gate), "12"],
