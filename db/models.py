@@ -284,6 +284,10 @@ class Job(Base):
     # finished by the reconciler.
     producer: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     heartbeat_at: Mapped[dt.datetime | None]
+    # Set by `emolabel prune`, which deleted the job's ledger rows and chunks: `summary` keeps
+    # the counts by state and by (state, reason) they had, so the job still tells its story.
+    pruned_at: Mapped[dt.datetime | None]
+    summary: Mapped[dict[str, Any] | None]
 
 
 class Chunk(Base):

@@ -132,6 +132,14 @@ from db.repository.results import (
     latest_label_not_by,
     latest_uncertain,
 )
+from db.repository.retention import (
+    PRUNE_BATCH_ROWS,
+    PrunableJob,
+    PrunedJob,
+    job_summary,
+    prunable_jobs,
+    prune_job,
+)
 from db.repository.retrain_runs import (
     record_retrain_run,
 )
@@ -159,6 +167,7 @@ from db.repository.reviews import (
 __all__ = [
     "MAX_ROWS_PER_STATEMENT",
     "POSTGRESQL_MAX_PARAMETERS",
+    "PRUNE_BATCH_ROWS",
     "TERMINAL_JOB_STATUSES",
     "ArchiveImage",
     "ChunkImage",
@@ -177,6 +186,8 @@ __all__ = [
     "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
+    "PrunableJob",
+    "PrunedJob",
     "RecordedChurn",
     "ResultRow",
     "ReviewError",
@@ -209,6 +220,7 @@ __all__ = [
     "job_counts",
     "job_labels",
     "job_model_versions",
+    "job_summary",
     "label_pairs",
     "labeled_fingerprints",
     "labeled_image_ids",
@@ -229,6 +241,8 @@ __all__ = [
     "pending_uris",
     "previous_active_model",
     "promote_if_active",
+    "prunable_jobs",
+    "prune_job",
     "record_chunks",
     "record_outcomes",
     "record_retrain_run",

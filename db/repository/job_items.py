@@ -35,6 +35,7 @@ from db.repository.base import (
     ARRAY_ROWS_PER_STATEMENT,
     IMAGES,
     JOB_ITEMS,
+    JOBS,
     batches,
     check_text,
     column_arrays,
@@ -263,7 +264,13 @@ def return_to_pending(
 
 
 def outcome_reasons(*, session: Session, job_id: int) -> list[tuple[str, str | None, int]]:
-    """(state, reason, count) of a job's failed and skipped images, most frequent first."""
+    """(state, reason, count) of a job's failed and skipped images, most frequent first (for a
+    pruned job, as its summary kept them)."""
+    summary = session.scalar(
+        select(JOBS.c.summary).where(JOBS.c.id == job_id, JOBS.c.pruned_at.is_not(None))
+    )
+    if summary is not None:
+        return [(str(state), reason, int(n)) for state, reason, n in summary.get("reasons", [])]
     count = func.count()
     query = (
         select(JOB_ITEMS.c.state, JOB_ITEMS.c.reason, count)

@@ -140,11 +140,25 @@ def allocate_chunk_indices(
     return int(row[0]) - count
 
 
+# The counts a pruned job's summary keeps (JobCounts' fields besides `enqueued`).
+PRUNED_STATES = ("labeled", "failed", "skipped", "pending", "no_face", "uncertain")
+
+
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
     """How many of a job's images are labeled, uncertain, no_face, failed, skipped, pending."""
-    enqueued = session.execute(select(JOBS.c.enqueued).where(JOBS.c.id == job_id)).scalar()
-    if enqueued is None:
+    job = session.execute(
+        select(JOBS.c.enqueued, JOBS.c.pruned_at, JOBS.c.summary).where(JOBS.c.id == job_id)
+    ).first()
+    if job is None:
         raise NotFoundError(f"no job with id {job_id}")
+    enqueued = job.enqueued
+    if job.pruned_at is not None and job.summary is not None:
+        # Its rows were pruned (`db.repository.retention`): the counts they had.
+        states = job.summary.get("states", {})
+        return JobCounts(
+            enqueued=enqueued,
+            **{state: int(states.get(state, 0)) for state in PRUNED_STATES},
+        )
     query = (
         select(JOB_ITEMS.c.state, func.count())
         .where(JOB_ITEMS.c.job_id == job_id)

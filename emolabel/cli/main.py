@@ -14,7 +14,15 @@ import sys
 from rich.markup import escape
 
 from core.errors import EmolabelError
-from emolabel.cli import data, models, pipeline, review, services, sidecars  # noqa: F401
+from emolabel.cli import (  # noqa: F401
+    data,
+    models,
+    pipeline,
+    retention,
+    review,
+    services,
+    sidecars,
+)
 from emolabel.cli.app import EXIT_FAILURE, app, errors, prepare_process
 
 

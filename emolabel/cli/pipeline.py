@@ -464,6 +464,7 @@ def status(
                     "source": row.source,
                     "model_version": row.model_version,
                     "created_at": row.created_at.isoformat(),
+                    "pruned_at": row.pruned_at.isoformat() if row.pruned_at else None,
                 }
                 if job is not None:
                     record["reasons"] = [
@@ -480,6 +481,11 @@ def status(
             about.append(
                 f"job {row.id}: {row.source} · model {row.model_version or '-'} · created "
                 f"{row.created_at.strftime('%Y-%m-%d %H:%M:%S')}"
+                + (
+                    f" · ledger pruned {row.pruned_at.strftime('%Y-%m-%d')} (counts kept)"
+                    if row.pruned_at
+                    else ""
+                )
             )
         if as_json:
             return
