@@ -12,6 +12,8 @@ BENCHMARKS = {
     "precision": "bench.precision",
     "decode_memory": "bench.decode_memory",
     "review_loop": "bench.review_loop",
+    "ledger_scale": "bench.ledger_scale",
+    "concurrency": "bench.concurrency",
 }
 
 

@@ -52,6 +52,14 @@ def make_engine(url: str, **kw: Any) -> Engine:
         event.listen(engine, "connect", _configure_sqlite_connection)
         return engine
     kw.setdefault("pool_pre_ping", True)
+    if make_url(url).get_driver_name() == "psycopg":
+        # No server-side prepared statements: after five runs psycopg prepares a statement and
+        # PostgreSQL may keep one generic plan for it, made when `results` or `job_items` were
+        # nearly empty, in which a batch's `= ANY(:array)` is checked element by element
+        # against every row (measured: a scan beside 4 workers fell to 0.07x, each lookup
+        # 0.45 -> 4.5 s, bench/RESULTS.md). Planned per execution, the array is a constant that
+        # PostgreSQL hashes, and the plan follows the statistics autovacuum keeps.
+        kw["connect_args"] = {"prepare_threshold": None, **kw.get("connect_args", {})}
     return create_engine(url, **kw)
 
 

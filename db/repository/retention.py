@@ -1,9 +1,10 @@
 """Retention: delete the ledger rows (job_items, chunks) of jobs finished long ago.
 
 At archive scale the ledger is most of the database: every scan writes one job_items row per
-file (~300 bytes with its index entries), so a nightly rescan of ten million files adds gigabytes
-a month that say "nothing changed". Labels live in `results` and stay; the job row stays too,
-with `pruned_at` and a `summary` of the counts its rows had, so `status` still tells what it did.
+file (~110 bytes with its index entries), so a nightly rescan of ten million files adds about a
+gigabyte each night, most of it saying "nothing changed". Labels live in `results` and stay; the
+job row stays too, with `pruned_at` and a `summary` of the counts its rows had, so `status` still
+tells what it did.
 
     prunable_jobs(finished_before=...)   done jobs finished before the cutoff, not pruned yet
     prune_job(sessions=..., job_id=...)  summary + pruned_at (one commit), then the rows go in
