@@ -101,11 +101,16 @@ def unnest_rows(columns: Sequence[Column[Any]]) -> TableValuedAlias:
     )
 
 
-def column_arrays(
-    columns: Sequence[Column[Any]], rows: Sequence[dict[str, Any]]
-) -> dict[str, list[Any]]:
-    """The parameters of `unnest_rows(columns)` for `rows` (dicts by column name)."""
-    return {f"a_{c.name}": [row[c.name] for row in rows] for c in columns}
+def array_batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items`, `ARRAY_ROWS_PER_STATEMENT` at a time: one PostgreSQL statement's arrays."""
+    for start in range(0, len(items), ARRAY_ROWS_PER_STATEMENT):
+        yield items[start : start + ARRAY_ROWS_PER_STATEMENT]
+
+
+def column_arrays(columns: Sequence[Column[Any]], rows: Sequence[Any]) -> dict[str, list[Any]]:
+    """The parameters of `unnest_rows(columns)` for `rows`: objects with an attribute named
+    after each column, read straight into the arrays (no dict per row on the hot path)."""
+    return {f"a_{c.name}": [getattr(row, c.name) for row in rows] for c in columns}
 
 
 def membership(
@@ -118,10 +123,10 @@ def membership(
         for batch in batches(session, values, parameters_per_item=1):
             yield target.in_(batch)
         return
-    for start in range(0, len(values), ARRAY_ROWS_PER_STATEMENT):
+    for batch in array_batches(values):
         array = bindparam(
             "m_values",
-            value=list(values[start : start + ARRAY_ROWS_PER_STATEMENT]),
+            value=list(batch),
             type_=postgresql.ARRAY(_array_type(target.type)),
             unique=True,
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     String,
+    Update,
     and_,
     bindparam,
     func,
@@ -80,22 +81,9 @@ def mark_chunk_published(
     *, session: Session, job_id: int, chunk_index: int, task_id: str | None = None
 ) -> bool:
     """Count one more publication of a chunk; False when it is unknown or already done."""
-    statement = (
-        update(CHUNKS)
-        .where(
-            CHUNKS.c.job_id == job_id,
-            CHUNKS.c.chunk_index == chunk_index,
-            CHUNKS.c.status != ChunkStatus.DONE,
-        )
-        .values(
-            status=ChunkStatus.PUBLISHED,
-            published_at=utc_now(),
-            attempts=CHUNKS.c.attempts + 1,
-            task_id=func.coalesce(task_id, CHUNKS.c.task_id),
-        )
-        .returning(CHUNKS.c.chunk_index)
-    )
-    return session.execute(statement).first() is not None
+    statement = _publication().returning(CHUNKS.c.chunk_index)
+    parameters = {"b_job_id": job_id, "b_chunk_index": chunk_index, "b_task_id": task_id}
+    return session.execute(statement, parameters).first() is not None
 
 
 def mark_chunks_published(
@@ -105,7 +93,19 @@ def mark_chunks_published(
     executed with a list of parameters (one round trip on PostgreSQL's pipeline)."""
     if not published:
         return
-    statement = (
+    session.execute(
+        _publication(),
+        [
+            {"b_job_id": job_id, "b_chunk_index": index, "b_task_id": task_id}
+            for index, task_id in published
+        ],
+    )
+
+
+def _publication() -> Update:
+    """One more publication of the chunk `b_chunk_index` of job `b_job_id`, unless it is done;
+    a task id `b_task_id` (None keeps the one recorded)."""
+    return (
         update(CHUNKS)
         .where(
             CHUNKS.c.job_id == bindparam("b_job_id"),
@@ -118,13 +118,6 @@ def mark_chunks_published(
             attempts=CHUNKS.c.attempts + 1,
             task_id=func.coalesce(bindparam("b_task_id", type_=String), CHUNKS.c.task_id),
         )
-    )
-    session.execute(
-        statement,
-        [
-            {"b_job_id": job_id, "b_chunk_index": index, "b_task_id": task_id}
-            for index, task_id in published
-        ],
     )
 
 

@@ -30,8 +30,8 @@ from db.models import (
     utc_now,
 )
 from db.repository.base import (
-    ARRAY_ROWS_PER_STATEMENT,
     IMAGES,
+    array_batches,
     batches,
     check_count,
     check_text,
@@ -42,7 +42,7 @@ from db.repository.base import (
     unnest_rows,
 )
 
-# The columns a scan gives for each image (the timestamps are the statement's).
+# The columns a scan gives for each image: `ImageRow`'s fields (the statement adds the times).
 _ROW_COLUMNS = (
     "uri",
     "name_bytes",
@@ -102,11 +102,8 @@ def upsert_images(*, session: Session, rows: Sequence[ImageRow]) -> dict[str, in
                 [*_ROW_COLUMNS, "first_seen_at", "updated_at"], source
             )
         ).returning(IMAGES.c.uri, IMAGES.c.id)
-        for start in range(0, len(ordered), ARRAY_ROWS_PER_STATEMENT):
-            values = [
-                _image_values(row, now) for row in ordered[start : start + ARRAY_ROWS_PER_STATEMENT]
-            ]
-            returned = session.execute(statement, {**column_arrays(columns, values), "b_now": now})
+        for batch in array_batches(ordered):
+            returned = session.execute(statement, {**column_arrays(columns, batch), "b_now": now})
             ids.update({uri: image_id for uri, image_id in returned})
     else:
         statement = _image_upsert(dialect_insert(session, IMAGES)).returning(

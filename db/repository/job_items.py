@@ -32,10 +32,10 @@ from db.models import (
     utc_now,
 )
 from db.repository.base import (
-    ARRAY_ROWS_PER_STATEMENT,
     IMAGES,
     JOB_ITEMS,
     JOBS,
+    array_batches,
     batches,
     check_text,
     column_arrays,
@@ -87,6 +87,7 @@ def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow])
     now = utc_now()
     inserted: set[int] = set()
     if is_postgresql(session):
+        # `JobItemRow`'s fields, read straight into the arrays (a status is a str enum).
         columns = [
             JOB_ITEMS.c[name] for name in ("image_id", "chunk_index", "state", "reason", "message")
         ]
@@ -103,21 +104,10 @@ def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow])
             .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
             .returning(JOB_ITEMS.c.image_id)
         )
-        for start in range(0, len(rows), ARRAY_ROWS_PER_STATEMENT):
-            given_rows = [
-                {
-                    "image_id": item.image_id,
-                    "chunk_index": item.chunk_index,
-                    "state": str(item.state),
-                    "reason": item.reason,
-                    "message": item.message,
-                }
-                for item in rows[start : start + ARRAY_ROWS_PER_STATEMENT]
-            ]
+        for batch in array_batches(rows):
             inserted.update(
                 session.scalars(
-                    arrays,
-                    {**column_arrays(columns, given_rows), "b_job_id": job_id, "b_now": now},
+                    arrays, {**column_arrays(columns, batch), "b_job_id": job_id, "b_now": now}
                 )
             )
         return inserted
