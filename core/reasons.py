@@ -43,6 +43,11 @@ class Reason(StrEnum):
     # Training data.
     NO_CLASS = "no_class"  # a training file that is not inside any class folder
     LABEL_CONFLICT = "label_conflict"  # the same content filed under two or more classes
+    # A reviewed label a retraining run left out (`retrain_runs`' reviewed summary).
+    STALE = "stale"  # the file changed since the person reviewed it
+    UNKNOWN_CLASS = "unknown_class"  # a label the model being trained does not have
+    WRONG_SUBJECT = "wrong_subject"  # a face label for a whole-image model, or the reverse
+    FROZEN_TEST_COPY = "frozen_test_copy"  # the same content as a frozen test image
     # A chunk message the ledger disagrees with (`refused_messages`).
     MALFORMED = "malformed"  # wrong types, too many or too long URIs
     UNKNOWN_JOB = "unknown_job"

@@ -71,3 +71,51 @@ def test_the_sql_check_sees_sql() -> None:
     assert _sql_uses(ROOT / "db" / "delivery.py") or any(
         _sql_uses(path) for path in (ROOT / "db").rglob("*.py")
     )
+
+
+def _test_imports(path: Path) -> list[str]:
+    """Imports of another test module or a conftest file: helpers live in tests/support/."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
+        for name in names:
+            last = name.rsplit(".", 1)[-1]
+            if name.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
+                found.append(f"{_where(path)}:{node.lineno} imports {name}")
+    return found
+
+
+def _non_fixtures(path: Path) -> list[str]:
+    """Top-level functions of a conftest file that are neither fixtures nor pytest hooks."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{_where(path)}:{node.lineno} {node.name}"
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and not node.name.startswith("pytest_")
+        and not any("fixture" in ast.unparse(decorator) for decorator in node.decorator_list)
+    ]
+
+
+def test_test_helpers_live_in_support_and_conftest_holds_fixtures_only() -> None:
+    tests = ROOT / "tests"
+    assert [use for path in sorted(tests.rglob("*.py")) for use in _test_imports(path)] == []
+    assert [use for path in sorted(tests.rglob("conftest.py")) for use in _non_fixtures(path)] == []
+
+
+def test_the_test_checks_see_what_they_refuse(tmp_path: Path) -> None:
+    # Both checks above must be able to fail.
+    probe = tmp_path / "conftest.py"
+    probe.write_text("from tests.test_layers import ROOT\n\ndef helper():\n    return ROOT\n")
+    assert _test_imports(probe) and _non_fixtures(probe)
+
+
+def _where(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)

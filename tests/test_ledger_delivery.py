@@ -9,70 +9,25 @@ checked against the ledger as a worker checks it (`begin_delivery`), on SQLite a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.reasons import Reason
-from core.storage.entries import Entry
 from db import repository
 from db.delivery import MessageRefused, begin_delivery, record_crash, record_refusal, split_chunk
 from db.models import Chunk, ChunkStatus, ItemState, Job, JobItem, JobStatus, RefusedMessage
 from db.repository import FailureRow, pending_images
 from db.requeue import requeue_failed
 from producer.enqueue import run_scan
+from tests.support.listed import Broker, ListSource, entries
 from worker.chunks import MAX_URIS_PER_MESSAGE, check_message
 
 
 @pytest.fixture
 def sessions(ledger_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
     return ledger_sessions
-
-
-def entries(prefix: str, count: int, *, repeat: int | None = None) -> list[Entry]:
-    """`count` usable entries; `repeat` lists that one a second time at the end."""
-    made = [
-        Entry(
-            uri=f"file:///{prefix}/{index:05d}.jpg",
-            name_bytes=None,
-            size_bytes=1000,
-            mtime_ns=index,
-            fingerprint=f"1000-{index}",
-            image_type="jpeg",
-            skip_reason=None,
-            skip_message=None,
-        )
-        for index in range(count)
-    ]
-    if repeat is not None:
-        made.append(made[repeat])
-    return made
-
-
-class ListSource:
-    def __init__(self, prefix: str, listed: list[Entry]) -> None:
-        self.uri = f"file:///{prefix}"
-        self.listed = listed
-
-    def iter_entries(self) -> Iterator[Entry]:
-        return iter(self.listed)
-
-
-class Broker:
-    """Keeps every message published, as (job, chunk, uris); `during` runs at a given one."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, int, list[str]]] = []
-        self.during: dict[int, object] = {}
-
-    def __call__(self, job_id: int, chunk_index: int, uris: list[str]) -> str:
-        self.sent.append((job_id, chunk_index, list(uris)))
-        action = self.during.pop(len(self.sent), None)
-        if callable(action):
-            action(job_id)
-        return f"task-{uuid.uuid4().hex}"
 
 
 def deliver_everything(sessions: sessionmaker[Session], broker: Broker, job_id: int) -> None:

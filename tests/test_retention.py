@@ -20,7 +20,7 @@ from db.models import Chunk, Job, JobItem, JobStatus, Result
 from db.repository import FailureRow, NotFoundError, ResultRow
 from producer.enqueue import run_scan
 from tests.support.cli import cli
-from tests.test_ledger_delivery import Broker, ListSource, entries
+from tests.support.listed import Broker, ListSource, entries
 
 LONG_AGO = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
 

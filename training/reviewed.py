@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from core.errors import ImageError
+from core.reasons import Reason
 from core.settings import FaceSettings, LimitSettings
 from db.repository import HumanLabel
 from training.dataset import Example
@@ -48,7 +49,6 @@ from training.preprocess import InputSpec, load_image, read_header
 logger = logging.getLogger(__name__)
 
 Part = Literal["train", "validation", "holdout"]
-SkipReason = Literal["stale", "unknown_class", "wrong_subject", "unreadable"]
 ReadLabel = Callable[[HumanLabel], bytes]
 
 
@@ -87,7 +87,7 @@ class ReviewedSplit:
         left_out = len(self.train) + len(self.validation) - len(train) - len(validation)
         skipped = dict(self.skipped)
         if left_out:
-            skipped["frozen_test_copy"] = skipped.get("frozen_test_copy", 0) + left_out
+            skipped[Reason.FROZEN_TEST_COPY] = skipped.get(Reason.FROZEN_TEST_COPY, 0) + left_out
         return ReviewedSplit(self.class_names, train, validation, self.holdout, skipped)
 
     def summary(self) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def materialize(
                 name = f"{label.image_id}-face{label.face_index}.png"
         except ImageError as error:
             logger.info("reviewed image %d left out: %s", label.image_id, error)
-            skipped["unreadable"] += 1
+            skipped[Reason.UNREADABLE] += 1
             continue
         path = folder / label.label / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,16 +175,14 @@ def materialize(
     return files, dict(skipped)
 
 
-def _unusable(
-    label: HumanLabel, labels_by_name: dict[str, int], subject: Subject
-) -> SkipReason | None:
+def _unusable(label: HumanLabel, labels_by_name: dict[str, int], subject: Subject) -> Reason | None:
     if label.stale:
-        return "stale"
+        return Reason.STALE
     if label.label not in labels_by_name:
-        return "unknown_class"
+        return Reason.UNKNOWN_CLASS
     # A face model learns from face crops only; a whole-image model from whole images only.
     if (subject == "face") != (label.box is not None):
-        return "wrong_subject"
+        return Reason.WRONG_SUBJECT
     return None
 
 
