@@ -1,6 +1,6 @@
 """Issue 14's fault acceptance, the long ones: PostgreSQL stopped for three minutes mid-job, and
-worker pool processes killed and `failures --retry` run while a scan of 6,000 small images in
-chunks of 4 (some of them corrupt) is still running.
+worker pool processes killed and `failures --retry` run while a scan of 6,000 small images
+(20,000 with EMOLABEL_TEST_SCAN_IMAGES) in chunks of 4 (some of them corrupt) is still running.
 
 Real Redis, real PostgreSQL servers and real Celery worker processes; nothing of ours is mocked.
 Every interleaving an assertion depends on is made certain, not raced: the write that the
@@ -247,12 +247,14 @@ def _stop_the_server_inside_a_write(
 
 # Issue 14 reproduced its lost images with 60,000 files; what the test needs is a scan still
 # running, with hundreds of chunks published, while chunks split and failures are retried.
-IMAGES = 6_000
+# CI scans 6,000; EMOLABEL_TEST_SCAN_IMAGES=20000 runs the issue's own size (a multiple of 2,000).
+IMAGES = int(os.environ.get("EMOLABEL_TEST_SCAN_IMAGES", "6000"))
 FILES_PER_FOLDER = 500
 CORRUPT_EVERY = 100  # 1 %: a truncated JPEG
 # The producer stops at the open of this file, a quarter through the listing: between two
-# batches, so with no transaction open and 375 chunks already published.
-GATE_INDEX = 1_500
+# batches of 500 (the scan's batch_files below), so with no transaction open and a quarter of
+# the chunks (375 of 1,500 at 6,000 images) already published.
+GATE_INDEX = IMAGES // 4 // FILES_PER_FOLDER * FILES_PER_FOLDER
 # A pool process stops at the first open of each of these (in the scan's chunks 10 and 100,
 # both published before the gate) and is killed there, holding that chunk.
 TRAP_INDICES = (40, 400)
