@@ -14,6 +14,7 @@ BENCHMARKS = {
     "review_loop": "bench.review_loop",
     "ledger_scale": "bench.ledger_scale",
     "concurrency": "bench.concurrency",
+    "calibration": "bench.calibration",
 }
 
 

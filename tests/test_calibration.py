@@ -23,6 +23,7 @@ from training.artifacts import load_artifact
 from training.calibration import (
     apply_temperature,
     class_thresholds,
+    ece_noise_floor,
     expected_calibration_error,
     fit_calibration,
     fit_temperature,
@@ -132,6 +133,32 @@ def test_ece_and_reliability_of_a_perfectly_calibrated_set() -> None:
     assert only_bin["count"] == 4 and only_bin["accuracy"] == pytest.approx(0.75)
 
 
+def test_a_model_sure_of_everything_has_no_noise_floor() -> None:
+    assert ece_noise_floor(np.tile([[1.0, 0.0, 0.0]], (50, 1)), draws=20) == 0.0
+    assert ece_noise_floor(np.zeros((0, 2))) == 0.0
+
+
+def test_the_noise_floor_is_what_perfectly_calibrated_draws_show_and_shrinks_with_size() -> None:
+    rng = np.random.default_rng(1)
+
+    def scores(count: int) -> np.ndarray:
+        top = rng.uniform(0.6, 1.0, count)
+        return np.stack([top, 1.0 - top], axis=1)
+
+    small, large = scores(100), scores(10_000)
+    floor = ece_noise_floor(small, draws=400, seed=2)
+    # The same thing by hand: labels drawn so that each confidence is exactly right.
+    by_hand = np.mean(
+        [
+            expected_calibration_error(small, (rng.random(100) >= small[:, 0]).astype(np.int64))
+            for _ in range(400)
+        ]
+    )
+    assert floor == pytest.approx(by_hand, rel=0.15)
+    assert floor > 3 * ece_noise_floor(large, draws=40, seed=2) > 0
+    assert ece_noise_floor(small, draws=50, seed=7) == ece_noise_floor(small, draws=50, seed=7)
+
+
 def test_metadata_refuses_thresholds_for_other_classes() -> None:
     calibration = Calibration(
         temperature=1.5,
@@ -184,6 +211,7 @@ def test_training_calibrates_on_validation_and_evaluate_reports_both_errors(
     evaluated = run_cli(["evaluate", str(outcome.artifact_dir), str(sample_dir)])
     assert evaluated.returncode == 0, evaluated.stderr
     assert "expected calibration error" in evaluated.stdout and "calibrated" in evaluated.stdout
+    assert "a perfectly calibrated model would show" in " ".join(evaluated.stdout.split())
 
 
 def test_calibrate_writes_a_calibrated_copy_of_an_uncalibrated_model(
@@ -197,6 +225,7 @@ def test_calibrate_writes_a_calibrated_copy_of_an_uncalibrated_model(
     result = run_cli(["calibrate", str(source), str(sample_dir)], env=env)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "held out 18 images: ECE" in result.stdout
+    assert "would show" in " ".join(result.stdout.split())
     copies = [path for path in (models / "tiny").iterdir() if path != source]
     assert len(copies) == 1
     metadata = json.loads((copies[0] / "metadata.json").read_text())

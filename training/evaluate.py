@@ -22,7 +22,12 @@ from core.errors import DataError, ImageError
 from core.reasons import Reason
 from core.settings import FaceSettings, LimitSettings
 from training.artifacts import Artifact
-from training.calibration import calibrate_scores, expected_calibration_error, reliability
+from training.calibration import (
+    calibrate_scores,
+    ece_noise_floor,
+    expected_calibration_error,
+    reliability,
+)
 from training.faces import FaceDetector
 from training.faces.labeling import DetectedFaces, classify_faces, find_faces
 from training.inference import predict_scores, thresholds_of, to_predictions
@@ -117,6 +122,10 @@ def calibration_report(
         "calibrated": metadata.calibration is not None,
         "ece_before": expected_calibration_error(raw, true_labels),
         "ece_after": expected_calibration_error(calibrated, true_labels),
+        # What a perfectly calibrated model with the same confidences would show on this many
+        # images: a change in ECE smaller than the floors' gap is noise.
+        "ece_floor_before": ece_noise_floor(raw),
+        "ece_floor_after": ece_noise_floor(calibrated),
         "reliability_before": reliability(raw, true_labels),
         "reliability_after": reliability(calibrated, true_labels),
     }
@@ -130,6 +139,14 @@ def calibration_report(
         # Accuracy of the labels not marked uncertain: what a user who trusts them gets.
         report["precision_when_sure"] = float(correct[sure].mean()) if sure else None
     return calibrated, report
+
+
+def floor_note(report: dict[str, Any], images: int) -> str:
+    """How to read an ECE pair from `calibration_report`: the floors it cannot go below."""
+    return (
+        f"a perfectly calibrated model would show ~{report['ece_floor_before']:.4f} and "
+        f"~{report['ece_floor_after']:.4f} on these {images} images"
+    )
 
 
 def load_labeled_images(

@@ -32,7 +32,7 @@ from training.dataset import (
     split_examples,
     write_manifest,
 )
-from training.evaluate import Evaluation, evaluate_files, write_evaluation
+from training.evaluate import Evaluation, evaluate_files, floor_note, write_evaluation
 from training.frozen import MANIFEST as FROZEN_MANIFEST
 from training.frozen import apply_frozen, freeze, load_frozen
 from training.metadata import (
@@ -314,7 +314,8 @@ def train_model(
     progress(f"test accuracy {evaluation.accuracy:.4f}, macro F1 {evaluation.macro['f1']:.4f}")
     progress(
         f"test ECE {evaluation.calibration['ece_before']:.4f} before calibration, "
-        f"{evaluation.calibration['ece_after']:.4f} after; "
+        f"{evaluation.calibration['ece_after']:.4f} after "
+        f"({floor_note(evaluation.calibration, evaluation.support)}); "
         f"{evaluation.calibration.get('uncertain', 0)} of {evaluation.support} uncertain"
     )
     return TrainOutcome(final, metadata, evaluation, data.findings, data.split, seconds)

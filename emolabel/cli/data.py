@@ -190,7 +190,12 @@ def evaluate(
     from training.artifacts import load_artifact
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
-    from training.evaluate import evaluate_face_files, evaluate_files, write_evaluation
+    from training.evaluate import (
+        evaluate_face_files,
+        evaluate_files,
+        floor_note,
+        write_evaluation,
+    )
     from training.metadata import write_metadata
     from training.train import ensure_trainable
 
@@ -233,7 +238,8 @@ def evaluate(
     if calibration:
         console.print(
             f"expected calibration error {calibration['ece_before']:.4f} raw, "
-            f"{calibration['ece_after']:.4f} calibrated"
+            f"{calibration['ece_after']:.4f} calibrated "
+            f"({floor_note(calibration, evaluation.support)})"
             + (
                 f" (temperature {calibration['temperature']:.3f}); "
                 f"{calibration['uncertain']} uncertain, accuracy of the rest "
@@ -277,6 +283,7 @@ def calibrate(
     from training.artifacts import load_artifact
     from training.clean import scan_dataset
     from training.dataset import discover_classes, examples_from_report
+    from training.evaluate import floor_note
     from training.recalibrate import recalibrate
     from training.train import ensure_trainable
 
@@ -317,7 +324,8 @@ def calibrate(
     if held.get("images"):
         console.print(
             f"held out {held['images']} images: ECE {held['ece_before']:.4f} raw, "
-            f"{held['ece_after']:.4f} calibrated; accuracy {held['accuracy']:.4f} (unchanged "
+            f"{held['ece_after']:.4f} calibrated ({floor_note(held, held['images'])}); "
+            f"accuracy {held['accuracy']:.4f} (unchanged "
             f"by calibration); {held['uncertain']} uncertain",
             highlight=False,
         )
