@@ -284,8 +284,10 @@ class Job(Base):
     # finished by the reconciler.
     producer: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     heartbeat_at: Mapped[dt.datetime | None]
-    # Set by `emolabel prune`, which deleted the job's ledger rows and chunks: `summary` keeps
-    # the counts by state and by (state, reason) they had, so the job still tells its story.
+    # `summary`: the counts by state and by (state, reason) of the job's ledger rows, kept when
+    # the job finishes (so `status` of a huge finished job reads one row; cleared when it is
+    # reopened) and by `emolabel prune`, which sets `pruned_at` and deletes the rows and chunks,
+    # so the job still tells its story.
     pruned_at: Mapped[dt.datetime | None]
     summary: Mapped[dict[str, Any] | None]
 

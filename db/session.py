@@ -11,15 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.autogenerate.api import AutogenContext
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import JSON, Connection, Engine, create_engine, event, make_url
+from sqlalchemy import JSON, Connection, Engine, create_engine, event, inspect, make_url
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,8 +21,17 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from db.models import Base, UtcDateTime
 
+if TYPE_CHECKING:
+    # Alembic is imported where it is used: importing it costs every command ~0.2-0.3 s, and a
+    # command on a database already at HEAD_REVISION never needs it (`ready_schema`).
+    from alembic.autogenerate.api import AutogenContext
+    from alembic.config import Config
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The newest migration in db/migrations/versions (tests/test_db.py holds it to Alembic's head):
+# a command reads the database's alembic_version row and compares, without importing Alembic.
+HEAD_REVISION = "0005"
 # Any constant: serializes concurrent upgrades of one PostgreSQL database.
 _MIGRATION_LOCK_KEY = 0x656D6F6C6162
 
@@ -84,6 +87,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 def alembic_config(url: str | None = None, *, connection: Connection | None = None) -> Config:
     """An Alembic configuration built in code, pointing at this package's migrations."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url is not None:
@@ -121,23 +126,31 @@ def render_item(type_: str, item: Any, autogen_context: AutogenContext) -> str |
 
 def head_revision() -> str | None:
     """The newest revision in `db/migrations`."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
 def ensure_schema(engine: Engine, revision: str = "head") -> None:
     """Migrate the database behind `engine` to `revision`, in one transaction, safely concurrent."""
+    from alembic import command
+
     with _migration_connection(engine) as connection:
         command.upgrade(alembic_config(connection=connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Migrate the database behind `engine` down to `revision` ("base" empties it)."""
+    from alembic import command
+
     with _migration_connection(engine) as connection:
         command.downgrade(alembic_config(connection=connection), revision)
 
@@ -183,6 +196,9 @@ def _migration_connection(engine: Engine) -> Iterator[Connection]:
 
 def schema_differences(connection: Connection) -> list[Any]:
     """What autogenerate would change to make the database match the models (empty: none)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     options = migration_options()
     context = MigrationContext.configure(
         connection,
@@ -191,8 +207,40 @@ def schema_differences(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
+def stored_revision(connection: Connection) -> str | None:
+    """The revision in the database's alembic_version row, read with plain SQL (None: none)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    revisions = [
+        row[0] for row in connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+    ]
+    return revisions[0] if len(revisions) == 1 else None
+
+
+def ready_schema(url: str, *, migrate: bool) -> None:
+    """What every command does first: nothing when the database is at HEAD_REVISION (one small
+    query, no Alembic); otherwise migrate it (`migrate`, the embedded default) or raise
+    SchemaMismatchError. The full models-against-database comparison is `check_schema`
+    (`emolabel db check`, and the tests)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            current = stored_revision(connection)
+        if current == HEAD_REVISION:
+            return
+        if not migrate:
+            raise SchemaMismatchError(
+                f"database is at revision {current}, migrations end at {HEAD_REVISION}: run upgrade"
+            )
+        ensure_schema(engine)
+    finally:
+        engine.dispose()
+
+
 def check_schema(url: str) -> None:
     """Fail unless the database at `url` is at the newest migration and matches the models."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
@@ -211,6 +259,7 @@ def check_schema(url: str) -> None:
 
 
 __all__ = [
+    "HEAD_REVISION",
     "MIGRATIONS_DIR",
     "SchemaMismatchError",
     "alembic_config",
@@ -222,7 +271,9 @@ __all__ = [
     "make_engine",
     "make_sessionmaker",
     "migration_options",
+    "ready_schema",
     "render_item",
     "schema_differences",
+    "stored_revision",
     "upgrade",
 ]

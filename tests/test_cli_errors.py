@@ -100,3 +100,19 @@ def test_every_command_has_help() -> None:
     for command in ["sample-data", "clean", "train", "evaluate", "predict", "import-model"]:
         result = run_cli([command, "--help"])
         assert result.returncode == 0 and "Usage" in result.stdout, command
+
+
+def test_a_configured_database_behind_the_migrations_is_refused_then_upgraded(
+    tmp_path: Path,
+) -> None:
+    # A configured database is never migrated behind the operator's back; the embedded default
+    # is (tests/test_db.py::test_ready_schema_migrates_or_refuses_by_the_revision_alone).
+    env = {
+        "EMOLABEL_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "EMOLABEL_HOME": str(tmp_path / "home"),
+    }
+    assert_one_clear_line(run_cli(["status"], env=env), "run `emolabel db upgrade`")
+    assert run_cli(["db", "upgrade"], env=env).returncode == 0
+    assert run_cli(["db", "check"], env=env).returncode == 0
+    shown = run_cli(["status"], env=env)
+    assert shown.returncode == 0, shown.stderr

@@ -45,6 +45,7 @@ from db.repository import (
     ResultRow,
 )
 from db.session import (
+    HEAD_REVISION,
     SchemaMismatchError,
     check_schema,
     current_revision,
@@ -53,6 +54,7 @@ from db.session import (
     head_revision,
     make_engine,
     make_sessionmaker,
+    ready_schema,
     upgrade,
 )
 from tests.support.services import POSTGRES_ADMIN_URL, PostgresServer
@@ -184,6 +186,32 @@ def test_check_schema_refuses_a_database_behind_the_migrations(
     url = new_database(backend)
     with pytest.raises(SchemaMismatchError, match="run upgrade"):
         check_schema(url)
+
+
+def test_the_head_revision_constant_is_the_migrations_head() -> None:
+    # Commands compare the database with HEAD_REVISION without loading the migrations: a new
+    # migration must move it too.
+    assert head_revision() == HEAD_REVISION
+
+
+def test_ready_schema_migrates_or_refuses_by_the_revision_alone(
+    backend: str, new_database: NewDatabase
+) -> None:
+    url = new_database(backend)
+    with pytest.raises(SchemaMismatchError, match=r"at revision None.*run upgrade"):
+        ready_schema(url, migrate=False)
+    ready_schema(url, migrate=True)  # the embedded default: migrated on first use
+    check_schema(url)
+    ready_schema(url, migrate=False)  # at head: nothing to do
+    engine = make_engine(url)
+    try:
+        downgrade(engine, "0004")
+        with pytest.raises(SchemaMismatchError, match="at revision 0004"):
+            ready_schema(url, migrate=False)
+        ready_schema(url, migrate=True)
+        assert current_revision(engine) == HEAD_REVISION
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
@@ -388,6 +416,55 @@ def test_counts_balance_and_the_job_finishes_when_nothing_is_pending(session: Se
     assert job.status is JobStatus.DONE
     assert job.started_at is not None and job.finished_at is not None
     assert job.finished_at >= job.started_at
+
+
+def test_a_finished_job_keeps_its_counts_until_it_is_reopened(session: Session) -> None:
+    ids = list(images(session, 4).values())
+    job_id = repository.create_job(session=session, source="/photos")
+    items = [JobItemRow(image_id, chunk_index=0) for image_id in ids[:3]]
+    items.append(JobItemRow(ids[3], state=ItemState.SKIPPED, reason="not_an_image"))
+    repository.add_job_items(session=session, job_id=job_id, items=items)
+    repository.set_job_status(session=session, job_id=job_id, status=JobStatus.RUNNING, enqueued=4)
+    repository.record_outcomes(
+        session=session,
+        job_id=job_id,
+        results=[result(ids[0]), result(ids[1])],
+        failures=[FailureRow(ids[2], "corrupt")],
+        chunk_index=0,
+    )
+    assert repository.finish_job_if_complete(session=session, job_id=job_id)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None and job.summary is not None
+    assert job.summary["states"] == {
+        "labeled": 2, "failed": 1, "skipped": 1, "pending": 0, "no_face": 0, "uncertain": 0
+    }  # fmt: skip
+    assert sorted(map(tuple, job.summary["reasons"])) == [
+        ("failed", "corrupt", 1),
+        ("skipped", "not_an_image", 1),
+    ]
+    # The summary is what a finished job's status reads: it must be the rows' own counts.
+    from_summary = repository.job_counts(session=session, job_id=job_id)
+    reasons = repository.outcome_reasons(session=session, job_id=job_id)
+    session.execute(update(Job).where(Job.id == job_id).values(summary=None))
+    assert repository.job_counts(session=session, job_id=job_id) == from_summary
+    assert sorted(repository.outcome_reasons(session=session, job_id=job_id)) == sorted(reasons)
+    session.execute(update(Job).where(Job.id == job_id).values(summary=job.summary))
+
+    # failures --retry reopens it: the counts come from the rows again, then a new summary.
+    repository.return_to_pending(session=session, job_id=job_id, image_ids=[ids[2]], chunk_index=1)
+    repository.reopen_job(session=session, job_id=job_id)
+    reopened = session.get(Job, job_id, populate_existing=True)
+    assert reopened is not None and reopened.summary is None
+    assert repository.job_counts(session=session, job_id=job_id).pending == 1
+    repository.record_outcomes(
+        session=session, job_id=job_id, results=[result(ids[2])], failures=[], chunk_index=1
+    )
+    assert repository.finish_job_if_complete(session=session, job_id=job_id)
+    counts = repository.job_counts(session=session, job_id=job_id)
+    assert (counts.labeled, counts.failed, counts.skipped, counts.pending) == (3, 0, 1, 0)
+    assert repository.outcome_reasons(session=session, job_id=job_id) == [
+        ("skipped", "not_an_image", 1)
+    ]
 
 
 def test_a_scanning_job_is_not_finished(session: Session) -> None:

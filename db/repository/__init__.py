@@ -101,6 +101,7 @@ from db.repository.jobs import (
     finish_job_if_complete,
     get_job,
     job_counts,
+    job_summary,
     latest_jobs,
     reopen_job,
     set_job_status,
@@ -136,7 +137,6 @@ from db.repository.retention import (
     PRUNE_BATCH_ROWS,
     PrunableJob,
     PrunedJob,
-    job_summary,
     prunable_jobs,
     prune_job,
 )

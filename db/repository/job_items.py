@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     func,
     literal,
+    or_,
     select,
     update,
 )
@@ -29,6 +30,7 @@ from sqlalchemy.orm import Session
 from db.models import (
     REASON_LENGTH,
     ItemState,
+    JobStatus,
     utc_now,
 )
 from db.repository.base import (
@@ -255,11 +257,14 @@ def return_to_pending(
 
 def outcome_reasons(*, session: Session, job_id: int) -> list[tuple[str, str | None, int]]:
     """(state, reason, count) of a job's failed and skipped images, most frequent first (for a
-    pruned job, as its summary kept them)."""
+    finished or pruned job, as its summary kept them)."""
     summary = session.scalar(
-        select(JOBS.c.summary).where(JOBS.c.id == job_id, JOBS.c.pruned_at.is_not(None))
+        select(JOBS.c.summary).where(
+            JOBS.c.id == job_id,
+            or_(JOBS.c.pruned_at.is_not(None), JOBS.c.status == JobStatus.DONE),
+        )
     )
-    if summary is not None:
+    if summary is not None and "reasons" in summary:
         return [(str(state), reason, int(n)) for state, reason, n in summary.get("reasons", [])]
     count = func.count()
     query = (

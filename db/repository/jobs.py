@@ -13,6 +13,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    null,
     select,
     update,
 )
@@ -32,6 +33,7 @@ from db.repository.base import (
     check_text,
     json_document,
 )
+from db.repository.job_items import outcome_reasons
 
 TERMINAL_JOB_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
 
@@ -103,7 +105,7 @@ def set_job_status(
     """
     check_count(enqueued, "enqueued")
     now = utc_now()
-    values: dict[str, Any] = {"status": status}
+    values: dict[str, Any] = {"status": status, "summary": _summary_cleared()}
     if status is JobStatus.RUNNING:
         values["started_at"] = func.coalesce(JOBS.c.started_at, now)
     if status in TERMINAL_JOB_STATUSES:
@@ -147,13 +149,16 @@ PRUNED_STATES = ("labeled", "failed", "skipped", "pending", "no_face", "uncertai
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
     """How many of a job's images are labeled, uncertain, no_face, failed, skipped, pending."""
     job = session.execute(
-        select(JOBS.c.enqueued, JOBS.c.pruned_at, JOBS.c.summary).where(JOBS.c.id == job_id)
+        select(JOBS.c.enqueued, JOBS.c.status, JOBS.c.pruned_at, JOBS.c.summary).where(
+            JOBS.c.id == job_id
+        )
     ).first()
     if job is None:
         raise NotFoundError(f"no job with id {job_id}")
     enqueued = job.enqueued
-    if job.pruned_at is not None and job.summary is not None:
-        # Its rows were pruned (`db.repository.retention`): the counts they had.
+    if (job.pruned_at is not None or job.status == JobStatus.DONE) and job.summary is not None:
+        # A finished job's counts, kept when it finished; a pruned one's, kept before its rows
+        # were deleted (`db.repository.retention`).
         states = job.summary.get("states", {})
         return JobCounts(
             enqueued=enqueued,
@@ -176,6 +181,27 @@ def job_counts(*, session: Session, job_id: int) -> JobCounts:
         no_face=by_state.get(ItemState.NO_FACE, 0),
         uncertain=by_state.get(ItemState.UNCERTAIN, 0),
     )
+
+
+def job_summary(*, session: Session, job_id: int) -> dict[str, Any]:
+    """The counts a job's ledger rows add up to: by state, and failed/skipped by reason.
+
+    Kept in the job row when the job finishes (`status` of a finished 10M-image job then reads
+    one row, not 10M) and when `prune_job` deletes its rows.
+    """
+    counts = job_counts(session=session, job_id=job_id)
+    return {
+        "states": {state: getattr(counts, state) for state in PRUNED_STATES},
+        "reasons": [
+            [state, reason, count]
+            for state, reason, count in outcome_reasons(session=session, job_id=job_id)
+        ],
+    }
+
+
+def _summary_cleared() -> Any:
+    """The summary column once a job's rows may change again: a pruned job keeps its own."""
+    return case((JOBS.c.pruned_at.is_(None), null()), else_=JOBS.c.summary)
 
 
 def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
@@ -208,7 +234,13 @@ def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
         .values(status=JobStatus.DONE, finished_at=utc_now())
         .returning(JOBS.c.id)
     )
-    return session.execute(statement).first() is not None
+    if session.execute(statement).first() is None:
+        return False
+    # Counted once, here, in the transaction that finished it: nothing changes a done job's
+    # rows until `reopen_job`, which clears this again.
+    summary = job_summary(session=session, job_id=job_id)
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(summary=summary))
+    return True
 
 
 def end_scan(
@@ -257,7 +289,9 @@ def reopen_job(*, session: Session, job_id: int) -> None:
         else_=JobStatus.QUEUED.value,
     )
     session.execute(
-        update(JOBS).where(JOBS.c.id == job_id).values(status=reopened, finished_at=None)
+        update(JOBS)
+        .where(JOBS.c.id == job_id)
+        .values(status=reopened, finished_at=None, summary=_summary_cleared())
     )
 
 

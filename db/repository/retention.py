@@ -27,8 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import JobStatus, utc_now
 from db.repository.base import CHUNKS, JOB_ITEMS, JOBS, NotFoundError
-from db.repository.job_items import outcome_reasons
-from db.repository.jobs import job_counts
+from db.repository.jobs import job_summary
 
 # Rows deleted per transaction: short transactions, and the WAL of one is a few megabytes.
 PRUNE_BATCH_ROWS = 50_000
@@ -65,25 +64,6 @@ def prunable_jobs(*, session: Session, finished_before: dt.datetime) -> list[Pru
         .order_by(JOBS.c.finished_at, JOBS.c.id)
     )
     return [PrunableJob(*row) for row in session.execute(query)]
-
-
-def job_summary(*, session: Session, job_id: int) -> dict[str, Any]:
-    """The counts a job's ledger rows add up to, as `prune_job` keeps them."""
-    counts = job_counts(session=session, job_id=job_id)
-    return {
-        "states": {
-            "labeled": counts.labeled,
-            "uncertain": counts.uncertain,
-            "no_face": counts.no_face,
-            "failed": counts.failed,
-            "skipped": counts.skipped,
-            "pending": counts.pending,
-        },
-        "reasons": [
-            [state, reason, count]
-            for state, reason, count in outcome_reasons(session=session, job_id=job_id)
-        ],
-    }
 
 
 def prune_job(

@@ -60,15 +60,16 @@ def split_names(text: str) -> list[str]:
 
 
 def sessions_for(settings: Settings) -> sessionmaker[Session]:
-    from db.session import check_schema, make_engine, make_sessionmaker, upgrade
+    from db.session import make_engine, make_sessionmaker, ready_schema
 
     url = settings.effective_database_url
     if settings.database_url is None:
         settings.home.mkdir(parents=True, exist_ok=True)
-        upgrade(url)
+        ready_schema(url, migrate=True)
     else:
         try:
-            check_schema(url)
+            # The revision only: the full comparison with the models is `emolabel db check`.
+            ready_schema(url, migrate=False)
         except Exception as error:  # SchemaMismatchError or a connection error: one line either way
             fail(
                 f"database {safe_url(url)} is not ready ({first_line(error, url)}); "
