@@ -34,7 +34,7 @@ The goals (issue): `emolabel status JOB` under 1 s and `export` at 50,000 rows/s
    (`--export-repeat` for the streaming ones), min and median reported:
      status       `get_job`, `job_counts`, `outcome_reasons` (what `emolabel status JOB` calls),
                   the chunks check it runs after them (`open_chunks`), the schema check every
-                  command makes (`check_schema`), and the real command, `python -m emolabel
+                  command makes (`ready_schema`), and the real command, `python -m emolabel
                   status JOB`, wall time, in a fresh process; `emolabel status` (the latest jobs)
                   the same way, and `python -m emolabel --help` as the interpreter's floor
      export       the real command, `emolabel export --job J --state all` as CSV and JSON lines
@@ -1005,13 +1005,13 @@ def measure_status_common(bench: Bench) -> None:
     """What `emolabel status` does besides the job's counts, and the latest-jobs list."""
     from db.reconcile import images_without_message
     from db.repository import job_counts, latest_jobs
-    from db.session import check_schema
+    from db.session import ready_schema
 
     def orphans() -> int:
         return images_without_message(sessions=bench.sessions, broker_task_ids=set, stale_after=600)
 
     def schema() -> None:
-        check_schema(bench.url)
+        ready_schema(bench.url, migrate=False)
 
     def latest() -> int:
         with bench.sessions() as session:
@@ -1023,7 +1023,7 @@ def measure_status_common(bench: Bench) -> None:
             return len(latest_jobs(session=session, limit=50))
 
     bench.cli("cli.help", None, None, ["--help"])
-    bench.function("status.check_schema", None, None, schema, explain_it=False)
+    bench.function("status.ready_schema", None, None, schema, explain_it=False)
     bench.function("status.open_chunks", None, None, orphans)
     bench.function("status_list.functions", None, None, latest)
     bench.function("review.latest_jobs", None, None, page_jobs)
@@ -1338,6 +1338,11 @@ def print_table(result: dict[str, Any]) -> None:
         + ("reused" if ledger["reused"] else f"generated in {ledger['generation']['seconds']} s")
         + f"; load {env['load_average_at_start']} at start, {result['load_average_at_end']} at end"
     )
+    if ledger.get("summaries"):
+        print(
+            "job summaries counted (what finishing a job adds once): "
+            + ", ".join(f"job {job} {seconds} s" for job, seconds in ledger["summaries"].items())
+        )
 
 
 def goals(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1459,7 +1464,7 @@ def prepare_ledger(arguments: argparse.Namespace, engine: Any) -> dict[str, Any]
         )
     if state == "reuse" and not arguments.regenerate:
         print(f"reusing the generated ledger of {arguments.rows:,} images", flush=True)
-        return {"reused": True, "database_created": created}
+        return {"reused": True, "database_created": created, "summaries": summarize(engine)}
     print(f"writing a ledger of {arguments.rows:,} images", flush=True)
     generation = generate(engine, arguments.rows, arguments.classes, arguments.slice_rows,
                           truncate=state != "empty")  # fmt: skip
@@ -1468,7 +1473,35 @@ def prepare_ledger(arguments: argparse.Namespace, engine: Any) -> dict[str, Any]
         f" {generation['vacuum_analyze_seconds']} s",
         flush=True,
     )
-    return {"reused": False, "database_created": created, "generation": generation}
+    return {
+        "reused": False,
+        "database_created": created,
+        "generation": generation,
+        "summaries": summarize(engine),
+    }
+
+
+def summarize(engine: Any) -> dict[str, float]:
+    """What `finish_job_if_complete` does once when a job finishes: count its rows into
+    `jobs.summary`. The generated jobs are written done, so it is done here, timed per job (a
+    ledger generated before the summary existed gets it too)."""
+    from sqlalchemy import select, update
+    from sqlalchemy.orm import Session
+
+    from db.models import Job, JobStatus
+    from db.repository import job_summary
+
+    seconds: dict[str, float] = {}
+    with Session(engine) as session, session.begin():
+        done = session.scalars(
+            select(Job.id).where(Job.status == JobStatus.DONE, Job.summary.is_(None))
+        ).all()
+        for job_id in done:
+            started = time.perf_counter()
+            summary = job_summary(session=session, job_id=job_id)
+            session.execute(update(Job).where(Job.id == job_id).values(summary=summary))
+            seconds[str(job_id)] = round(time.perf_counter() - started, 3)
+    return seconds
 
 
 def cli_environment(url: str, home: Path) -> dict[str, str]:
