@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -137,9 +138,12 @@ def face_record(row: Any) -> dict[str, Any]:
     return record
 
 
+_ledger_values = operator.attrgetter(*LEDGER_COLUMNS)
+
+
 def ledger_record(row: Any) -> dict[str, Any]:
     """A ledger row (`LedgerRow`) as a record."""
-    return {column: getattr(row, column) for column in LEDGER_COLUMNS}
+    return dict(zip(LEDGER_COLUMNS, _ledger_values(row), strict=True))
 
 
 def write_records(
@@ -204,6 +208,13 @@ CSV_CELLS: dict[str, Callable[[Any], Any]] = {
 """The CSV columns whose values are written otherwise than as they are."""
 
 
+# Stands in for scores kept as JSON text while the rest of a line is encoded, then replaced by
+# that text: one json.dumps per line. Should any other value contain it, the line is encoded in
+# parts instead.
+_SCORES_PLACEHOLDER = "\x00emolabel-scores\x00"
+_SCORES_MARK = json.dumps(_SCORES_PLACEHOLDER)
+
+
 def jsonl_line(record: dict[str, Any]) -> str:
     """One JSON line; scores already in JSON text (`scores_json`) go in as they are, in their
     place among the keys."""
@@ -211,6 +222,9 @@ def jsonl_line(record: dict[str, Any]) -> str:
     scores = record.get("scores")
     if not isinstance(scores, str):
         return json.dumps(record, default=_json_default)
+    text = json.dumps(record | {"scores": _SCORES_PLACEHOLDER}, default=_json_default)
+    if text.count(_SCORES_MARK) == 1:
+        return text.replace(_SCORES_MARK, scores)
     items = list(record.items())
     at = next(index for index, (key, _) in enumerate(items) if key == "scores")
     parts = [

@@ -66,3 +66,11 @@ def test_scores_as_text_give_the_same_csv() -> None:
 def test_a_line_with_scores_only_or_none() -> None:
     assert json.loads(jsonl_line({"scores": '{"a": 1.0}'})) == {"scores": {"a": 1.0}}
     assert json.loads(jsonl_line({"uri": "x", "scores": None})) == {"uri": "x", "scores": None}
+
+
+def test_a_value_that_looks_like_the_scores_stand_in_stays_itself() -> None:
+    # jsonl_line encodes scores text through a stand-in; a name equal to it must not be touched.
+    hostile = record('{"sad": 0.75}') | {"uri": "\x00emolabel-scores\x00"}
+    decoded = json.loads(jsonl_line(hostile))
+    assert decoded["uri"] == "\x00emolabel-scores\x00" and decoded["scores"] == {"sad": 0.75}
+    assert list(decoded) == list(hostile)

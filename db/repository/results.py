@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -37,9 +36,9 @@ from db.repository.base import (
 from db.repository.reviews import latest_verdicts
 
 
-@dataclass(frozen=True, slots=True)
-class ExportRow:
-    """One result with its image's URI, for export.
+class ExportRow(NamedTuple):
+    """One result with its image's URI, for export (a named tuple: an export makes millions,
+    and a frozen dataclass's __init__ cost more than writing the row).
 
     `face_count` is None for a whole-image model; for a face model the faces found, the label
     the largest face's, and 0 for an image without a face (label and confidence None). The human
@@ -142,11 +141,11 @@ def iter_results(
         )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
     """One ledger row (an image in a job) for `export --state`: its state, the reason and
     message of a failed or skipped image, and the label of the job's model version if that
     version labeled the image (in this job, or earlier for an image skipped as already labeled).
+    A named tuple, as `ExportRow`.
     """
 
     job_id: int
