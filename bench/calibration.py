@@ -166,6 +166,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_test_ece": [mean("test_ece", 0), mean("test_ece", 1)],
         "mean_test_nll": [mean("test_nll", 0), mean("test_nll", 1)],
         "mean_test_ece_floor": [mean("test_ece_floor", 0), mean("test_ece_floor", 1)],
+        # ECE less its floor: what the confidences miss beyond what the split's size explains.
+        "mean_test_ece_above_floor": [
+            round(
+                float(np.mean([row["test_ece"][i] - row["test_ece_floor"][i] for row in rows])), 4
+            )
+            for i in (0, 1)
+        ],
         "ece_fell": sum(row["test_ece"][1] < row["test_ece"][0] for row in rows),
         "nll_fell": sum(row["test_nll"][1] < row["test_nll"][0] for row in rows),
         "alternatives_mean_test_ece": {
