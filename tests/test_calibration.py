@@ -5,6 +5,7 @@ they were fitted on; a model says `uncertain` only when it has thresholds."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_temperature_lowers_the_error_on_real_digits_and_keeps_every_label() -> 
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_the_fitted_temperature_minimises_the_negative_log_likelihood() -> None:
+def test_the_fitted_temperature_minimises_the_negative_log_likelihood_and_its_prior() -> None:
     val_scores, val_labels, _, _ = digits_scores()
     best = fit_temperature(val_scores, val_labels)
 
@@ -76,7 +77,26 @@ def test_the_fitted_temperature_minimises_the_negative_log_likelihood() -> None:
         picked = apply_temperature(val_scores, temperature)[np.arange(len(val_labels)), val_labels]
         return float(-np.mean(np.log(np.clip(picked, 1e-12, 1))))
 
-    assert nll(best) <= min(nll(best * 0.8), nll(best * 1.25)) + 1e-9
+    def posterior_loss(temperature: float) -> float:
+        return nll(temperature) + math.log(temperature) ** 2 / (2 * len(val_labels))
+
+    assert posterior_loss(best) <= min(posterior_loss(best * 0.8), posterior_loss(best * 1.25))
+    # With mistakes in the split the likelihood decides: the plain NLL minimum is within 5%.
+    grid = np.exp(np.linspace(math.log(best / 2), math.log(best * 2), 401))
+    plain = float(grid[np.argmin([nll(t) for t in grid])])
+    assert abs(math.log(best / plain)) < 0.05
+
+
+def test_a_split_the_model_gets_all_right_does_not_drive_the_temperature_to_zero() -> None:
+    # Every validation image right, with some confidence: the likelihood alone keeps falling as
+    # T -> 0 (every score to 1.000); the prior stops the fit at a finite temperature.
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.6, 0.99, 200)
+    scores = np.stack([top, 1 - top], axis=1)
+    labels = np.zeros(200, dtype=np.int64)
+    temperature = fit_temperature(scores, labels)
+    assert 0.1 < temperature < 1.0
+    assert apply_temperature(scores, temperature)[:, 0].min() < 0.999
 
 
 def test_thresholds_reach_the_target_precision_on_the_set_they_were_fitted_on() -> None:

@@ -3,11 +3,12 @@
 A CNN's softmax is over-confident (Guo et al., "On Calibration of Modern Neural Networks", 2017):
 the demo model said 1.000 for almost everything, a coffee cup included. Temperature scaling is
 the method that paper recommends: one scalar T, fitted on the validation split by minimising the
-negative log-likelihood, divides the logits; it never changes the argmax, so accuracy is
-unchanged by construction. We only have the model's probabilities (an imported model may end in
-a softmax or a sigmoid), so the logits are their logarithms: `softmax(log(p) / T)` is the same
-as scaling the logits for a softmax head, and `sigmoid(logit(p) / T)` for a sigmoid head (its two
-columns `[1 - p, p]`).
+negative log-likelihood (with a weak prior on log T, so that a split the model gets all right
+cannot drive T to 0: `fit_temperature`), divides the logits; it never changes the argmax, so
+accuracy is unchanged by construction. We only have the model's probabilities (an imported
+model may end in a softmax or a sigmoid), so the logits are their logarithms: `softmax(log(p) /
+T)` is the same as scaling the logits for a softmax head, and `sigmoid(logit(p) / T)` for a
+sigmoid head (its two columns `[1 - p, p]`).
 
 Per-class thresholds then say when a label is good enough: for each class, the lowest calibrated
 confidence at which the validation images predicted as that class reach the target precision
@@ -32,6 +33,8 @@ from scipy.optimize import minimize_scalar
 from training.metadata import Calibration
 
 ECE_BINS = 15
+# The prior's spread in log T (a factor of e either way): see `fit_temperature`.
+LOG_TEMPERATURE_PRIOR_SD = 1.0
 # Temperatures outside this range mean a broken fit, not a calibrated model.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 _TINY = 1e-12
@@ -61,13 +64,26 @@ def negative_log_likelihood(scores: NDArray[np.floating], labels: NDArray[np.int
 
 
 def fit_temperature(scores: NDArray[np.floating], labels: NDArray[np.integer]) -> float:
-    """The temperature that minimises the negative log-likelihood of `labels`."""
+    """The temperature of highest posterior: the negative log-likelihood of `labels` plus a
+    weak prior, log T ~ N(0, `LOG_TEMPERATURE_PRIOR_SD`^2), worth one image.
+
+    Why the prior: on a validation split the model gets (almost) all right, the likelihood keeps
+    falling as T -> 0, and the plain fit sharpens every confidence towards 1.000, mistakes
+    included (generated faces, 480 validation images, 2 wrong: T 0.089, and the test split's
+    NLL rose 0.028 -> 0.067). The prior only decides where the data do not (T 0.28 there, test
+    NLL 0.027 and ECE 0.0156 -> 0.0058); with a few mistakes in the split the likelihood
+    dominates and the fit is the plain one to within a percent (the digits: T 1.38 -> 1.37).
+    """
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise ValueError("no labelled scores to fit a temperature on")
+    prior_weight = 1.0 / (2.0 * LOG_TEMPERATURE_PRIOR_SD**2 * len(labels))
 
     def loss(log_temperature: float) -> float:
-        return negative_log_likelihood(apply_temperature(scores, math.exp(log_temperature)), labels)
+        likelihood = negative_log_likelihood(
+            apply_temperature(scores, math.exp(log_temperature)), labels
+        )
+        return likelihood + prior_weight * log_temperature**2
 
     # One bounded scalar search in log T: the NLL is smooth and unimodal enough in practice.
     found = minimize_scalar(
