@@ -1485,11 +1485,11 @@ def summarize(engine: Any) -> dict[str, float]:
     """What `finish_job_if_complete` does once when a job finishes: count its rows into
     `jobs.summary`. The generated jobs are written done, so it is done here, timed per job (a
     ledger generated before the summary existed gets it too)."""
-    from sqlalchemy import select, update
+    from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from db.models import Job, JobStatus
-    from db.repository import job_summary
+    from db.repository import keep_job_summary
 
     seconds: dict[str, float] = {}
     with Session(engine) as session, session.begin():
@@ -1498,8 +1498,7 @@ def summarize(engine: Any) -> dict[str, float]:
         ).all()
         for job_id in done:
             started = time.perf_counter()
-            summary = job_summary(session=session, job_id=job_id)
-            session.execute(update(Job).where(Job.id == job_id).values(summary=summary))
+            keep_job_summary(session=session, job_id=job_id)
             seconds[str(job_id)] = round(time.perf_counter() - started, 3)
     return seconds
 

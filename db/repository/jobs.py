@@ -142,8 +142,8 @@ def allocate_chunk_indices(
     return int(row[0]) - count
 
 
-# The counts a pruned job's summary keeps (JobCounts' fields besides `enqueued`).
-PRUNED_STATES = ("labeled", "failed", "skipped", "pending", "no_face", "uncertain")
+# The counts a job's summary keeps (JobCounts' fields besides `enqueued`).
+SUMMARY_STATES = ("labeled", "failed", "skipped", "pending", "no_face", "uncertain")
 
 
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
@@ -162,7 +162,7 @@ def job_counts(*, session: Session, job_id: int) -> JobCounts:
         states = job.summary.get("states", {})
         return JobCounts(
             enqueued=enqueued,
-            **{state: int(states.get(state, 0)) for state in PRUNED_STATES},
+            **{state: int(states.get(state, 0)) for state in SUMMARY_STATES},
         )
     query = (
         select(JOB_ITEMS.c.state, func.count())
@@ -191,12 +191,18 @@ def job_summary(*, session: Session, job_id: int) -> dict[str, Any]:
     """
     counts = job_counts(session=session, job_id=job_id)
     return {
-        "states": {state: getattr(counts, state) for state in PRUNED_STATES},
+        "states": {state: getattr(counts, state) for state in SUMMARY_STATES},
         "reasons": [
             [state, reason, count]
             for state, reason, count in outcome_reasons(session=session, job_id=job_id)
         ],
     }
+
+
+def keep_job_summary(*, session: Session, job_id: int) -> None:
+    """Count the job's rows into `jobs.summary` (what finishing a job does; see `job_summary`)."""
+    summary = job_summary(session=session, job_id=job_id)
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(summary=summary))
 
 
 def _summary_cleared() -> Any:
@@ -238,8 +244,7 @@ def finish_job_if_complete(*, session: Session, job_id: int) -> bool:
         return False
     # Counted once, here, in the transaction that finished it: nothing changes a done job's
     # rows until `reopen_job`, which clears this again.
-    summary = job_summary(session=session, job_id=job_id)
-    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(summary=summary))
+    keep_job_summary(session=session, job_id=job_id)
     return True
 
 
