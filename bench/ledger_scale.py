@@ -42,8 +42,10 @@ The goals (issue): `emolabel status JOB` under 1 s and `export` at 50,000 rows/s
                   rusage, the command started by a small launcher process so that the bench's
                   own RSS cannot show in it): a streamed export's peak is the same for 1,000
                   rows and for N; and
-                  `iter_ledger_rows` alone (as the command calls it), rows/s, with the RSS at
-                  10%, 50% and 100% of the rows
+                  `iter_ledger_rows` alone (as the Python writers call it), rows/s, with the
+                  RSS at 10%, 50% and 100% of the rows; and the Python CSV writer over those
+                  rows into a file (`export.python_csv`: SQLite's path, and PostgreSQL's before
+                  the server wrote exports itself), the same run's reference for the command
      failures     `emolabel failures --job J --json`, and `failed_items` alone
      review       the page's queries with the page's defaults (no filter): `review_items`,
                   `mean_confidence_by_label`, `job_labels`, `job_model_versions`,
@@ -1044,7 +1046,21 @@ def measure_export(bench: Bench, job: str, job_id: int, rows: int) -> None:
             )
             return stream(records, rows)
 
+    def python_csv() -> int:
+        # What the command wrote on PostgreSQL before the server wrote exports itself, and
+        # writes on SQLite still: the Python CSV writer over the same rows.
+        output = bench.scratch / f"export-python-{job_id}.csv"
+        with bench.sessions() as session, output.open("w", newline="") as handle:
+            records = map(
+                exports.ledger_record,
+                iter_ledger_rows(
+                    session=session, states=exports.parse_states(["all"]), job_id=job_id
+                ),
+            )
+            return exports.write_records(records, exports.LEDGER_COLUMNS, "csv", handle, None)
+
     bench.function("export.iter_ledger_rows", job, job_id, ledger, repeat=bench.export_repeat)
+    bench.function("export.python_csv", job, job_id, python_csv, repeat=bench.export_repeat)
     for output_format in ("csv", "jsonl"):
         output = bench.scratch / f"export-{job_id}.{output_format}"
         bench.cli(

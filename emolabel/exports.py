@@ -103,13 +103,14 @@ def parse_states(values: Iterable[str]) -> list[str]:
 
 
 def photo_record(row: Any) -> dict[str, Any]:
-    """A `results` row (`ExportRow`) as a record; a face model's gains face_count."""
+    """A `results` row (`ExportRow`) as a record, keys in `EXPORT_COLUMNS`' order (the order
+    PostgreSQL writes them in too); a face model's gains face_count."""
     record: dict[str, Any] = {
         "uri": row.uri,
         "label": row.label,
         "confidence": row.confidence,
-        "scores": row.scores,
         "model_version": row.model_version,
+        "scores": row.scores,
         "job_id": row.job_id,
         "outcome": row.outcome,
         "runner_up": row.runner_up,

@@ -377,12 +377,12 @@ def test_export_writes_a_row_per_face_and_per_no_face_image(
     )
     assert json.loads(only[4]) == {"happy": 0.3, "sad": 0.7}
     jsonl = cli(settings, "export", "--format", "jsonl", "--model-version", "image-v1").stdout
-    assert list(json.loads(jsonl)) == [
+    assert list(json.loads(jsonl)) == [  # the CSV's columns, in the same order
         "uri",
         "label",
         "confidence",
-        "scores",
         "model_version",
+        "scores",
         "job_id",
         "outcome",
         "runner_up",

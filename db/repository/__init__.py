@@ -125,6 +125,7 @@ from db.repository.outcomes import (
     record_outcomes,
 )
 from db.repository.results import (
+    ExportQuery,
     ExportRow,
     LedgerRow,
     iter_ledger_rows,
@@ -133,6 +134,8 @@ from db.repository.results import (
     latest_confidence_below,
     latest_label_not_by,
     latest_uncertain,
+    ledger_query,
+    results_query,
 )
 from db.repository.retention import (
     PRUNE_BATCH_ROWS,
@@ -173,6 +176,7 @@ __all__ = [
     "ArchiveImage",
     "ChunkImage",
     "ChunkRow",
+    "ExportQuery",
     "ExportRow",
     "FaceExportRow",
     "FaceRow",
@@ -231,6 +235,7 @@ __all__ = [
     "latest_label_not_by",
     "latest_outcome_failed",
     "latest_uncertain",
+    "ledger_query",
     "list_models",
     "mark_chunk_published",
     "mark_chunks_published",
@@ -252,6 +257,7 @@ __all__ = [
     "recorded_churn",
     "register_model",
     "reopen_job",
+    "results_query",
     "return_to_pending",
     "review_items",
     "set_active_model",

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Subquery,
     Text,
     and_,
+    case,
     cast,
     func,
     select,
@@ -96,6 +97,60 @@ def scores_json() -> ColumnElement[str]:
     return cast(RESULTS.c.scores, Text)
 
 
+class ExportQuery(NamedTuple):
+    """An export's rows as one SELECT, its columns labeled with their export names, and the
+    columns that order them; `iter_results` and `iter_ledger_rows` read it in Python, and on
+    PostgreSQL `db.repository.rendered` has the server write it as CSV or JSON lines."""
+
+    select: Select[Any]
+    order_by: tuple[str, ...]
+
+
+def results_query(
+    *, job_id: int | None = None, model_version: str | None = None, scores_as_text: bool = True
+) -> ExportQuery:
+    """The results an export writes, with their image's URI and latest human verdict: of the
+    images in job `job_id`'s ledger (also those it skipped as already labeled), of
+    `model_version` alone, or all. The scores are the stored JSON text (`scores_json`), or with
+    `scores_as_text=False` the JSON document itself."""
+    verdict = latest_verdicts()
+    outcome = case(
+        (RESULTS.c.face_count == 0, "no_face"),
+        (RESULTS.c.uncertain.is_(True), "uncertain"),
+        else_="labeled",
+    )
+    query: Select[Any] = select(
+        RESULTS.c.image_id,
+        IMAGES.c.uri,
+        RESULTS.c.model_version,
+        RESULTS.c.label,
+        RESULTS.c.confidence,
+        (scores_json() if scores_as_text else RESULTS.c.scores).label("scores"),
+        RESULTS.c.job_id,
+        RESULTS.c.created_at,
+        RESULTS.c.face_count,
+        RESULTS.c.uncertain,
+        RESULTS.c.runner_up,
+        RESULTS.c.runner_up_confidence,
+        verdict.c.new_label.label("human_label"),
+        verdict.c.reviewer.label("reviewed_by"),
+        verdict.c.created_at.label("reviewed_at"),
+        outcome.label("outcome"),
+    )
+    query = query.join(IMAGES, IMAGES.c.id == RESULTS.c.image_id).outerjoin(
+        verdict,
+        and_(verdict.c.image_id == RESULTS.c.image_id, verdict.c.face_index.is_(None)),
+    )
+    query = filter_results(query, job_id=job_id, model_version=model_version)
+    return ExportQuery(query, ("image_id", "model_version"))
+
+
+def ordered(export: ExportQuery) -> Select[Any]:
+    """The export's SELECT in its order."""
+    columns = export.select.selected_columns
+    return export.select.order_by(*(columns[name] for name in export.order_by))
+
+
 def iter_results(
     *,
     session: Session,
@@ -103,35 +158,8 @@ def iter_results(
     model_version: str | None = None,
     batch_size: int = 1000,
 ) -> Iterator[ExportRow]:
-    """Stream results for export, by image id.
-
-    With `job_id`, the results of the images in that job's ledger (also those the job skipped
-    as already labeled); with `model_version`, only that version's.
-    """
-    verdict = latest_verdicts()
-    query: Select[Any] = select(
-        RESULTS.c.image_id,
-        IMAGES.c.uri,
-        RESULTS.c.model_version,
-        RESULTS.c.label,
-        RESULTS.c.confidence,
-        scores_json(),
-        RESULTS.c.job_id,
-        RESULTS.c.created_at,
-        RESULTS.c.face_count,
-        RESULTS.c.uncertain,
-        RESULTS.c.runner_up,
-        RESULTS.c.runner_up_confidence,
-        verdict.c.new_label,
-        verdict.c.reviewer,
-        verdict.c.created_at,
-    )
-    query = query.join(IMAGES, IMAGES.c.id == RESULTS.c.image_id).outerjoin(
-        verdict,
-        and_(verdict.c.image_id == RESULTS.c.image_id, verdict.c.face_index.is_(None)),
-    )
-    query = filter_results(query, job_id=job_id, model_version=model_version)
-    query = query.order_by(RESULTS.c.image_id, RESULTS.c.model_version)
+    """Stream results for export, by image id (`results_query` says which)."""
+    query = ordered(results_query(job_id=job_id, model_version=model_version))
     for row in session.execute(query.execution_options(yield_per=batch_size)):
         (image_id, uri, version, label, confidence, scores, job_id, created_at) = row[:8]
         (face_count, uncertain, runner_up, runner_up_confidence) = row[8:12]
@@ -167,15 +195,11 @@ class LedgerRow(NamedTuple):
     reviewed_at: dt.datetime | None
 
 
-def iter_ledger_rows(
-    *,
-    session: Session,
-    states: Iterable[str],
-    job_id: int | None = None,
-    batch_size: int = 1000,
-) -> Iterator[LedgerRow]:
-    """Stream the ledger rows in `states` (of one job, or of every job), by job and image: every
-    file a job saw exactly once, so a job's rows per state equal its counts in `status`."""
+def ledger_query(
+    *, states: Iterable[str], job_id: int | None = None, scores_as_text: bool = True
+) -> ExportQuery:
+    """The ledger rows in `states` (of one job, or of every job), by job and image, with the
+    label of the job's model version and the latest human verdict (as `LedgerRow`)."""
     verdict = latest_verdicts()
     query: Select[Any] = (
         select(
@@ -189,13 +213,13 @@ def iter_ledger_rows(
             JOBS.c.model_version,
             RESULTS.c.label,
             RESULTS.c.confidence,
-            scores_json(),
+            (scores_json() if scores_as_text else RESULTS.c.scores).label("scores"),
             RESULTS.c.face_count,
             RESULTS.c.runner_up,
             RESULTS.c.runner_up_confidence,
-            verdict.c.new_label,
-            verdict.c.reviewer,
-            verdict.c.created_at,
+            verdict.c.new_label.label("human_label"),
+            verdict.c.reviewer.label("reviewed_by"),
+            verdict.c.created_at.label("reviewed_at"),
         )
         .join(IMAGES, IMAGES.c.id == JOB_ITEMS.c.image_id)
         .join(JOBS, JOBS.c.id == JOB_ITEMS.c.job_id)
@@ -211,10 +235,22 @@ def iter_ledger_rows(
             and_(verdict.c.image_id == JOB_ITEMS.c.image_id, verdict.c.face_index.is_(None)),
         )
         .where(JOB_ITEMS.c.state.in_(sorted(set(states))))
-        .order_by(JOB_ITEMS.c.job_id, JOB_ITEMS.c.image_id)
     )
     if job_id is not None:
         query = query.where(JOB_ITEMS.c.job_id == job_id)
+    return ExportQuery(query, ("job_id", "image_id"))
+
+
+def iter_ledger_rows(
+    *,
+    session: Session,
+    states: Iterable[str],
+    job_id: int | None = None,
+    batch_size: int = 1000,
+) -> Iterator[LedgerRow]:
+    """Stream the ledger rows in `states` (of one job, or of every job), by job and image: every
+    file a job saw exactly once, so a job's rows per state equal its counts in `status`."""
+    query = ordered(ledger_query(states=states, job_id=job_id))
     for row in session.execute(query.execution_options(yield_per=batch_size)):
         values = list(row)
         values[3] = str(values[3])  # the ItemState enum, as its name

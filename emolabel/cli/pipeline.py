@@ -450,12 +450,14 @@ def status(
         # The counts in columns, what each job ran on below them: readable at 80 columns.
         table = _compact_table(("job", "status", *COUNT_COLUMNS), left=("status",))
         about: list[str] = []
+        pending = 0
         for row in jobs:
             assert row is not None
             try:
                 counts = job_counts(session=session, job_id=row.id)
             except NotFoundError:
                 continue
+            pending += counts.pending
             if as_json:
                 record = {
                     "job": row.id,
@@ -495,7 +497,10 @@ def status(
         if job is not None:
             for state, reason, count in outcome_reasons(session=session, job_id=job):
                 console.print(f"{state}: {reason}: {count}", highlight=False)
-    _print_orphans(settings, sessions)
+    # Only pending images can lack a message: jobs with none shown need no trip to the broker
+    # (its client's import and connection were a fifth of a finished job's `status`).
+    if pending:
+        _print_orphans(settings, sessions)
 
 
 def _print_orphans(settings: Settings, sessions: sessionmaker[Session]) -> None:
@@ -555,7 +560,16 @@ def export(
     the whole story of job N, its rows per state equal to `status N`.
     """
     from core.errors import ConfigError
-    from db.repository import any_face_results, iter_face_rows, iter_ledger_rows, iter_results
+    from db.repository import (
+        ExportQuery,
+        any_face_results,
+        iter_face_rows,
+        iter_ledger_rows,
+        iter_results,
+        ledger_query,
+        rendered,
+        results_query,
+    )
     from emolabel import exports
 
     if output_format not in exports.FORMATS:
@@ -583,33 +597,41 @@ def export(
     )
     try:
         with sessions() as session:
-            columns: list[str]
+            faces = any_face_results(session=session, job_id=job, model_version=model_version)
+            query: ExportQuery | None = None
             records: Iterator[dict[str, Any]]
-            if states:
-                columns = exports.LEDGER_COLUMNS
-                records = map(
-                    exports.ledger_record,
-                    iter_ledger_rows(session=session, states=states, job_id=job),
-                )
-            elif any_face_results(session=session, job_id=job, model_version=model_version) and (
-                per in (None, "face")
-            ):
+            if faces and not states and per != "photo":
                 columns = exports.FACE_COLUMNS
                 records = map(
                     exports.face_record,
                     iter_face_rows(session=session, job_id=job, model_version=model_version),
                 )
+            elif states:
+                columns = exports.LEDGER_COLUMNS
+                query = ledger_query(states=states, job_id=job, scores_as_text=False)
+                records = map(
+                    exports.ledger_record,
+                    iter_ledger_rows(session=session, states=states, job_id=job),
+                )
             else:
-                faces = any_face_results(session=session, job_id=job, model_version=model_version)
                 columns = exports.PHOTO_COLUMNS if faces else exports.EXPORT_COLUMNS
+                query = results_query(job_id=job, model_version=model_version, scores_as_text=False)
                 records = map(
                     exports.photo_record,
                     iter_results(session=session, job_id=job, model_version=model_version),
                 )
-            count = exports.write_records(records, columns, output_format, handle, output)
+            if query is not None and handle is not None and rendered.renders_exports(session):
+                # PostgreSQL writes CSV and JSON lines itself, as the Python writers would.
+                count = rendered.write_export(session, query, columns, output_format, handle)
+            else:
+                count = exports.write_records(records, columns, output_format, handle, output)
     finally:
         if output and handle is not None:
             handle.close()
+    _written(count, output)
+
+
+def _written(count: int, output: Path | None) -> None:
     if output is not None:
         console.print(f"{count} rows written to {output}", highlight=False)
 
