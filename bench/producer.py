@@ -14,7 +14,11 @@ process (so that one phase's memory cannot hide in the next one's numbers):
             no worker, so every chunk stays pending; the queue is deleted at the end
   rescan    the nightly case: the tree scanned once (not timed), every image given a result
             by the model version (one INSERT ... SELECT, as if workers had labeled it all),
-            then scanned again, timed: nothing is new, so it must enqueue 0
+            then scanned again, timed: nothing is new, so it must enqueue 0; this first rescan
+            after labeling reads every file and learns which folders are settled
+  settled   the nightly steady state: as rescan, with one more untimed rescan before the
+            timed one, so the timed scan lists the folders and reads none of them (it must
+            enqueue 0 too); `ledger rows` says how many rows each scan itemized
   chunk=1   the same on the first 10,000 files with one URI per message, against
   chunk=N   the settings' chunk size, to show what chunking saves in Redis and in time
   tracemal  the 10,000-file scan again under tracemalloc (Python-heap peak; slower, not timed)
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -258,16 +263,33 @@ class TimedSource:
         return str(self.inner.uri)
 
     def iter_entries(self) -> Iterator[Any]:
-        entries = iter(self.inner.iter_entries())
+        return self._timed(iter(self.inner.iter_entries()))
+
+    def iter_runs(self) -> Iterator[Any]:
+        """The inner source's runs, the listing and each run's reading timed."""
+        for run in self._timed(iter(self.inner.iter_runs())):
+            yield dataclasses.replace(run, _read=self._timed_read(run._read))
+
+    def _timed_read(self, read: Callable[[], Any]) -> Callable[[], Any]:
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return read()
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+    def _timed(self, items: Iterator[Any]) -> Iterator[Any]:
         while True:
             started = time.perf_counter()
             try:
-                entry = next(entries)
+                item = next(items)
             except StopIteration:
                 self.seconds += time.perf_counter() - started
                 return
             self.seconds += time.perf_counter() - started
-            yield entry
+            yield item
 
 
 def _timed_publisher(publish: Callable[[int, int, list[str]], str]) -> tuple[Any, list[float]]:
@@ -310,6 +332,7 @@ class ScanSpec:
     traced: bool = False
     keep_database: bool = False
     rescan: bool = False  # scan and label everything first (untimed), then time a rescan
+    settled: bool = False  # ... and rescan once more (untimed: it learns the settled folders)
 
 
 def walk_phase(root: str, expected: int) -> dict[str, Any]:
@@ -385,6 +408,8 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
     )
     if spec.rescan:
         _scan_and_label_everything(source.inner, sessions, publish, chunk_size, settings)
+        if spec.settled:
+            _scan(source.inner, sessions, publish, chunk_size, settings)
         _delete_queue(client, queue)
         publish_seconds[0] = 0.0  # what the untimed scan sent is not the rescan's
     load_before = _load()
@@ -405,6 +430,7 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
         redis_report = _redis_report(client, queue, used_before, summary.enqueued_images)
         with sessions() as session:
             counts = job_counts(session=session, job_id=summary.job_id)
+        itemized_skips = _itemized_skips(sessions, summary.job_id)
         database_bytes = _database_bytes(engine)
     finally:
         _delete_queue(client, queue)
@@ -423,6 +449,7 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
         "chunk_size": chunk_size,
         "traced": spec.traced,
         "files": summary.seen,
+        "ledger_rows": counts.total - counts.skipped + itemized_skips,
         "pending_images": summary.enqueued_images,
         "chunks": summary.chunks,
         "seconds": round(seconds, 2),
@@ -463,14 +490,24 @@ def _scan(
         batch_files=settings.scan.batch_files,
         model_version=MODEL_VERSION,
         progress=progress,
+        skip_settled=settings.scan.skip_settled,
     )
+
+
+def _itemized_skips(sessions: Any, job_id: int) -> int:
+    """The job's skipped files that have a ledger row (the rest were counted from runs)."""
+    from db.repository import job_counts, unread_counts
+
+    with sessions() as session:
+        counted = sum(unread_counts(session=session, job_id=job_id).values())
+        return job_counts(session=session, job_id=job_id).skipped - counted
 
 
 def _scan_and_label_everything(
     source: Any, sessions: Any, publish: Any, chunk_size: int, settings: Any
 ) -> None:
     """Scan the tree, then give every image a result by MODEL_VERSION for its fingerprint."""
-    from sqlalchemy import insert, literal, select, text
+    from sqlalchemy import exists, insert, literal, select, text
 
     from db.models import Image, Result
 
@@ -482,6 +519,8 @@ def _scan_and_label_everything(
         literal(0.9),
         literal({"happy": 0.9, "sad": 0.1}, Result.scores.type),
         Image.fingerprint,
+    ).where(  # a database an earlier phase labeled: only what it has not
+        ~exists().where(Result.image_id == Image.id, Result.model_version == MODEL_VERSION)
     )
     columns = ["image_id", "model_version", "label", "confidence", "scores", "fingerprint"]
     with sessions.begin() as session:
@@ -678,7 +717,8 @@ def print_table(result: dict[str, Any]) -> None:
             heap = phase.get("python_heap_peak_mib")
             print(
                 f"{phase['phase']}: walk {split['walk']} s, publish {split['publish']} s,"
-                f" database+rest {split['database_and_rest']} s; RSS {marks}"
+                f" database+rest {split['database_and_rest']} s;"
+                f" ledger rows {phase['ledger_rows']}; RSS {marks}"
                 + (f"; tracemalloc peak {heap} MiB" if heap is not None else "")
                 + f"; database {phase['database_bytes_per_file']} B/file"
             )
@@ -723,7 +763,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-rescan",
         action="store_true",
-        help="skip the rescan of the labeled tree (which scans it twice more)",
+        help="skip the rescans of the labeled tree (which scan it five times more)",
     )
     parser.add_argument(
         "--no-compare",
@@ -779,19 +819,21 @@ def run(arguments: argparse.Namespace, database_url: str | None) -> dict[str, An
         )
     )
     if not arguments.no_rescan:
-        phases.append(
-            _in_child(
-                scan_phase,
-                spec(
-                    "rescan",
-                    root,
-                    arguments.files,
-                    database_url=database_url or "",
-                    chunk_size=arguments.chunk_size,
-                    rescan=True,
-                ),
+        for name, settled in (("rescan", False), ("settled", True)):
+            phases.append(
+                _in_child(
+                    scan_phase,
+                    spec(
+                        name,
+                        root,
+                        arguments.files,
+                        database_url=database_url or "",
+                        chunk_size=arguments.chunk_size,
+                        rescan=True,
+                        settled=settled,
+                    ),
+                )
             )
-        )
     if not arguments.no_compare:
         subtree, subtree_files = root / "g000", min(arguments.files, FILES_PER_GROUP)
         phases.append(_in_child(scan_phase, spec("chunk=1", subtree, subtree_files, chunk_size=1)))

@@ -219,6 +219,12 @@ class ScanSettings(BaseModel):
     follow_symlinks: bool = Field(
         True, description="Resolve links inside the root (never outside it) to report them."
     )
+    skip_settled: bool = Field(
+        True,
+        description="A rescan counts, without reading them or writing a ledger row each, the "
+        "files of a folder whose listing (names, sizes, times) is unchanged since a scan found "
+        "them all labeled by the same model (or no image); off: every file is read and itemized.",
+    )
 
 
 class RetrainSettings(BaseModel):

@@ -1,4 +1,4 @@
-"""The ledger and results store: ten tables, the same schema on PostgreSQL and SQLite.
+"""The ledger and results store: eleven tables, the same schema on PostgreSQL and SQLite.
 
 `images`
     One row per file ever seen, keyed by `uri` (unique, always valid UTF-8: a file name whose
@@ -13,7 +13,8 @@
     the number of images the producer put in the job's ledger; `model_version` is the model the
     job was started for; `error` says why a job failed. `next_chunk_index` hands out chunk
     numbers (the only place they come from); `producer` and `heartbeat_at` say who is scanning
-    and when it was last alive.
+    and when it was last alive. `unread` counts by reason the files the scan did not itemize:
+    those of folder runs it knew to be settled (see `listings`); they count among the skipped.
 
 `chunks`
     The messages of a job, keyed by (`job_id`, `chunk_index`): `size` URIs each. A chunk is
@@ -30,7 +31,17 @@
     short `reason` code for failed and skipped rows ('corrupt', 'too_many_pixels',
     'not_an_image', 'already_labeled', ...), a human `message`, and `attempts` (how many times a
     worker reported on it). Hence the counts of a job balance:
-    enqueued = labeled + uncertain + no_face + failed + skipped + pending.
+    enqueued = labeled + uncertain + no_face + failed + skipped + pending, where skipped
+    includes the files the job counted in `jobs.unread` without a row each.
+
+`listings`
+    What a scan learned of a run of files in one folder (`core.storage.entries.Run`), keyed by
+    the run's `key`: the listing's `digest` (names, sizes, times), the `model_version` that had
+    labeled or settled every one of its files when that digest was read, and their `counts` by
+    skip reason. A later scan by that model that lists the same digest counts the run's files
+    into `jobs.unread` without reading them or writing a ledger row each: a nightly rescan of an
+    unchanged archive writes almost nothing. A run read again is written again (or deleted when
+    not settled), so a row always tells of the run's latest reading.
 
 `results`
     One label per (`image_id`, `model_version`): `label`, its `confidence`, every class score in
@@ -290,6 +301,20 @@ class Job(Base):
     # so the job still tells its story.
     pruned_at: Mapped[dt.datetime | None]
     summary: Mapped[dict[str, Any] | None]
+    unread: Mapped[dict[str, Any] | None]
+
+
+class Listing(Base):
+    """A run of files a scan read, and whether a model had settled all of them (docstring)."""
+
+    __tablename__ = "listings"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    files: Mapped[int] = mapped_column(Integer)
+    counts: Mapped[dict[str, Any]]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utc_now, server_default=func.now())
 
 
 class Chunk(Base):

@@ -38,6 +38,7 @@ from db.repository import (
     finish_job_if_complete,
     open_chunks,
     silent_scans,
+    unread_counts,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def _end_abandoned_scans(
             end_scan(
                 session=session,
                 job_id=scan.job_id,
-                enqueued=count_job_items(session=session, job_id=scan.job_id),
+                enqueued=count_job_items(session=session, job_id=scan.job_id)
+                + sum(unread_counts(session=session, job_id=scan.job_id).values()),
                 error=(
                     f"scan stopped: its producer ({scan.producer or 'unknown'}) was last seen at"
                     f" {seen}; the files it recorded are labeled, scan the source again for the"

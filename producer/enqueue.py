@@ -1,9 +1,13 @@
-"""Scan a source into a job: every file gets one ledger row, new images go out in full chunks.
+"""Scan a source into a job: every file is accounted for, new images go out in full chunks.
 
     run_scan(source, sessions=..., publish=..., chunk_size=256, model_version="v3")
       create the job (scanning), commit
-      for each batch of `batch_files` entries (at least a chunk; the listing is never held whole):
-        upsert the images; decide each entry:
+      for each batch of runs (`core.storage.entries.Run`: files listed in one folder, not read
+      yet) adding up to `batch_files` files (at least a chunk; the listing is never held whole):
+        a run the ledger knows settled by model_version under the same listing digest
+          (`listings`; a plain scan only)      -> counted into `jobs.unread` by its reasons,
+                                                  neither read nor itemized
+        the other runs are read (first bytes sniffed); upsert their images; decide each entry:
           unusable                    -> skipped, with the source's reason
           labeled by model_version,
             same fingerprint          -> skipped `already_labeled` (unless force or
@@ -12,9 +16,9 @@
             unchanged since           -> skipped `already_failed` (unless force or --where)
           not matching every --where  -> skipped `not_selected`
           else                        -> pending, into the next chunk
-        record the ledger rows and each full chunk (`chunk_size` images, or fewer that add up to
-        `chunk_bytes`) (status pending), COMMIT, then publish each
-        chunk and mark them all published, COMMIT
+        record the ledger rows, each full chunk (`chunk_size` images, or fewer that add up to
+        `chunk_bytes`) (status pending), what was learned of the runs read (settled or not) and
+        the unread count, COMMIT, then publish each chunk and mark them all published, COMMIT
       the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
 
 A chunk is committed before its message is sent, so a message the broker lost or never took can
@@ -43,7 +47,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -55,7 +59,7 @@ from core.errors import ConfigError, EmolabelError
 from core.publishing import Publisher, PublishError
 from core.reasons import FINAL_FAILURES, Reason
 from core.settings import ScanSettings
-from core.storage.entries import Entry, Source
+from core.storage.entries import Entry, Run, Source
 from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ItemState
@@ -64,6 +68,17 @@ from db.repository import ChunkRow, ImageRow, JobItemRow
 from producer.chunking import chunked, cut_chunks
 
 logger = logging.getLogger(__name__)
+
+
+SETTLED_REASONS = frozenset(
+    {Reason.ALREADY_LABELED, Reason.NOT_AN_IMAGE, Reason.EMPTY, Reason.TOO_LARGE}
+)
+"""A file is settled for a model when that model labeled it as it is, or when what it is (no
+image, empty, over the size limit) cannot change while its size and time stay the same. No other
+skip settles a file: a failure may be retried, a link's target may change."""
+
+RUNS_PER_BATCH = 256
+"""Runs held at once by a batch: each keeps its folder's descriptor open until it is read."""
 
 
 class ScanInterrupted(EmolabelError):
@@ -237,6 +252,16 @@ class _Staged:
     chunks: list[OutgoingChunk]
     inserted: int
     waiting: list[_Pending]
+    unread: Counter[str]  # the scan's whole count of files from settled runs, this batch's in
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadRun:
+    """A run whose files this batch read: where its entries sit in the batch."""
+
+    run: Run
+    start: int
+    stop: int
 
 
 class _Scan:
@@ -253,6 +278,7 @@ class _Scan:
         model_version: str | None,
         force: bool,
         where: Sequence[Selection],
+        skip_settled: bool = True,
     ) -> None:
         self.job_id = job_id
         self.sessions = sessions
@@ -272,15 +298,64 @@ class _Scan:
         self.enqueued = 0
         self.chunks = 0
         self.skipped: Counter[str] = Counter()
+        self.unread: Counter[str] = Counter()  # files counted from settled runs, by reason
         self.listed_all = False
+        # Runs are trusted (and learned) only by a plain scan for a model: `--force` and
+        # `--where` decide otherwise than "labeled by this model", and without a model nothing
+        # is ever settled.
+        self.trust_runs = skip_settled and model_version is not None and not force and not where
 
-    def add_batch(self, entries: list[Entry]) -> None:
+    def add_runs(self, runs: list[Run]) -> None:
+        """Count the runs the ledger knows settled (same key, digest and model) without reading
+        them, read the others, and put what was read in the ledger (`add_batch`)."""
+        try:
+            known: dict[str, repository.ListingRow] = {}
+            keys = [run.key for run in runs if run.key and run.plain]
+            if self.trust_runs and keys:
+                assert self.model_version is not None
+                with self.sessions() as session:
+                    known = repository.settled_listings(
+                        session=session, keys=keys, model_version=self.model_version
+                    )
+            entries: list[Entry] = []
+            read: list[_ReadRun] = []
+            unread: Counter[str] = Counter()
+            to_read: list[Run] = []
+            for run in runs:
+                row = known.get(run.key)
+                if row is not None and row.digest == run.digest and row.files == run.files:
+                    run.release()
+                    unread.update(row.counts)
+                    continue
+                run.prefetch()  # an S3 run's GETs start now, all of the batch's at once
+                to_read.append(run)
+            for run in to_read:
+                start = len(entries)
+                entries.extend(run.read())
+                read.append(_ReadRun(run, start, len(entries)))
+        finally:
+            for run in runs:
+                run.release()
+        self.add_batch(entries, read=read, unread=unread)
+
+    def add_batch(
+        self,
+        entries: list[Entry],
+        *,
+        read: Sequence[_ReadRun] = (),
+        unread: Counter[str] | None = None,
+    ) -> None:
         """Put a batch of entries in the ledger and record every chunk it fills (one commit),
-        then publish those chunks in order, marking each published once the broker has it."""
+        then publish those chunks in order, marking each published once the broker has it.
+
+        `read` says which runs the entries came from (the ledger learns which of them are now
+        settled); `unread` counts the files of runs not read, by reason, in the same commit.
+        """
+        unread_total = self.unread + (unread or Counter())
 
         def record(session: Session) -> list[OutgoingChunk]:
             ids = repository.upsert_images(session=session, rows=[_image_row(e) for e in entries])
-            items, pending = self._decide(session, entries, ids)
+            items, pending, reasons = self._decide(session, entries, ids)
             closed, still_open = cut_chunks(
                 self.waiting + pending,
                 size=self.chunk_size,
@@ -288,7 +363,13 @@ class _Scan:
                 weight=lambda member: member.size_bytes,
             )
             chunks, inserted = self._record(session, items, closed)
-            self.staged = _Staged(entries, items, chunks, inserted, waiting=still_open)
+            if self.trust_runs:
+                self._learn_runs(session, read, reasons)
+            if unread:
+                repository.count_unread(session=session, job_id=self.job_id, unread=unread_total)
+            self.staged = _Staged(
+                entries, items, chunks, inserted, waiting=still_open, unread=unread_total
+            )
             return chunks
 
         self._record_and_publish(record)
@@ -302,7 +383,7 @@ class _Scan:
         def record(session: Session) -> list[OutgoingChunk]:
             items: list[JobItemRow] = []
             chunks, inserted = self._record(session, items, [self.waiting])
-            self.staged = _Staged([], items, chunks, inserted, waiting=[])
+            self.staged = _Staged([], items, chunks, inserted, waiting=[], unread=self.unread)
             return chunks
 
         if publish:
@@ -328,6 +409,11 @@ class _Scan:
         self.chunks += 1
         self.enqueued += len(chunk.uris)
 
+    @property
+    def ledger_size(self) -> int:
+        """The files the job accounts for: its ledger rows and the files counted unread."""
+        return self.items + sum(self.unread.values())
+
     def progress(self) -> ScanProgress:
         return ScanProgress(
             seen=self.seen,
@@ -339,7 +425,9 @@ class _Scan:
 
     def _decide(
         self, session: Session, entries: list[Entry], ids: Mapping[str, int]
-    ) -> tuple[list[JobItemRow], list[_Pending]]:
+    ) -> tuple[list[JobItemRow], list[_Pending], list[str | None]]:
+        """The ledger rows of the skipped entries, the pending ones, and each entry's skip
+        reason in the batch's order (None: pending)."""
         usable = [entry for entry in entries if entry.usable]
         labeled: dict[str, str] = {}
         # `--where uncertain` asks for labels a person doubts: it sends them again even to the
@@ -371,6 +459,7 @@ class _Scan:
             )
         items: list[JobItemRow] = []
         pending: list[_Pending] = []
+        reasons: list[str | None] = []
         for entry in entries:
             image_id = ids[entry.uri]
             if entry.skip_reason is not None:
@@ -384,7 +473,34 @@ class _Scan:
                 items.append(_skipped(image_id, Reason.NOT_SELECTED))
             else:
                 pending.append(_Pending(image_id, entry.uri, entry.size_bytes))
-        return items, pending
+                reasons.append(None)
+                continue
+            reasons.append(items[-1].reason)
+        return items, pending, reasons
+
+    def _learn_runs(
+        self, session: Session, read: Sequence[_ReadRun], reasons: list[str | None]
+    ) -> None:
+        """Store the runs just read whose every file is settled for the scan's model; forget
+        the stored reading of the others (see `db.repository.listings`)."""
+        assert self.model_version is not None
+        settled: list[repository.ListingRow] = []
+        unsettled: list[str] = []
+        for part in read:
+            run = part.run
+            if not run.key or not run.plain:
+                continue
+            outcome = reasons[part.start : part.stop]
+            if len(outcome) == run.files and all(r in SETTLED_REASONS for r in outcome):
+                counts = Counter(str(r) for r in outcome)
+                settled.append(
+                    repository.ListingRow(
+                        run.key, run.digest, self.model_version, run.files, dict(counts)
+                    )
+                )
+            else:
+                unsettled.append(run.key)
+        repository.record_listings(session=session, settled=settled, unsettled=unsettled)
 
     def _record(
         self, session: Session, items: list[JobItemRow], groups: list[list[_Pending]]
@@ -437,6 +553,10 @@ class _Scan:
         # The ledger's own count: a URI listed twice has one row, and `enqueued` must balance.
         self.items += staged.inserted
         self.skipped.update(item.reason for item in staged.items if item.reason is not None)
+        newly_unread = staged.unread - self.unread
+        self.seen += sum(newly_unread.values())
+        self.skipped.update(newly_unread)
+        self.unread = staged.unread
         self.unsent.extend(staged.chunks)
 
 
@@ -453,6 +573,7 @@ def run_scan(
     where: Sequence[Selection] = (),
     options: Mapping[str, Any] | None = None,
     progress: Callable[[ScanProgress], None] | None = None,
+    skip_settled: bool = ScanSettings.model_fields["skip_settled"].default,
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
 
@@ -462,6 +583,10 @@ def run_scan(
 
     With `model_version` None nothing counts as already labeled. `force` enqueues images already
     labeled by `model_version`; `where` keeps only the images that match every selection.
+
+    With `skip_settled` (and neither `force` nor `where`), a run of files the ledger knows to be
+    settled by `model_version` under the same listing (`db.repository.listings`) is counted, not
+    read and not itemized: its files count as skipped for the reasons stored with it.
     Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
     """
     if chunk_size < 1:
@@ -494,10 +619,16 @@ def run_scan(
         model_version=model_version,
         force=force,
         where=where,
+        skip_settled=skip_settled,
     )
+    files = max(batch_files, chunk_size)
+    iter_runs = getattr(source, "iter_runs", None)
     try:
-        for entries in chunked(source.iter_entries(), max(batch_files, chunk_size)):
-            scan.add_batch(entries)
+        runs: Iterator[Run] = (
+            iter_runs() if callable(iter_runs) else _entry_runs(source.iter_entries(), files)
+        )
+        for group in _run_batches(runs, files=files):
+            scan.add_runs(group)
             if progress is not None:
                 progress(scan.progress())
         scan.listed_all = True
@@ -517,7 +648,7 @@ def run_scan(
 def _finish(scan: _Scan, started: float) -> ScanSummary:
     """Queue the job (done at once when nothing was enqueued) and sum the scan up."""
     with scan.sessions() as session, session.begin():
-        repository.end_scan(session=session, job_id=scan.job_id, enqueued=scan.items)
+        repository.end_scan(session=session, job_id=scan.job_id, enqueued=scan.ledger_size)
         done = repository.finish_job_if_complete(session=session, job_id=scan.job_id)
     summary = ScanSummary(
         job_id=scan.job_id,
@@ -570,11 +701,55 @@ def _stop_early(scan: _Scan, cause: str) -> None:
         )
         with scan.sessions() as session, session.begin():
             repository.end_scan(
-                session=session, job_id=scan.job_id, enqueued=scan.items, error=reason
+                session=session, job_id=scan.job_id, enqueued=scan.ledger_size, error=reason
             )
             repository.finish_job_if_complete(session=session, job_id=scan.job_id)
     except SQLAlchemyError:
         logger.exception("job %d: could not record where the scan stopped", scan.job_id)
+
+
+def _run_batches(runs: Iterator[Run], *, files: int) -> Iterator[list[Run]]:
+    """Runs in groups of at least `files` files (the last may hold fewer), at most
+    `RUNS_PER_BATCH` runs each: a run holds a folder descriptor until it is read or released.
+
+    When the listing fails, the runs listed before it come out as one last group and the error
+    is raised at the next step (as `chunked` does), so what was listed reaches the ledger.
+    """
+    group: list[Run] = []
+    count = 0
+    try:
+        while True:
+            try:
+                run = next(runs, None)
+            except Exception:
+                if group:
+                    batch, group = group, []
+                    yield batch
+                raise
+            if run is None:
+                break
+            group.append(run)
+            count += run.files
+            if count >= files or len(group) >= RUNS_PER_BATCH:
+                batch, group, count = group, [], 0
+                yield batch
+        if group:
+            batch, group = group, []
+            yield batch
+    finally:
+        for run in group:
+            run.release()
+
+
+def _entry_runs(entries: Iterable[Entry], size: int) -> Iterator[Run]:
+    """A source that only lists by reading (`iter_entries`): its entries, `size` at a time, as
+    runs with no key, which are always read."""
+    for batch in chunked(entries, size):
+        yield Run(key="", digest="", files=len(batch), plain=False, _read=_returning(batch))
+
+
+def _returning(entries: list[Entry]) -> Callable[[], list[Entry]]:
+    return lambda: entries
 
 
 def _image_row(entry: Entry) -> ImageRow:

@@ -33,7 +33,7 @@ def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((out / "producer-sqlite-300.json").read_text())
-    walk, scan, rescan = report["phases"]
+    walk, scan, rescan, settled = report["phases"]
     assert (walk["phase"], walk["files"], walk["usable"]) == ("walk", 300, 300)
     assert (scan["phase"], scan["database"], scan["files"]) == ("scan", "sqlite", 300)
     # 300 pending images in chunks of 64: five messages, each the chunk's URIs and no more.
@@ -47,8 +47,12 @@ def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> N
     # The rescan of the same tree, every image labeled in between: nothing goes out again.
     assert (rescan["phase"], rescan["files"], rescan["pending_images"]) == ("rescan", 300, 0)
     assert rescan["chunks"] == 0 and rescan["split_seconds"]["publish"] == 0
+    assert rescan["ledger_rows"] == 300  # the first rescan after labeling reads and itemizes
+    # The next one finds every folder settled: the same files counted, none read or itemized.
+    assert (settled["phase"], settled["files"], settled["pending_images"]) == ("settled", 300, 0)
+    assert settled["ledger_rows"] == 0
 
     # The queue it filled is deleted: a bench run leaves nothing pending behind it.
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    for phase in (scan, rescan):
+    for phase in (scan, rescan, settled):
         assert not list(client.scan_iter(match=f"*{phase['queue']}*"))

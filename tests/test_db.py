@@ -697,3 +697,60 @@ def test_a_retrain_run_is_recorded(session: Session) -> None:
         started,
         0.84,
     )
+
+
+def test_migration_0006_upgrades_a_ledger_with_data_and_downgrades(
+    backend: str, new_database: NewDatabase
+) -> None:
+    url = new_database(backend)
+    upgrade(url, "0005")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (source, options, status, enqueued, next_chunk_index)"
+                    " VALUES ('/photos', '{}', 'queued', 1, 1)"
+                )
+            )
+            connection.execute(
+                text("INSERT INTO images (uri, fingerprint) VALUES ('file:///photos/a.jpg', '1-1')")
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO job_items (job_id, image_id, state, reason, attempts)"
+                    " SELECT jobs.id, images.id, 'skipped', 'not_an_image', 0 FROM jobs, images"
+                )
+            )
+        upgrade(url)
+        check_schema(url)
+        with Session(engine) as session:
+            job_id = session.scalars(select(Job.id)).one()
+            assert repository.unread_counts(session=session, job_id=job_id) == {}
+            counts = repository.job_counts(session=session, job_id=job_id)
+            assert counts.balanced and counts.skipped == 1
+        downgrade(engine, "0005")
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
+            assert "listings" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_listings_keep_the_latest_reading_of_each_run(session: Session) -> None:
+    settled = repository.ListingRow("k1", "d1", "v1", 3, {"already_labeled": 2, "empty": 1})
+    other = repository.ListingRow("k2", "d2", "v1", 1, {"already_labeled": 1})
+    repository.record_listings(session=session, settled=[settled, other], unsettled=[])
+    keys = ["k1", "k2", "k3"]
+    found = repository.settled_listings(session=session, keys=keys, model_version="v1")
+    assert found == {"k1": settled, "k2": other}
+    assert repository.settled_listings(session=session, keys=["k1"], model_version="v2") == {}
+    # Read again: k1 unsettled now (a file pending), k2 settled by another model.
+    by_v2 = repository.ListingRow("k2", "d3", "v2", 1, {"already_labeled": 1})
+    repository.record_listings(session=session, settled=[by_v2], unsettled=["k1"])
+    assert repository.settled_listings(session=session, keys=["k1", "k2"], model_version="v1") == {}
+    assert repository.settled_listings(session=session, keys=["k2"], model_version="v2") == {
+        "k2": by_v2
+    }
+    with pytest.raises(ValueError, match="3 files"):
+        repository.ListingRow("k4", "d4", "v1", 3, {"already_labeled": 2})

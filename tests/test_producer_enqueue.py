@@ -9,12 +9,16 @@ one, database 15), each test on a queue of its own.
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
+import io
 import itertools
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -33,8 +37,8 @@ from core.names import LABEL_CHUNK
 from core.publishing import Publisher, PublishError, celery_publisher
 from core.reasons import Reason
 from core.settings import Settings
-from core.storage.entries import Entry
-from core.storage.sources import FolderSource
+from core.storage.entries import Entry, Run
+from core.storage.sources import FolderSource, S3Source
 from core.uris import path_to_uri, uri_to_path
 from db import repository
 from db.models import Chunk, ChunkStatus, Image, ItemState, Job, JobItem, JobStatus
@@ -430,6 +434,197 @@ def test_rescans_skip_labeled_images_until_they_change_or_are_forced(
     assert sorted(uri for m in sent for uri in m.uris) == sorted(images)
     assert Reason.ALREADY_LABELED not in forced.skipped_by_reason
     assert job(sessions, forced.job_id).options["force"] is True
+
+
+class ReadCounting:
+    """A source (a folder's by default) that counts the files whose first bytes were read (its
+    runs' `read`)."""
+
+    def __init__(self, root: Path | None = None, *, inner: FolderSource | S3Source | None = None):
+        self.inner = inner if inner is not None else folder(root or Path())
+        self.uri = self.inner.uri
+        self.read: list[str] = []
+
+    def iter_entries(self) -> Iterator[Entry]:
+        return self.inner.iter_entries()
+
+    def iter_runs(self) -> Iterator[Run]:
+        for run in self.inner.iter_runs():
+            yield dataclasses.replace(run, _read=self._counted(run))
+
+    def _counted(self, run: Run) -> Callable[[], list[Entry]]:
+        original = run._read
+
+        def read() -> list[Entry]:
+            entries = original()
+            self.read.extend(entry.uri for entry in entries)
+            return entries
+
+        return read
+
+
+def open_below(root: Path) -> list[str]:
+    """What this process holds open below `root` (folder descriptors a run failed to close)."""
+    held = []
+    for descriptor in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            target = str(descriptor.readlink())
+            if target.startswith(str(root)):
+                held.append(target)
+    return held
+
+
+def test_a_rescan_of_settled_folders_reads_and_itemizes_nothing_until_a_file_changes(
+    sessions: sessionmaker[Session], publish: Publisher, tmp_path: Path
+) -> None:
+    root = tmp_path.resolve() / "archive"
+    images = make_archive(root)
+    junk_in_album = root / "album2" / "notes.txt"  # no image, and settled as such
+    junk_in_album.write_text("not a photo\n")
+
+    def rescan(**options: object) -> tuple[ScanSummary, ReadCounting]:
+        source = ReadCounting(root)
+        summary = run_scan(
+            source,
+            sessions=sessions,
+            publish=publish,
+            chunk_size=16,
+            **options,  # type: ignore[arg-type]
+        )
+        return summary, source
+
+    first, _ = rescan(model_version="v1")
+    label(sessions, first.job_id, "v1")
+    # The first rescan reads every file, finds all settled, and learns the folders.
+    learned, source = rescan(model_version="v1")
+    assert len(source.read) == 56 and learned.enqueued_images == 0
+
+    quiet, source = rescan(model_version="v1")
+    # The root folder's run holds a pipe and a link: it is read every time; the albums are not.
+    root_files = {path_to_uri(p) for p in root.iterdir() if not p.is_dir()}
+    assert set(source.read) == root_files
+    assert quiet.enqueued_images == 0 and quiet.seen == 56
+    assert quiet.skipped_by_reason[Reason.ALREADY_LABELED] == IMAGE_COUNT
+    assert quiet.skipped_by_reason[Reason.NOT_AN_IMAGE] == 3
+    assert set(ledger(sessions, quiet.job_id)) == root_files  # the albums: counted, no rows
+    balance = counts(sessions, quiet.job_id)
+    assert balance.balanced and (balance.enqueued, balance.skipped) == (56, 56)
+    assert job(sessions, quiet.job_id).status is JobStatus.DONE
+    with sessions() as session:
+        reasons = repository.outcome_reasons(session=session, job_id=quiet.job_id)
+    assert ("skipped", Reason.ALREADY_LABELED, IMAGE_COUNT) in reasons
+    assert sum(count for _, _, count in reasons) == 56
+    assert open_below(root) == []  # every run's folder descriptor was closed
+
+    # A touched file: its folder run is read again and the file alone goes out.
+    touched = next(uri for uri in images if "/album1/" in uri and "/deep/" not in uri)
+    os.utime(uri_to_path(touched), ns=(1_900_000_000_000_000_000, 1_900_000_000_000_000_000))
+    changed, source = rescan(model_version="v1")
+    assert pending(sessions, changed.job_id) == {touched}
+    album1 = {uri for uri in source.read if "/album1/" in uri and "/deep/" not in uri}
+    assert touched in album1 and all("/album3/" not in uri for uri in source.read)
+    assert counts(sessions, changed.job_id).balanced
+    label(sessions, changed.job_id, "v1")
+
+    # A file added to a folder: that folder is read, the new file goes out.
+    added = root / "album3" / "new.png"
+    PillowImage.new("RGB", (9, 9)).save(added, format="PNG")
+    grown, source = rescan(model_version="v1")
+    assert pending(sessions, grown.job_id) == {path_to_uri(added)}
+    assert path_to_uri(added) in source.read and all("/album0/" not in u for u in source.read)
+    label(sessions, grown.job_id, "v1")
+
+    # --force, --where or the setting turned off: every file is read again.
+    for options in (
+        {"model_version": "v1", "force": True},
+        {"model_version": "v1", "where": [parse_where("confidence<0.5")]},
+        {"model_version": "v1", "skip_settled": False},
+    ):
+        summary, source = rescan(**options)
+        assert len(source.read) == 57, options
+        assert counts(sessions, summary.job_id).balanced
+    # Nothing above forgot what v1 settled; album3, read while its new file was pending, is
+    # learned by the first plain rescan after the file was labeled, and then left unread.
+    album3 = {path_to_uri(p) for p in (root / "album3").iterdir() if not p.is_dir()}
+    for expected_read in (root_files | album3, root_files):
+        again, source = rescan(model_version="v1")
+        assert set(source.read) == expected_read and again.enqueued_images == 0
+    # Another model reads everything: nothing is settled for it yet.
+    other, source = rescan(model_version="v2")
+    assert len(source.read) == 57 and other.enqueued_images == IMAGE_COUNT + 1
+
+
+def test_a_rescan_of_a_settled_s3_prefix_sends_no_get_until_an_object_changes(
+    sessions: sessionmaker[Session], publish: Publisher, s3_endpoint: str
+) -> None:
+    import boto3
+
+    from tests.support.s3 import S3_KEY, S3_REGION, S3_SECRET
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name=S3_REGION,
+    )
+    bucket = f"settled-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    images = {}
+    for index in range(12):
+        key = f"trip/{'day1' if index < 6 else 'day2'}/{index:02d}.png"
+        buffer = io.BytesIO()
+        PillowImage.new("RGB", (8 + index, 8), (index * 9, 50, 90)).save(buffer, format="PNG")
+        images[key] = buffer.getvalue()
+    images["trip/day2/notes.txt"] = b"not a photo\n"  # settled as not_an_image
+    images["trip/cover.png"] = images["trip/day1/00.png"]
+    for key, body in images.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    client.put_object(Bucket=bucket, Key="trip/day1/", Body=b"")  # a console's folder marker
+
+    def rescan() -> tuple[ScanSummary, ReadCounting]:
+        source = ReadCounting(
+            inner=S3Source(
+                f"s3://{bucket}/trip",
+                endpoint_url=s3_endpoint,
+                key=S3_KEY,
+                secret=S3_SECRET,
+                region=S3_REGION,
+                max_file_bytes=MiB,
+            )
+        )
+        summary = run_scan(
+            source, sessions=sessions, publish=publish, chunk_size=4, model_version="v1"
+        )
+        return summary, source
+
+    first, source = rescan()
+    assert first.enqueued_images == 13 and len(source.read) == 14
+    label(sessions, first.job_id, "v1")
+    learned, source = rescan()  # reads every object, finds each folder settled, learns it
+    assert len(source.read) == 14 and learned.enqueued_images == 0
+
+    quiet, source = rescan()
+    assert source.read == [] and quiet.enqueued_images == 0 and quiet.seen == 14
+    assert quiet.skipped_by_reason == {Reason.ALREADY_LABELED: 13, Reason.NOT_AN_IMAGE: 1}
+    assert ledger(sessions, quiet.job_id) == {}
+    balance = counts(sessions, quiet.job_id)
+    assert balance.balanced and (balance.enqueued, balance.skipped) == (14, 14)
+
+    # An object written again (a new ETag): its folder's objects are read, it alone goes out.
+    changed_key = "trip/day2/08.png"
+    buffer = io.BytesIO()
+    PillowImage.new("RGB", (30, 30), (1, 2, 3)).save(buffer, format="PNG")
+    client.put_object(Bucket=bucket, Key=changed_key, Body=buffer.getvalue())
+    changed, source = rescan()
+    assert pending(sessions, changed.job_id) == {f"s3://{bucket}/{changed_key}"}
+    assert {uri.rsplit("/", 2)[1] for uri in source.read} == {"day2"}
+    assert counts(sessions, changed.job_id).balanced
+    # The ranged GETs' threads end with the scan (the last run read or released stops them).
+    readers = [t for t in threading.enumerate() if t.name.startswith("emolabel-s3")]
+    for thread in readers:
+        thread.join(timeout=30)
+    assert not [thread for thread in readers if thread.is_alive()]
 
 
 def test_where_selects_by_confidence_model_and_failure(

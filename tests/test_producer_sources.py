@@ -570,3 +570,90 @@ def test_s3_read_failures_are_data_but_outages_stop_the_scan(
         assert _read_failure(error)[0] == expected
     with pytest.raises(EndpointConnectionError):
         _read_failure(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+
+
+# --- runs: a listing the producer can trust without reading ------------------------------------
+
+
+def test_runs_list_what_iter_entries_lists_and_change_only_where_the_folder_did(
+    tmp_path: Path,
+) -> None:
+    from core.storage.folder_source import MAX_RUN_FILES
+
+    root = tmp_path / "tree"
+    for name in ("a.png", "b.png", "sub/c.png", "sub/d.txt", "z.png", "other/e.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write(root / name, png_bytes())
+    (root / "other" / "link.png").symlink_to(root / "a.png")
+    (root / "many").mkdir()
+    for index in range(MAX_RUN_FILES + 2):  # one folder longer than a run
+        (root / "many" / f"{index:05d}.png").write_bytes(b"")
+    source = FolderSource(root, max_file_bytes=MiB)
+
+    def listing() -> list[tuple[str, str, int, bool, list[Entry]]]:
+        return [(r.key, r.digest, r.files, r.plain, r.read()) for r in source.iter_runs()]
+
+    runs = listing()
+    assert [entry for *_, entries in runs for entry in entries] == list(source.iter_entries())
+    files = {tuple(e.uri.rsplit("/", 1)[-1] for e in entries): plain for *_, plain, entries in runs}
+    # The root's files before and after its subfolders are two runs, with two keys.
+    assert files[("a.png", "b.png")] is True and files[("z.png",)] is True
+    assert files[("e.png", "link.png")] is False  # a link: read every time
+    assert sorted(len(entries) for *_, entries in runs if "/many/" in entries[0].uri) == [
+        2,
+        MAX_RUN_FILES,
+    ]
+    assert len({key for key, *_ in runs}) == len(runs)
+    assert listing() == runs  # the same tree lists the same keys and digests
+
+    os.utime(root / "z.png", ns=(1_900_000_000_000_000_000,) * 2)
+    changed = {key: digest for key, digest, *_ in listing()}
+    assert [key for key, digest, *_ in runs if changed[key] != digest] == [
+        key for key, *_, entries in runs if entries[0].uri.endswith("/z.png")
+    ]
+
+    run = next(iter(source.iter_runs()))
+    run.release()
+    with pytest.raises(RuntimeError, match="released"):
+        run.read()
+
+
+def test_s3_runs_list_what_iter_entries_lists_and_change_only_where_an_object_did(
+    s3_endpoint: str, bucket: tuple[Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.storage.s3_source
+
+    monkeypatch.setattr(core.storage.s3_source, "MAX_RUN_FILES", 3)
+    client, name = bucket
+    keys = ["p/a.png", "p/b.txt", "p/b/c.png", "p/b/d/e.png", "p/b0.png", "p/big.png"]
+    keys += [f"p/many/{index}.png" for index in range(5)]  # one folder longer than a run
+    for key in keys:
+        client.put_object(Bucket=name, Key=key, Body=PNG if key.endswith(".png") else TEXT)
+    client.put_object(Bucket=name, Key="p/b/", Body=b"")  # a folder marker: in no run
+    source = S3Source(f"s3://{name}/p", endpoint_url=s3_endpoint, max_file_bytes=MiB, **CREDENTIALS)
+
+    def listing() -> list[tuple[str, str, int, list[Entry]]]:
+        runs = list(source.iter_runs())
+        for run in runs:
+            run.prefetch()
+        return [(r.key, r.digest, r.files, r.read()) for r in runs]
+
+    runs = listing()
+    assert [entry for *_, entries in runs for entry in entries] == list(source.iter_entries())
+    names = [[e.uri.split("/p/", 1)[1] for e in entries] for *_, entries in runs]
+    # p/ before its subfolder b/, then after it: two runs of one folder, with two keys.
+    assert names == [
+        ["a.png", "b.txt"],
+        ["b/c.png"],
+        ["b/d/e.png"],
+        ["b0.png", "big.png"],
+        ["many/0.png", "many/1.png", "many/2.png"],
+        ["many/3.png", "many/4.png"],
+    ]
+    assert [files for _, _, files, _ in runs] == [len(n) for n in names]
+    assert len({key for key, *_ in runs}) == len(runs)
+    assert listing() == runs  # the same bucket lists the same keys and digests
+
+    client.put_object(Bucket=name, Key="p/many/4.png", Body=PNG + b"\0")
+    changed = {key: digest for key, digest, *_ in listing()}
+    assert [key for key, digest, *_ in runs if changed[key] != digest] == [runs[-1][0]]

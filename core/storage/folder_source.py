@@ -13,6 +13,7 @@ root is reported as `symlink_outside_root` and its target is neither opened nor 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Generator
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.reasons import Reason
-from core.storage.entries import Entry
+from core.storage.entries import MAX_RUN_FILES, Entry, Run
 from core.storage.local import describe, file_kind, is_within
 from core.storage.sniff import HEAD_BYTES, sniff_image_type
 from core.storage.walk import Found, Refused, walk_tree
@@ -61,25 +62,107 @@ class FolderSource:
 
     def iter_entries(self) -> Generator[Entry, None, None]:
         """Yield an entry for every file, link and special file below the root, folders walked."""
+        items = self._walk()
         try:
-            items = walk_tree(self._root)
+            for item in items:
+                yield self._item_entry(item, item.directory if isinstance(item, Found) else -1)
+        finally:
+            items.close()
+
+    def iter_runs(self) -> Generator[Run, None, None]:
+        """The entries of `iter_entries`, in the same order, as runs read only when asked.
+
+        A run is the files of one folder listed one after another: a folder's files before its
+        first subfolder, those between two subfolders, and so on, cut every `MAX_RUN_FILES`.
+        It holds a duplicate of its folder's descriptor until it is read or released, so its
+        files are opened relative to that folder as `iter_entries` opens them.
+        """
+        items = self._walk()
+        folder: bytes | None = None
+        after = b""
+        piece = 0
+        members: list[Found | Refused] = []
+        descriptor: int | None = None
+        previous = b""
+        try:
+            for item in items:
+                parent = (
+                    item.directory_path if isinstance(item, Found) else os.path.dirname(item.path)  # noqa: PTH120
+                )
+                if parent != folder or len(members) >= MAX_RUN_FILES:
+                    if members:
+                        assert folder is not None
+                        # The run owns the descriptor from here: never closed here as well.
+                        run = self._run(folder, after, piece, members, descriptor)
+                        members, descriptor = [], None
+                        yield run
+                    if parent == folder:
+                        piece += 1
+                    else:
+                        folder, after, piece = parent, _subfolder_left(parent, previous), 0
+                if descriptor is None and isinstance(item, Found):
+                    descriptor = os.dup(item.directory)
+                members.append(item)
+                previous = item.path
+            if members:
+                assert folder is not None
+                run = self._run(folder, after, piece, members, descriptor)
+                descriptor = None
+                yield run
+        finally:
+            items.close()
+            if descriptor is not None:
+                os.close(descriptor)
+
+    def _walk(self) -> Generator[Found | Refused, None, None]:
+        try:
+            return walk_tree(self._root)
         except OSError as error:
             raise ConfigError(
                 f"cannot list folder {display_name(self.uri)}: {describe(error)}"
             ) from None
-        try:
-            for item in items:
-                if isinstance(item, Refused):
-                    yield _entry(item.path, item.status, item.reason, item.message)
-                elif stat.S_ISLNK(item.status.st_mode):
-                    yield self._symlink_entry(item)
-                elif not stat.S_ISREG(item.status.st_mode):
-                    message = f"{file_kind(item.status.st_mode)}, never opened"
-                    yield _entry(item.path, item.status, Reason.NOT_A_FILE, message)
-                else:
-                    yield self._file_entry(item)
-        finally:
-            items.close()
+
+    def _run(
+        self,
+        folder: bytes,
+        after: bytes,
+        piece: int,
+        members: list[Found | Refused],
+        descriptor: int | None,
+    ) -> Run:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self._max_file_bytes}:{self._follow_symlinks}".encode())
+        plain = True
+        for member in members:
+            name = os.path.basename(member.path)  # noqa: PTH119
+            if isinstance(member, Refused) or not stat.S_ISREG(member.status.st_mode):
+                plain = False
+                digest.update(b"\0other\0" + name)
+                continue
+            status = member.status
+            digest.update(b"\0%s\0%d\0%d" % (name, status.st_size, status.st_mtime_ns))
+        key = hashlib.blake2b(b"\0".join((folder, after, b"%d" % piece)), digest_size=16)
+        directory = -1 if descriptor is None else descriptor
+
+        def read() -> list[Entry]:
+            return [self._item_entry(member, directory) for member in members]
+
+        def release() -> None:
+            if descriptor is not None:
+                os.close(descriptor)
+
+        return Run(key.hexdigest(), digest.hexdigest(), len(members), plain, read, release)
+
+    def _item_entry(self, item: Found | Refused, directory: int) -> Entry:
+        """The entry for one walked name; `directory` is its folder's descriptor."""
+        if isinstance(item, Refused):
+            return _entry(item.path, item.status, item.reason, item.message)
+        if stat.S_ISLNK(item.status.st_mode):
+            return self._symlink_entry(item)
+        if not stat.S_ISREG(item.status.st_mode):
+            message = f"{file_kind(item.status.st_mode)}, never opened"
+            return _entry(item.path, item.status, Reason.NOT_A_FILE, message)
+        return self._file_entry(item, directory)
 
     def _symlink_entry(self, found: Found) -> Entry:
         path, status = found.path, found.status
@@ -105,13 +188,13 @@ class FolderSource:
         message = f"symbolic link to {shown}, which is listed under its own path"
         return _entry(path, status, Reason.DUPLICATE, message)
 
-    def _file_entry(self, found: Found) -> Entry:
+    def _file_entry(self, found: Found, directory: int) -> Entry:
         path, status = found.path, found.status
         problem = self._size_problem(status)
         if problem is not None:
             return _entry(path, status, *problem)
         try:
-            descriptor = os.open(found.name, _FILE_FLAGS, dir_fd=found.directory)
+            descriptor = os.open(found.name, _FILE_FLAGS, dir_fd=directory)
         except FileNotFoundError:
             return _entry(path, status, Reason.MISSING, "deleted before it could be read")
         except OSError as error:
@@ -146,6 +229,15 @@ class FolderSource:
             limit = self._max_file_bytes
             return Reason.TOO_LARGE, f"{status.st_size} bytes, over the limit of {limit}"
         return None
+
+
+def _subfolder_left(folder: bytes, previous: bytes) -> bytes:
+    """The subfolder of `folder` the walk just came out of (b"" when it came from above): the
+    name that tells a folder's runs apart."""
+    prefix = folder.rstrip(b"/") + b"/"
+    if not previous.startswith(prefix):
+        return b""
+    return previous[len(prefix) :].split(b"/", 1)[0]
 
 
 def _read_head(descriptor: int) -> bytes:

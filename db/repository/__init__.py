@@ -108,6 +108,13 @@ from db.repository.jobs import (
     set_job_status,
     silent_scans,
 )
+from db.repository.listings import (
+    ListingRow,
+    count_unread,
+    record_listings,
+    settled_listings,
+    unread_counts,
+)
 from db.repository.model_versions import (
     active_model,
     get_model,
@@ -188,6 +195,7 @@ __all__ = [
     "JobCounts",
     "JobItemRow",
     "LedgerRow",
+    "ListingRow",
     "NoFaceRow",
     "NotFoundError",
     "OpenChunk",
@@ -209,6 +217,7 @@ __all__ = [
     "changed_image_ids",
     "count_job_items",
     "count_reviews",
+    "count_unread",
     "create_job",
     "end_scan",
     "failed_and_unchanged",
@@ -251,6 +260,7 @@ __all__ = [
     "prunable_jobs",
     "prune_job",
     "record_chunks",
+    "record_listings",
     "record_outcomes",
     "record_retrain_run",
     "record_reviews",
@@ -264,8 +274,10 @@ __all__ = [
     "set_job_status",
     "set_model_hashes",
     "set_model_status",
+    "settled_listings",
     "silent_scans",
     "thumbnail_source",
     "unfinished_chunks",
+    "unread_counts",
     "upsert_images",
 ]

@@ -9,6 +9,7 @@ ids as one array). `add_job_items` inserts from arrays on PostgreSQL (`unnest_ro
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,17 +267,22 @@ def outcome_reasons(*, session: Session, job_id: int) -> list[tuple[str, str | N
     )
     if summary is not None and "reasons" in summary:
         return [(str(state), reason, int(n)) for state, reason, n in summary.get("reasons", [])]
-    count = func.count()
     query = (
-        select(JOB_ITEMS.c.state, JOB_ITEMS.c.reason, count)
+        select(JOB_ITEMS.c.state, JOB_ITEMS.c.reason, func.count())
         .where(
             JOB_ITEMS.c.job_id == job_id,
             JOB_ITEMS.c.state.in_([ItemState.FAILED, ItemState.SKIPPED]),
         )
         .group_by(JOB_ITEMS.c.state, JOB_ITEMS.c.reason)
-        .order_by(count.desc())
     )
-    return [(str(state), reason, int(number)) for state, reason, number in session.execute(query)]
+    counts: Counter[tuple[str, str | None]] = Counter()
+    for state, reason, number in session.execute(query):
+        counts[str(state), reason] += int(number)
+    # The files counted from settled runs, without a row each (`db.repository.listings`).
+    unread = session.scalar(select(JOBS.c.unread).where(JOBS.c.id == job_id)) or {}
+    for reason, number in unread.items():
+        counts[str(ItemState.SKIPPED), str(reason)] += int(number)
+    return [(state, reason, number) for (state, reason), number in counts.most_common()]
 
 
 def count_job_items(*, session: Session, job_id: int) -> int:

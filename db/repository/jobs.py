@@ -149,9 +149,9 @@ SUMMARY_STATES = ("labeled", "failed", "skipped", "pending", "no_face", "uncerta
 def job_counts(*, session: Session, job_id: int) -> JobCounts:
     """How many of a job's images are labeled, uncertain, no_face, failed, skipped, pending."""
     job = session.execute(
-        select(JOBS.c.enqueued, JOBS.c.status, JOBS.c.pruned_at, JOBS.c.summary).where(
-            JOBS.c.id == job_id
-        )
+        select(
+            JOBS.c.enqueued, JOBS.c.status, JOBS.c.pruned_at, JOBS.c.summary, JOBS.c.unread
+        ).where(JOBS.c.id == job_id)
     ).first()
     if job is None:
         raise NotFoundError(f"no job with id {job_id}")
@@ -176,7 +176,8 @@ def job_counts(*, session: Session, job_id: int) -> JobCounts:
         enqueued=enqueued,
         labeled=by_state.get(ItemState.LABELED, 0),
         failed=by_state.get(ItemState.FAILED, 0),
-        skipped=by_state.get(ItemState.SKIPPED, 0),
+        # Files the scan counted from runs it knew settled, without a row each (`listings`).
+        skipped=by_state.get(ItemState.SKIPPED, 0) + sum((job.unread or {}).values()),
         pending=by_state.get(ItemState.PENDING, 0),
         no_face=by_state.get(ItemState.NO_FACE, 0),
         uncertain=by_state.get(ItemState.UNCERTAIN, 0),

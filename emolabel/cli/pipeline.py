@@ -150,6 +150,7 @@ def _scan(
             force=force,
             where=selections,
             progress=show,
+            skip_settled=settings.scan.skip_settled,
         )
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped_by_reason.items()))
     console.print(
