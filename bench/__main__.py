@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ledger_scale": "bench.ledger_scale",
     "concurrency": "bench.concurrency",
     "calibration": "bench.calibration",
+    "ledger_floor": "bench.ledger_floor",
 }
 
 

@@ -47,13 +47,15 @@ The goals (issue): `emolabel status JOB` under 1 s and `export` at 50,000 rows/s
                   rows into a file (`export.python_csv`: SQLite's path, and PostgreSQL's before
                   the server wrote exports itself), the same run's reference for the command
      failures     `emolabel failures --job J --json`, and `failed_items` alone
-     review       the page's queries with the page's defaults (no filter): `review_items`,
-                  `mean_confidence_by_label`, `job_labels`, `job_model_versions`,
-                  `human_labels` and `model_classes` for the first page, `latest_jobs(50)`; the
-                  uncertain-only filter; and the page handler itself (`emolabel.review.app.page`,
-                  ranking and HTML included, no HTTP). `review_items` returns every label of
-                  the job to Python; above `--review-max-rows` labels it is not run in Python
-                  (the report says so) and only its SQL is measured, by EXPLAIN ANALYZE
+     review       the page's queries with the page's defaults (no filter): `review_facets`
+                  (thresholds, labels, versions), `ranked_review_items` for pages 1 and 10
+                  and with the uncertain-only filter (facets included: what the page runs),
+                  `human_labels` and `model_classes` for the first page, `latest_jobs(50)`;
+                  and the page handler itself (`emolabel.review.app.page`, HTML included, no
+                  HTTP). `review_items`, every label of the job into Python (the ranking's
+                  reference, and what the page ran before it ranked in SQL), is measured too;
+                  above `--review-max-rows` labels it is not run in Python (the report says
+                  so) and only its SQL is measured, by EXPLAIN ANALYZE
    Every SQL statement these send is captured as sent (a `before_cursor_execute` listener: the
    text and the parameters of the first run) and run again under `EXPLAIN (ANALYZE, BUFFERS)`;
    a statement streamed through a server-side cursor also gets `EXPLAIN DECLARE ...`, the plan
@@ -127,6 +129,7 @@ COLUMN_SAMPLES = (
     ("images", "uri"), ("images", "fingerprint"), ("results", "scores"), ("results", "label"),
     ("job_items", "message"),
 )  # fmt: skip
+PARTS = ("status", "export", "failures", "review")
 SIZED_TABLES = ("images", "job_items", "results", "chunks", "jobs", "reviews", "faces")
 MIB = 1024 * 1024
 
@@ -1091,10 +1094,9 @@ def measure_review(
     from db.repository import (
         ReviewFilters,
         human_labels,
-        job_labels,
-        job_model_versions,
-        mean_confidence_by_label,
         model_classes,
+        ranked_review_items,
+        review_facets,
         review_items,
     )
 
@@ -1106,17 +1108,26 @@ def measure_review(
 
         return run
 
-    def means() -> int:
+    def facets() -> int:
         with bench.sessions() as session:
-            return len(mean_confidence_by_label(session=session, job_id=job_id))
+            found = review_facets(session=session, job_id=job_id)
+            return len(found.thresholds) + len(found.labels) + len(found.versions)
 
-    def labels_of_job() -> int:
-        with bench.sessions() as session:
-            return len(job_labels(session=session, job_id=job_id))
+    def ranked(uncertain: bool = False, page: int = 1) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            with bench.sessions() as session:
+                found = review_facets(session=session, job_id=job_id)
+                shown = ranked_review_items(
+                    session=session,
+                    filters=ReviewFilters(job_id=job_id, uncertain_only=uncertain),
+                    facets=found,
+                    classes=model_classes(session=session, versions=found.versions),
+                    offset=(page - 1) * page_size,
+                    limit=page_size,
+                )
+                return {"rows": len(shown.items), "total": shown.total}
 
-    def versions() -> int:
-        with bench.sessions() as session:
-            return len(job_model_versions(session=session, job_id=job_id))
+        return run
 
     first_page = _first_page_ids(bench, job_id, page_size)
 
@@ -1128,12 +1139,12 @@ def measure_review(
         with bench.sessions() as session:
             return len(model_classes(session=session, versions={MODEL_VERSION}))
 
-    too_many = labels > review_max_rows
+    # The reference: every label of the job into Python, as the page did before it ranked in SQL.
     why = (
-        f"the job has {labels:,} labels, over --review-max-rows {review_max_rows:,}: the page"
-        " would load every one into Python; its SQL is measured on the server only"
+        f"the job has {labels:,} labels, over --review-max-rows {review_max_rows:,}: this would"
+        " load every one into Python; its SQL is measured on the server only"
     )
-    if too_many:
+    if labels > review_max_rows:
         bench.sql_only("review.review_items", job, job_id, items(), why)
     else:
         bench.function("review.review_items", job, job_id, items())
@@ -1142,13 +1153,13 @@ def measure_review(
         bench.sql_only("review.review_items_uncertain", job, job_id, items(True), why)
     else:
         bench.function("review.review_items_uncertain", job, job_id, items(True))
-    bench.function("review.mean_confidence_by_label", job, job_id, means)
-    bench.function("review.job_labels", job, job_id, labels_of_job)
-    bench.function("review.job_model_versions", job, job_id, versions)
+    # What the page runs: the job's facets, then one page ranked in SQL (and its count).
+    bench.function("review.review_facets", job, job_id, facets)
+    bench.function("review.ranked_page", job, job_id, ranked())
+    bench.function("review.ranked_page_10", job, job_id, ranked(page=10))
+    bench.function("review.ranked_page_uncertain", job, job_id, ranked(True))
     bench.function("review.human_labels_page", job, job_id, humans)
     bench.function("review.model_classes", job, job_id, classes)
-    if too_many:
-        return
     page = review_page(bench, job_id)
     bench.function("review.page", job, job_id, page, explain_it=False)
 
@@ -1453,6 +1464,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--regenerate", action="store_true", help="write the ledger again even if it matches"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PARTS,
+        help="measure only this part (repeat the option for several; default: all of them)",
+    )
     arguments = parser.parse_args(argv)
     if arguments.rows < MIN_ROWS:
         parser.error(f"--rows must be at least {MIN_ROWS:,}")
@@ -1581,14 +1598,20 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         print()
         print(HEADER)
         print("-" * len(HEADER))
-        measure_status_common(bench)
+        only = set(arguments.only or PARTS)
+        if "status" in only:
+            measure_status_common(bench)
         page_size = ReviewSettings().page_size
         for job, job_id in (("big", BIG_JOB), ("small", small_id)):
             e = expected[job]
-            measure_status(bench, job, job_id)
-            measure_export(bench, job, job_id, e.items)
-            measure_failures(bench, job, job_id)
-            measure_review(bench, job, job_id, e.results, arguments.review_max_rows, page_size)
+            if "status" in only:
+                measure_status(bench, job, job_id)
+            if "export" in only:
+                measure_export(bench, job, job_id, e.items)
+            if "failures" in only:
+                measure_failures(bench, job, job_id)
+            if "review" in only:
+                measure_review(bench, job, job_id, e.results, arguments.review_max_rows, page_size)
         sizes = database_bytes(engine, rows)
     finally:
         launcher.close()

@@ -344,7 +344,11 @@ class JobItem(Base):
     """The ledger row of one image in one job (see the module docstring)."""
 
     __tablename__ = "job_items"
-    __table_args__ = (Index("ix_job_items_job_id_state", "job_id", "state"),)
+    __table_args__ = (
+        Index("ix_job_items_job_id_state", "job_id", "state"),
+        # An image's rows in any job (the primary key leads with the job): migration 0007.
+        Index("ix_job_items_image_id", "image_id"),
+    )
 
     job_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True

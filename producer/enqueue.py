@@ -65,6 +65,7 @@ from db import repository
 from db.models import NAME_LENGTH, ItemState
 from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import ChunkRow, ImageRow, JobItemRow
+from db.session import refresh_planner_statistics
 from producer.chunking import chunked, cut_chunks
 
 logger = logging.getLogger(__name__)
@@ -606,6 +607,9 @@ def run_scan(
         "where": [str(selection) for selection in where],
     }
     with sessions() as session, session.begin():
+        # Each scan compares a batch with what the ledger holds: on SQLite that needs statistics
+        # as fresh as the last scan's and the workers' writes (see the function).
+        refresh_planner_statistics(session)
         job_id = repository.create_job(
             session=session, source=source.uri, options=job_options, model_version=model_version
         )

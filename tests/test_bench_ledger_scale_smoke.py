@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from core.settings import ReviewSettings
 from tests.support.services import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,10 @@ def test_the_ledger_scale_harness_generates_measures_and_explains(
         assert measured[("failures.failed_items", name)]["rows"] == job["counts"]["failed"]
         assert measured[("cli.failures_json", name)]["rows"] == job["counts"]["failed"]
         assert measured[("review.review_items", name)]["rows"] == job["expected_labels"]
+        # The page ranked in SQL counts every label and returns one page of them.
+        first = measured[("review.ranked_page", name)]
+        assert first["total"] == job["expected_labels"]
+        assert first["rows"] == min(job["expected_labels"], ReviewSettings().page_size)
         assert measured[("status.job_counts", name)]["counts"] == job["counts"]
         assert measured[("cli.status_job", name)]["peak_rss_mib"] > 0
     for measurement in report["measurements"]:

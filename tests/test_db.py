@@ -699,6 +699,28 @@ def test_a_retrain_run_is_recorded(session: Session) -> None:
     )
 
 
+def _one_ledger_row(engine: Engine, *, job_status: str, state: str, reason: str) -> None:
+    """A job, an image and its ledger row, written in SQL as an older schema holds them."""
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO jobs (source, options, status, enqueued, next_chunk_index)"
+                " VALUES ('/photos', '{}', :status, 1, 1)"
+            ),
+            {"status": job_status},
+        )
+        connection.execute(
+            text("INSERT INTO images (uri, fingerprint) VALUES ('file:///photos/a.jpg', '1-1')")
+        )
+        connection.execute(
+            text(
+                "INSERT INTO job_items (job_id, image_id, state, reason, attempts)"
+                " SELECT jobs.id, images.id, :state, :reason, 0 FROM jobs, images"
+            ),
+            {"state": state, "reason": reason},
+        )
+
+
 def test_migration_0006_upgrades_a_ledger_with_data_and_downgrades(
     backend: str, new_database: NewDatabase
 ) -> None:
@@ -706,22 +728,7 @@ def test_migration_0006_upgrades_a_ledger_with_data_and_downgrades(
     upgrade(url, "0005")
     engine = make_engine(url)
     try:
-        with engine.begin() as connection:
-            connection.execute(
-                text(
-                    "INSERT INTO jobs (source, options, status, enqueued, next_chunk_index)"
-                    " VALUES ('/photos', '{}', 'queued', 1, 1)"
-                )
-            )
-            connection.execute(
-                text("INSERT INTO images (uri, fingerprint) VALUES ('file:///photos/a.jpg', '1-1')")
-            )
-            connection.execute(
-                text(
-                    "INSERT INTO job_items (job_id, image_id, state, reason, attempts)"
-                    " SELECT jobs.id, images.id, 'skipped', 'not_an_image', 0 FROM jobs, images"
-                )
-            )
+        _one_ledger_row(engine, job_status="queued", state="skipped", reason="not_an_image")
         upgrade(url)
         check_schema(url)
         with Session(engine) as session:
@@ -733,6 +740,40 @@ def test_migration_0006_upgrades_a_ledger_with_data_and_downgrades(
         with engine.connect() as connection:
             assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
             assert "listings" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_migration_0007_indexes_a_ledger_with_data_by_image_and_downgrades(
+    backend: str, new_database: NewDatabase
+) -> None:
+    url = new_database(backend)
+    upgrade(url, "0006")
+    engine = make_engine(url)
+    try:
+        _one_ledger_row(engine, job_status="done", state="failed", reason="corrupt")
+
+        def image_indexes() -> list[str]:
+            return [
+                index["name"] or ""
+                for index in inspect(engine).get_indexes("job_items")
+                if index["column_names"] == ["image_id"]
+            ]
+
+        assert image_indexes() == []
+        upgrade(url)
+        check_schema(url)
+        assert image_indexes() == ["ix_job_items_image_id"]
+        with Session(engine) as session:
+            image_id = session.scalars(select(Image.id)).one()
+            found = repository.failed_and_unchanged(
+                session=session, image_ids=[image_id], reasons=["corrupt"]
+            )
+            assert found == {image_id: "corrupt"}
+        downgrade(engine, "0006")
+        assert image_indexes() == []
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
     finally:
         engine.dispose()
 

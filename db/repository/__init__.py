@@ -15,7 +15,8 @@ family; import from here (`from db.repository import X`), the modules are how it
     model_versions  `model_versions`, the registry: register, promote, roll back, list
     retrain_runs    `retrain_runs`: each retraining and its decision
     review_items    what the review page reads: a job's labels to judge (images or faces) with
-                    filters, mean confidence per class, a thumbnail's source
+                    filters, one page of them ranked by doubt in SQL, the job's per-class
+                    thresholds, labels and versions, a thumbnail's source
     churn           label churn between two versions' results, the runs' recorded churn, the
                     archive images a run samples (URI and the root to read them under)
     reviews         `reviews`: people's verdicts, checked against the stored labels; the
@@ -155,13 +156,14 @@ from db.repository.retrain_runs import (
     record_retrain_run,
 )
 from db.repository.review_items import (
+    ReviewFacets,
     ReviewFilters,
     ReviewItem,
+    ReviewPage,
     ThumbnailSource,
-    job_labels,
-    job_model_versions,
-    mean_confidence_by_label,
     missing_items,
+    ranked_review_items,
+    review_facets,
     review_items,
     thumbnail_source,
 )
@@ -204,9 +206,11 @@ __all__ = [
     "RecordedChurn",
     "ResultRow",
     "ReviewError",
+    "ReviewFacets",
     "ReviewFilters",
     "ReviewInput",
     "ReviewItem",
+    "ReviewPage",
     "SilentScan",
     "ThumbnailSource",
     "active_model",
@@ -232,8 +236,6 @@ __all__ = [
     "iter_ledger_rows",
     "iter_results",
     "job_counts",
-    "job_labels",
-    "job_model_versions",
     "job_summary",
     "keep_job_summary",
     "label_pairs",
@@ -248,7 +250,6 @@ __all__ = [
     "list_models",
     "mark_chunk_published",
     "mark_chunks_published",
-    "mean_confidence_by_label",
     "missing_items",
     "model_classes",
     "open_chunks",
@@ -259,6 +260,7 @@ __all__ = [
     "promote_if_active",
     "prunable_jobs",
     "prune_job",
+    "ranked_review_items",
     "record_chunks",
     "record_listings",
     "record_outcomes",
@@ -269,6 +271,7 @@ __all__ = [
     "reopen_job",
     "results_query",
     "return_to_pending",
+    "review_facets",
     "review_items",
     "set_active_model",
     "set_job_status",

@@ -46,7 +46,7 @@ from emolabel.review.auth import (
     same_secret,
     write_refusal,
 )
-from emolabel.review.ranking import group_by_label, rank_by_doubt
+from emolabel.review.ranking import group_by_label
 from emolabel.review.thumbnails import ThumbnailCache, make_thumbnail
 
 logger = logging.getLogger(__name__)
@@ -180,13 +180,17 @@ def page(request: Request) -> Response:
                 uncertain_only=uncertain_only,
                 changed_from=changed_from,
             )
-            items = repository.review_items(session=session, filters=filters)
-            thresholds = repository.mean_confidence_by_label(
-                session=session, job_id=job_id, model_version=version
+            facets = repository.review_facets(session=session, job_id=job_id, model_version=version)
+            classes = repository.model_classes(session=session, versions=facets.versions)
+            ranked = repository.ranked_review_items(
+                session=session,
+                filters=filters,
+                facets=facets,
+                classes=classes,
+                offset=(page_number - 1) * page_size,
+                limit=page_size,
             )
-            ranked = rank_by_doubt(items, thresholds)
-            start = (page_number - 1) * page_size
-            shown = ranked[start : start + page_size]
+            shown = ranked.items
             human = (
                 {
                     (verdict.image_id, verdict.face_index): verdict
@@ -202,13 +206,11 @@ def page(request: Request) -> Response:
                     (name, [_card(item, human) for item in rows])
                     for name, rows in group_by_label(shown)
                 ],
-                "classes": repository.model_classes(
-                    session=session, versions={item.model_version for item in shown}
-                ),
-                "labels": repository.job_labels(session=session, job_id=job_id),
-                "versions": repository.job_model_versions(session=session, job_id=job_id),
-                "total": len(ranked),
-                "pages": max(1, math.ceil(len(ranked) / page_size)),
+                "classes": classes,
+                "labels": facets.labels,
+                "versions": facets.versions,
+                "total": ranked.total,
+                "pages": max(1, math.ceil(ranked.total / page_size)),
             }
     templates: Jinja2Templates = request.app.state.templates
     return templates.TemplateResponse(request, "review.html", values)

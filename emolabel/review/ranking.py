@@ -5,7 +5,7 @@ learning (Northcutt et al., "Confident Learning", 2021; cleanlab's `find_label_i
 taking that dependency:
 
 - Each class c has a threshold t_c: the mean self-confidence (the score of the predicted class)
-  of the rows predicted as c, over the whole job (`db.repository.mean_confidence_by_label`). A
+  of the rows predicted as c, over the whole job (`db.repository.review_facets`). A
   model's confidence differs from class to class; comparing a row with its own class's typical
   confidence is what makes the ranking fair across classes.
 - A row is *suspect* when another class j scores at least t_j: confident learning would count it
@@ -14,7 +14,9 @@ taking that dependency:
   self-confidence minus its class threshold (lowest first: the least typical of its class), then
   by the margin between the top two scores (smallest first: the closest call).
 
-The ranking is a pure function of the rows and thresholds, so a test can check it on numbers.
+The ranking is a pure function of the rows and thresholds, so a test can check it on numbers. It
+is the reference: the page runs the same key in SQL (`db.repository.ranked_review_items`), and a
+test holds the two to the same order, page by page.
 """
 
 from __future__ import annotations
