@@ -359,6 +359,13 @@ class ReviewSettings(BaseModel):
     thumbnail_size: int = Field(
         256, ge=32, le=2048, description="Longest side of a thumbnail, in pixels."
     )
+    facets_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds a job's class thresholds, counts, labels and versions are reused "
+        "between page views (0: counted again on every view).",
+    )
 
 
 class XmpSettings(BaseModel):

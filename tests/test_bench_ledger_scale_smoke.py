@@ -74,6 +74,8 @@ def test_the_ledger_scale_harness_generates_measures_and_explains(
         first = measured[("review.ranked_page", name)]
         assert first["total"] == job["expected_labels"]
         assert first["rows"] == min(job["expected_labels"], ReviewSettings().page_size)
+        # The page handler, a first view and the next page with the job's facets kept.
+        assert {("review.page", name), ("review.page_next", name)} <= measured.keys()
         assert measured[("status.job_counts", name)]["counts"] == job["counts"]
         assert measured[("cli.status_job", name)]["peak_rss_mib"] > 0
     for measurement in report["measurements"]:

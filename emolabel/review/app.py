@@ -46,6 +46,7 @@ from emolabel.review.auth import (
     same_secret,
     write_refusal,
 )
+from emolabel.review.facets import FacetsCache
 from emolabel.review.ranking import group_by_label
 from emolabel.review.thumbnails import ThumbnailCache, make_thumbnail
 
@@ -68,6 +69,7 @@ class ReviewContext:
     credentials: Credentials
     reader: Reader
     thumbnails: ThumbnailCache
+    facets: FacetsCache
 
 
 def error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -180,7 +182,12 @@ def page(request: Request) -> Response:
                 uncertain_only=uncertain_only,
                 changed_from=changed_from,
             )
-            facets = repository.review_facets(session=session, job_id=job_id, model_version=version)
+            facets = context.facets.get(
+                (job_id, version),
+                lambda: repository.review_facets(
+                    session=session, job_id=job_id, model_version=version
+                ),
+            )
             classes = repository.model_classes(session=session, versions=facets.versions)
             ranked = repository.ranked_review_items(
                 session=session,
@@ -342,6 +349,7 @@ def make_app(
             s3=settings.s3,
         ),
         thumbnails=ThumbnailCache(),
+        facets=FacetsCache(settings.review.facets_seconds),
     )
     app = Starlette(
         routes=[
