@@ -964,7 +964,7 @@ def test_on_sqlite_a_rescan_looks_up_its_batch_by_uri_not_every_result_of_the_mo
 ) -> None:
     """SQLite keeps no statistics by itself; without them it drove the already-labeled lookup
     from `results.model_version` (every result of the model read for each batch: a 1,000,000
-    file rescan at 3,200 files/s). A scan refreshes them first, and the lookup then searches
+    file rescan at 3,188 files/s). A scan refreshes them first, and the lookup then searches
     the batch's URIs in the images index."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     upgrade(url)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     Select,
+    Subquery,
     Table,
     and_,
     case,
@@ -248,7 +249,7 @@ def review_facets(
     )
 
 
-def _uncertain_count(table: Table) -> ColumnElement[Any]:
+def _uncertain_count(table: Table | Subquery) -> ColumnElement[Any]:
     counted: ColumnElement[Any] = func.coalesce(
         func.sum(case((table.c.uncertain.is_(True), 1), else_=0)), 0
     )
@@ -317,12 +318,15 @@ def ranked_review_items(
         for value in (filters.min_confidence, filters.max_confidence, filters.changed_from)
     )
     if narrowed:
-        everything = _ranked_union(filters, facets.thresholds, names, greatest, None)
-        total, uncertain = session.execute(
-            select(func.count(), func.coalesce(func.sum(everything.c.uncertain_first), 0))
-        ).one()
-        # uncertain_first is 0 for an uncertain row, 1 for the others.
-        total, uncertain = int(total), int(total) - int(uncertain)
+        # Counted without the doubt key: no score is extracted for a count.
+        flags = union_all(
+            *(
+                _filtered(_judged(table).add_columns(table.c.uncertain), table, filters)
+                for table in (RESULTS, FACES)
+            )
+        ).subquery("flags")
+        total, uncertain = session.execute(select(func.count(), _uncertain_count(flags))).one()
+        total, uncertain = int(total), int(uncertain)
     else:
         wanted = [
             key
@@ -350,35 +354,26 @@ def _ranked_union(
     """The filtered labels to judge (whole-image labels, then faces) with their doubt key's
     columns; only the uncertain ones (True), only the others (False), or all (None)."""
     return union_all(
-        _ranked(
-            select(
-                RESULTS.c.image_id,
-                RESULTS.c.model_version,
-                cast(null(), Integer).label("face_index"),
-                literal(0).label("kind"),
-            ).where(RESULTS.c.face_count.is_(None), RESULTS.c.label.is_not(None)),
-            RESULTS,
-            filters,
-            thresholds,
-            names,
-            greatest,
-            uncertain,
-        ),
-        _ranked(
-            select(
-                FACES.c.image_id,
-                FACES.c.model_version,
-                FACES.c.face_index,
-                literal(1).label("kind"),
-            ).join(RESULTS, _face_result),
-            FACES,
-            filters,
-            thresholds,
-            names,
-            greatest,
-            uncertain,
-        ),
+        *(
+            _ranked(_judged(table), table, filters, thresholds, names, greatest, uncertain)
+            for table in (RESULTS, FACES)
+        )
     ).subquery("ranked")
+
+
+def _judged(table: Table) -> Select[Any]:
+    """The keys of the labels a person judges in `table` (whole-image labels in RESULTS, faces
+    in FACES, joined to their photo's result for the filters), and which kind they are."""
+    if table is RESULTS:
+        return select(
+            RESULTS.c.image_id,
+            RESULTS.c.model_version,
+            cast(null(), Integer).label("face_index"),
+            literal(0).label("kind"),
+        ).where(RESULTS.c.face_count.is_(None), RESULTS.c.label.is_not(None))
+    return select(
+        FACES.c.image_id, FACES.c.model_version, FACES.c.face_index, literal(1).label("kind")
+    ).join(RESULTS, _face_result)
 
 
 def _ranked(
@@ -393,9 +388,9 @@ def _ranked(
     """`query`'s rows filtered (and only the uncertain ones, or only the others, unless
     `uncertain` is None), with the columns of `ranking.doubt_key` from `table`'s scores.
 
-    Each class's score is extracted once per row, in a subquery the planner keeps: its OFFSET
-    stops PostgreSQL from folding it into the outer query, where every expression using a score
-    would extract it again (at 10M labels of 7 classes the ranking took 30 s that way).
+    Each class's score is extracted once per row, in a subquery whose OFFSET keeps PostgreSQL
+    from folding it into the outer query, where each of a score's four uses would extract it
+    again (SQLite's json_extract parses the document on every call).
     A class missing from a row's scores counts 0 in the margin and is never a suspect, as in
     Python: scores are probabilities, so a 0 beside them moves no maximum.
     """
