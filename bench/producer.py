@@ -491,6 +491,7 @@ def _scan(
         model_version=MODEL_VERSION,
         progress=progress,
         skip_settled=settings.scan.skip_settled,
+        overlap_writes=settings.scan.overlap_writes,
     )
 
 

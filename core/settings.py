@@ -225,6 +225,13 @@ class ScanSettings(BaseModel):
         "files of a folder whose listing (names, sizes, times) is unchanged since a scan found "
         "them all labeled by the same model (or no image); off: every file is read and itemized.",
     )
+    overlap_writes: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Write a batch to the ledger in a second thread while the next is read: "
+        "auto does on PostgreSQL (the server works while the walk goes on) and not on SQLite "
+        "(its writes are the producer's own CPU, and the two threads trading the GIL cost more "
+        "than they overlap; bench/RESULTS.md).",
+    )
 
 
 class RetrainSettings(BaseModel):

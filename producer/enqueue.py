@@ -7,7 +7,8 @@
         a run the ledger knows settled by model_version under the same listing digest
           (`listings`; a plain scan only)      -> counted into `jobs.unread` by its reasons,
                                                   neither read nor itemized
-        the other runs are read (first bytes sniffed); upsert their images; decide each entry:
+        the other runs are read (first bytes sniffed); upsert their images (an image new to
+          the ledger is looked up no further); decide each entry:
           unusable                    -> skipped, with the source's reason
           labeled by model_version,
             same fingerprint          -> skipped `already_labeled` (unless force or
@@ -67,6 +68,7 @@ from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import ChunkRow, ImageRow, JobItemRow
 from db.session import refresh_planner_statistics
 from producer.chunking import chunked, cut_chunks
+from producer.pipeline import Writer
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +267,16 @@ class _ReadRun:
     stop: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """What the reading thread hands the writer: the entries read, the runs they came from,
+    and the files of the runs counted without reading, by reason."""
+
+    entries: list[Entry]
+    read: list[_ReadRun]
+    unread: Counter[str]
+
+
 class _Scan:
     """The state of one scan: counters and the pending images that do not fill a chunk yet."""
 
@@ -306,9 +318,9 @@ class _Scan:
         # is ever settled.
         self.trust_runs = skip_settled and model_version is not None and not force and not where
 
-    def add_runs(self, runs: list[Run]) -> None:
+    def read_runs(self, runs: list[Run]) -> _Batch:
         """Count the runs the ledger knows settled (same key, digest and model) without reading
-        them, read the others, and put what was read in the ledger (`add_batch`)."""
+        them and read the others: what `add_batch` puts in the ledger."""
         try:
             known: dict[str, repository.ListingRow] = {}
             keys = [run.key for run in runs if run.key and run.plain]
@@ -337,33 +349,30 @@ class _Scan:
         finally:
             for run in runs:
                 run.release()
-        self.add_batch(entries, read=read, unread=unread)
+        return _Batch(entries, read, unread)
 
-    def add_batch(
-        self,
-        entries: list[Entry],
-        *,
-        read: Sequence[_ReadRun] = (),
-        unread: Counter[str] | None = None,
-    ) -> None:
+    def add_batch(self, batch: _Batch) -> None:
         """Put a batch of entries in the ledger and record every chunk it fills (one commit),
         then publish those chunks in order, marking each published once the broker has it.
 
-        `read` says which runs the entries came from (the ledger learns which of them are now
-        settled); `unread` counts the files of runs not read, by reason, in the same commit.
+        The batch says which runs its entries came from (the ledger learns which of them are
+        now settled) and counts the files of runs not read, by reason, in the same commit.
         """
-        unread_total = self.unread + (unread or Counter())
+        entries, read, unread = batch.entries, batch.read, batch.unread
+        unread_total = self.unread + unread
 
         def record(session: Session) -> list[OutgoingChunk]:
-            ids = repository.upsert_images(session=session, rows=[_image_row(e) for e in entries])
-            items, pending, reasons = self._decide(session, entries, ids)
+            images = repository.record_images(
+                session=session, rows=[_image_row(e) for e in entries]
+            )
+            items, pending, reasons = self._decide(session, entries, images)
             closed, still_open = cut_chunks(
                 self.waiting + pending,
                 size=self.chunk_size,
                 max_bytes=self.chunk_bytes,
                 weight=lambda member: member.size_bytes,
             )
-            chunks, inserted = self._record(session, items, closed)
+            chunks, inserted = self._record(session, items, closed, new_images=images.new)
             if self.trust_runs:
                 self._learn_runs(session, read, reasons)
             if unread:
@@ -425,27 +434,35 @@ class _Scan:
         )
 
     def _decide(
-        self, session: Session, entries: list[Entry], ids: Mapping[str, int]
+        self, session: Session, entries: list[Entry], images: repository.RecordedImages
     ) -> tuple[list[JobItemRow], list[_Pending], list[str | None]]:
         """The ledger rows of the skipped entries, the pending ones, and each entry's skip
-        reason in the batch's order (None: pending)."""
+        reason in the batch's order (None: pending).
+
+        An image new to the ledger has no label and no failure: only the others are looked up
+        (on a first scan, none)."""
+        ids = images.ids
         usable = [entry for entry in entries if entry.usable]
+        known = [entry for entry in usable if ids[entry.uri] not in images.new]
         labeled: dict[str, str] = {}
         # `--where uncertain` asks for labels a person doubts: it sends them again even to the
         # model that gave them (recalibrated thresholds or a review may have changed the picture).
         relabel = any(selection.kind is SelectionKind.UNCERTAIN for selection in self.where)
-        if self.model_version is not None and not self.force and not relabel:
+        if self.model_version is not None and not self.force and not relabel and known:
             labeled = repository.labeled_fingerprints(
                 session=session,
-                uris=[entry.uri for entry in usable],
+                uris=[entry.uri for entry in known],
                 model_version=self.model_version,
             )
         candidates = [entry for entry in usable if labeled.get(entry.uri) != entry.fingerprint]
         failed: dict[int, str] = {}
-        if not self.force and not self.where:
+        looked_up = [
+            ids[entry.uri] for entry in known if labeled.get(entry.uri) != entry.fingerprint
+        ]
+        if not self.force and not self.where and looked_up:
             failed = repository.failed_and_unchanged(
                 session=session,
-                image_ids=[ids[entry.uri] for entry in candidates],
+                image_ids=looked_up,
                 reasons=FINAL_FAILURES,
                 exclude_job_id=self.job_id,
             )
@@ -504,7 +521,12 @@ class _Scan:
         repository.record_listings(session=session, settled=settled, unsettled=unsettled)
 
     def _record(
-        self, session: Session, items: list[JobItemRow], groups: list[list[_Pending]]
+        self,
+        session: Session,
+        items: list[JobItemRow],
+        groups: list[list[_Pending]],
+        *,
+        new_images: frozenset[int] = frozenset(),
     ) -> tuple[list[OutgoingChunk], int]:
         """Number `groups` as the job's next chunks, add their rows to `items`, record it all.
 
@@ -521,7 +543,9 @@ class _Scan:
         )
         for offset, members in enumerate(groups):
             items.extend(JobItemRow(m.image_id, chunk_index=first + offset) for m in members)
-        inserted = repository.add_job_items(session=session, job_id=self.job_id, items=items)
+        inserted = repository.add_job_items(
+            session=session, job_id=self.job_id, items=items, new_images=new_images
+        )
         # The row that went in for an image is the first one given for it.
         chunk_of: dict[int, int | None] = {}
         for item in items:
@@ -575,6 +599,7 @@ def run_scan(
     options: Mapping[str, Any] | None = None,
     progress: Callable[[ScanProgress], None] | None = None,
     skip_settled: bool = ScanSettings.model_fields["skip_settled"].default,
+    overlap_writes: str = ScanSettings.model_fields["overlap_writes"].default,
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
 
@@ -588,6 +613,8 @@ def run_scan(
     With `skip_settled` (and neither `force` nor `where`), a run of files the ledger knows to be
     settled by `model_version` under the same listing (`db.repository.listings`) is counted, not
     read and not itemized: its files count as skipped for the reasons stored with it.
+    `overlap_writes` ("auto", "always", "never") says whether a batch is written in a second
+    thread while the next one is read (`producer.pipeline`; auto: on PostgreSQL).
     Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
     """
     if chunk_size < 1:
@@ -627,26 +654,43 @@ def run_scan(
     )
     files = max(batch_files, chunk_size)
     iter_runs = getattr(source, "iter_runs", None)
+    # This thread walks and reads; the writer records each batch (and publishes its chunks)
+    # while the next one is read (`producer.pipeline`).
+    writer: Writer[_Batch] = Writer(scan.add_batch, threaded=_overlaps(overlap_writes, sessions))
     try:
         runs: Iterator[Run] = (
             iter_runs() if callable(iter_runs) else _entry_runs(source.iter_entries(), files)
         )
         for group in _run_batches(runs, files=files):
-            scan.add_runs(group)
+            writer.put(scan.read_runs(group))
             if progress is not None:
                 progress(scan.progress())
+        writer.close()
         scan.listed_all = True
         scan.add_remainder()
     except PublishError as error:
+        writer.stop()
         _stop_early(scan, str(error))
         raise _interrupted(scan, source, error) from error
     except BaseException as error:
-        # A source, database or user interrupt: keep what was committed usable, then re-raise.
+        # A source, database or user interrupt: what was read before it is recorded, what was
+        # committed stays usable, and the error is raised as it is.
+        writer.stop()
         _stop_early(scan, repr(error))
         raise
     if progress is not None:
         progress(scan.progress())
     return _finish(scan, started)
+
+
+def _overlaps(overlap_writes: str, sessions: sessionmaker[Session]) -> bool:
+    """Whether the ledger writes run in a thread beside the walk (`ScanSettings.overlap_writes`)."""
+    if overlap_writes not in ("auto", "always", "never"):
+        raise ConfigError(f"overlap_writes must be auto, always or never, not {overlap_writes!r}")
+    if overlap_writes != "auto":
+        return overlap_writes == "always"
+    with sessions() as session:
+        return session.get_bind().dialect.name == "postgresql"
 
 
 def _finish(scan: _Scan, started: float) -> ScanSummary:

@@ -243,6 +243,54 @@ def test_upsert_images_twice_gives_the_same_ids_and_no_duplicates(session: Sessi
     assert stored == len(rows)
 
 
+def test_record_images_says_which_images_it_inserted(session: Session) -> None:
+    old = [ImageRow(uri=f"{unique()}.jpg", fingerprint=f"{i}-1") for i in range(5)]
+    first = repository.record_images(session=session, rows=old)
+    assert first.new == frozenset(first.ids.values()) and len(first.ids) == 5
+    changed = ImageRow(uri=old[0].uri, fingerprint="9-9")
+    fresh = [ImageRow(uri=f"{unique()}.jpg", fingerprint="3-3") for _ in range(4)]
+    again = repository.record_images(session=session, rows=[changed, *old[1:], *fresh, fresh[0]])
+    assert again.ids == {
+        **first.ids,
+        **repository.image_ids_for_uris(session=session, uris=[row.uri for row in fresh]),
+    }
+    # Neither the unchanged images nor the changed one are new; the four others are.
+    assert again.new == frozenset(again.ids[row.uri] for row in fresh)
+    assert repository.record_images(session=session, rows=[]).ids == {}
+
+
+def test_add_job_items_tells_new_rows_from_rows_already_in_the_job(session: Session) -> None:
+    recorded = repository.record_images(
+        session=session,
+        rows=[ImageRow(uri=f"{unique()}.jpg", fingerprint=f"{i}-1") for i in range(6)],
+    )
+    ids = sorted(recorded.ids.values())
+    job_id = repository.create_job(session=session, source="file:///photos", options={})
+    first = repository.add_job_items(
+        session=session,
+        job_id=job_id,
+        items=[JobItemRow(image_id, chunk_index=0) for image_id in ids[:4]],
+        new_images=recorded.new,
+    )
+    assert first == set(ids[:4])
+    # The first four are in the job now: only the last two go in, and the first row given wins.
+    second = repository.add_job_items(
+        session=session,
+        job_id=job_id,
+        items=[
+            JobItemRow(ids[5], chunk_index=1),
+            *(JobItemRow(image_id, chunk_index=1) for image_id in ids),
+        ],
+    )
+    assert second == set(ids[4:])
+    rows = dict(
+        session.execute(
+            select(JobItem.image_id, JobItem.chunk_index).where(JobItem.job_id == job_id)
+        ).all()
+    )
+    assert rows == {**dict.fromkeys(ids[:4], 0), ids[4]: 1, ids[5]: 1}
+
+
 def test_upsert_images_respects_the_parameter_limit(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,7 +2,9 @@
 family; import from here (`from db.repository import X`), the modules are how it is kept.
 
     base            the tables, `NotFoundError`, row checks, batching under the parameter limit
-    images          `images`: upsert by URI, ids for URIs
+    driver          the scan's hot writes through the driver: SQLite multi-row INSERTs of tuples,
+                    PostgreSQL COPY into a staging table
+    images          `images`: upsert by URI (which are new), ids for URIs
     jobs            `jobs`: create, status, chunk numbers and heartbeat, counts, end of a scan
     chunks          `chunks`: record before publishing, mark published, unfinished and open ones
     job_items       `job_items`, the ledger: rows in, failures out, `--where` and retry filters
@@ -76,7 +78,9 @@ from db.repository.faces import (
 )
 from db.repository.images import (
     ImageRow,
+    RecordedImages,
     image_ids_for_uris,
+    record_images,
     upsert_images,
 )
 from db.repository.job_items import (
@@ -204,6 +208,7 @@ __all__ = [
     "PrunableJob",
     "PrunedJob",
     "RecordedChurn",
+    "RecordedImages",
     "ResultRow",
     "ReviewError",
     "ReviewFacets",
@@ -262,6 +267,7 @@ __all__ = [
     "prune_job",
     "ranked_review_items",
     "record_chunks",
+    "record_images",
     "record_listings",
     "record_outcomes",
     "record_retrain_run",

@@ -9,10 +9,9 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Column, ColumnElement, Enum, String, Table, any_, bindparam, column, func
+from sqlalchemy import ColumnElement, Enum, String, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeEngine
 
 from db.models import Chunk, Face, Image, Job, JobItem, Result
@@ -34,8 +33,8 @@ POSTGRESQL_MAX_PARAMETERS = 32_000
 _PARAMETER_HEADROOM = 16
 # Below SQLite's historical limit of 999 bound parameters, with room for the constants.
 IDS_PER_STATEMENT = 500
-# PostgreSQL takes a batch as one array per column (`unnest_rows`, `membership`): the statement's
-# text is the same whatever the count, so ten thousand rows go in one round trip.
+# PostgreSQL takes a set of values as one array (`membership`): the statement's text is the same
+# whatever the count, so ten thousand values go in one round trip.
 ARRAY_ROWS_PER_STATEMENT = 10_000
 
 
@@ -83,34 +82,10 @@ def _array_type(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
     return String() if isinstance(column_type, Enum) else column_type
 
 
-def unnest_rows(columns: Sequence[Column[Any]]) -> TableValuedAlias:
-    """PostgreSQL's `unnest(:a_x::T[], :a_y::U[], ...) AS rows(x, y, ...)`: a batch of rows
-    given as one array per column (`column_arrays`), to INSERT ... SELECT from.
-
-    A multi-row VALUES list is a new statement for every batch, which psycopg parses in Python
-    and PostgreSQL plans each time (most of a scan's time, measured in bench/RESULTS.md); this
-    text is the same for any number of rows, so both are done once.
-    """
-    arrays = [
-        bindparam(f"a_{c.name}", type_=postgresql.ARRAY(_array_type(c.type))) for c in columns
-    ]
-    return (
-        func.unnest(*arrays)
-        .table_valued(*(column(c.name, _array_type(c.type)) for c in columns))
-        .render_derived()
-    )
-
-
 def array_batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
     """`items`, `ARRAY_ROWS_PER_STATEMENT` at a time: one PostgreSQL statement's arrays."""
     for start in range(0, len(items), ARRAY_ROWS_PER_STATEMENT):
         yield items[start : start + ARRAY_ROWS_PER_STATEMENT]
-
-
-def column_arrays(columns: Sequence[Column[Any]], rows: Sequence[Any]) -> dict[str, list[Any]]:
-    """The parameters of `unnest_rows(columns)` for `rows`: objects with an attribute named
-    after each column, read straight into the arrays (no dict per row on the hot path)."""
-    return {f"a_{c.name}": [getattr(row, c.name) for row in rows] for c in columns}
 
 
 def membership(
@@ -133,7 +108,7 @@ def membership(
         yield target == any_(array)
 
 
-def _parameter_limit(session: Session) -> int:
+def parameter_limit(session: Session) -> int:
     """How many bound parameters one statement may carry on this connection."""
     connection = session.connection()
     if connection.dialect.name != "sqlite":
@@ -148,7 +123,7 @@ def batches(
     session: Session, items: Sequence[T], parameters_per_item: int
 ) -> Iterator[Sequence[T]]:
     """`items` cut into statements that stay under the connection's bound-parameter limit."""
-    usable = max(1, _parameter_limit(session) - _PARAMETER_HEADROOM)
+    usable = max(1, parameter_limit(session) - _PARAMETER_HEADROOM)
     size = max(1, min(MAX_ROWS_PER_STATEMENT, usable // parameters_per_item))
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -1,9 +1,9 @@
 """The `images` table: every file a scan saw, by URI, with the fingerprint of its version.
 
-`upsert_images` is a hot path, with row locks taken in URI order. On PostgreSQL one
-INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT per ten thousand rows (`unnest_rows`); on
-SQLite a cached INSERT ... ON CONFLICT executed with a list of rows, in batches under the
-bound-parameter limit.
+`upsert_images` is the scan's hot path, with row locks taken in URI order, written through the
+driver (`db.repository.driver`): on PostgreSQL the rows are copied into a staging table and
+one INSERT ... SELECT ... ON CONFLICT moves them on; on SQLite the compiled upsert runs with
+`executemany` over plain tuples. Every id is then read back in one set-based statement.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import (
     and_,
@@ -31,15 +30,18 @@ from db.models import (
 )
 from db.repository.base import (
     IMAGES,
-    array_batches,
-    batches,
     check_count,
     check_text,
-    column_arrays,
-    dialect_insert,
     is_postgresql,
     membership,
-    unnest_rows,
+    parameter_limit,
+)
+from db.repository.driver import (
+    driver_value,
+    sqlite_insert_rows,
+    sqlite_select_in,
+    stage_rows,
+    staging_table,
 )
 
 # The columns a scan gives for each image: `ImageRow`'s fields (the statement adds the times).
@@ -81,55 +83,109 @@ class ImageRow:
             raise ValueError(f"content_sha256 must be 64 hex digits, got {self.content_sha256!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedImages:
+    """What `record_images` did: uri -> id of every row, and the ids of the images it inserted
+    (new to the ledger: no result, face or ledger row can refer to them yet)."""
+
+    ids: dict[str, int]
+    new: frozenset[int]
+
+
 def upsert_images(*, session: Session, rows: Sequence[ImageRow]) -> dict[str, int]:
-    """Insert or refresh images by URI and return uri -> id for every row.
+    """Insert or refresh images by URI and return uri -> id for every row (`record_images`)."""
+    return record_images(session=session, rows=rows).ids
+
+
+def record_images(*, session: Session, rows: Sequence[ImageRow]) -> RecordedImages:
+    """Insert or refresh images by URI; say every row's id and which images are new.
 
     A row whose fingerprint changed replaces what was known of the old version (checksum and
-    size); an unchanged row is not rewritten. A URI given twice keeps its last row.
+    size); an unchanged row is not rewritten. A URI given twice keeps its last row. An image is
+    new when its `first_seen_at` is this call's own timestamp: the column is written on insert
+    only, and the insert is this transaction's, so nothing committed refers to it yet.
     """
     latest = {row.uri: row for row in rows}
     # Every process takes row locks in the same order, so two producers cannot deadlock.
     ordered = [latest[uri] for uri in sorted(latest)]
+    if not ordered:
+        return RecordedImages({}, frozenset())
     now = utc_now()
-    ids: dict[str, int] = {}
     if is_postgresql(session):
-        columns = [IMAGES.c[name] for name in _ROW_COLUMNS]
-        given = unnest_rows(columns)
-        stamp = bindparam("b_now", type_=IMAGES.c.updated_at.type)
-        source = select(*given.c, stamp, stamp).order_by(given.c.uri)
-        statement = _image_upsert(
-            postgresql.insert(IMAGES).from_select(
-                [*_ROW_COLUMNS, "first_seen_at", "updated_at"], source
-            )
-        ).returning(IMAGES.c.uri, IMAGES.c.id)
-        for batch in array_batches(ordered):
-            returned = session.execute(statement, {**column_arrays(columns, batch), "b_now": now})
-            ids.update({uri: image_id for uri, image_id in returned})
+        found = _upsert_postgresql(session, ordered, now)
     else:
-        statement = _image_upsert(dialect_insert(session, IMAGES)).returning(
-            IMAGES.c.uri, IMAGES.c.id
+        found = _upsert_sqlite(session, ordered, now)
+    return RecordedImages(
+        {uri: image_id for uri, image_id, _ in found},
+        frozenset(image_id for _, image_id, new in found if new),
+    )
+
+
+_STAGED_IMAGES = staging_table("emolabel_staged_images", [IMAGES.c[name] for name in _ROW_COLUMNS])
+
+
+def _upsert_postgresql(
+    session: Session, ordered: Sequence[ImageRow], now: dt.datetime
+) -> Sequence[tuple[str, int, bool]]:
+    """COPY the rows into a staging table and upsert from it in URI order. The rows it wrote
+    (new or changed) come back from RETURNING; the unchanged ones are looked up by URI."""
+    stage_rows(
+        session,
+        _STAGED_IMAGES,
+        IMAGES,
+        ([getattr(row, name) for name in _ROW_COLUMNS] for row in ordered),
+    )
+    stamp = bindparam("b_now", type_=IMAGES.c.updated_at.type)
+    source = select(*_STAGED_IMAGES.c, stamp, stamp).order_by(_STAGED_IMAGES.c.uri)
+    upsert = _image_upsert(
+        postgresql.insert(IMAGES).from_select(
+            [*_ROW_COLUMNS, "first_seen_at", "updated_at"], source
         )
-        for batch in batches(session, ordered, parameters_per_item=10):
-            returned = session.execute(statement, [_image_values(row, now) for row in batch])
-            ids.update({uri: image_id for uri, image_id in returned})
-    # Unchanged rows were not touched, so RETURNING left them out.
-    ids.update(image_ids_for_uris(session=session, uris=[uri for uri in latest if uri not in ids]))
-    return ids
+    ).returning(IMAGES.c.uri, IMAGES.c.id, IMAGES.c.first_seen_at == stamp)
+    # No join back to the staging table: a temporary table has no statistics (autovacuum never
+    # analyzes one), and the planner hashed the whole `images` table for every batch.
+    found = [(uri, image_id, new) for uri, image_id, new in session.execute(upsert, {"b_now": now})]
+    written = {uri for uri, _, _ in found}
+    unchanged = image_ids_for_uris(
+        session=session, uris=[row.uri for row in ordered if row.uri not in written]
+    )
+    return found + [(uri, image_id, False) for uri, image_id in unchanged.items()]
 
 
-def _image_values(row: ImageRow, now: dt.datetime) -> dict[str, Any]:
-    return {
-        "uri": row.uri,
-        "name_bytes": row.name_bytes,
-        "size_bytes": row.size_bytes,
-        "mtime_ns": row.mtime_ns,
-        "fingerprint": row.fingerprint,
-        "content_sha256": row.content_sha256,
-        "width": row.width,
-        "height": row.height,
-        "first_seen_at": now,
-        "updated_at": now,
-    }
+def _upsert_sqlite(
+    session: Session, ordered: Sequence[ImageRow], now: dt.datetime
+) -> Sequence[tuple[str, int, bool]]:
+    """executemany of the upsert with plain tuples, then every id, read in few statements."""
+    stamp = driver_value(session, IMAGES.c.updated_at.type, now)
+    sqlite_insert_rows(
+        session,
+        _SQLITE_UPSERT,
+        _SQLITE_KEYS,
+        [
+            (
+                row.uri,
+                row.name_bytes,
+                row.size_bytes,
+                row.mtime_ns,
+                row.fingerprint,
+                row.content_sha256,
+                row.width,
+                row.height,
+                stamp,
+                stamp,
+            )
+            for row in ordered
+        ],
+        limit=parameter_limit(session),
+    )
+    found = sqlite_select_in(
+        session,
+        "SELECT uri, id, first_seen_at = ? FROM images WHERE uri IN ({marks})",
+        [row.uri for row in ordered],
+        before=(stamp,),
+        limit=parameter_limit(session),
+    )
+    return [(uri, image_id, bool(new)) for uri, image_id, new in found]
 
 
 def _image_upsert(
@@ -166,6 +222,10 @@ def _image_upsert(
             ),
         ),
     )
+
+
+_SQLITE_UPSERT = _image_upsert(sqlite.insert(IMAGES))
+_SQLITE_KEYS = (*_ROW_COLUMNS, "first_seen_at", "updated_at")
 
 
 def image_ids_for_uris(*, session: Session, uris: Iterable[str]) -> dict[str, int]:

@@ -3,14 +3,15 @@ labeled, failed or skipped with a reason.
 
 The `--where` and already-failed filters take image ids and return the subset that matches, in
 statements that stay under SQLite's bound-parameter limit (`membership`: PostgreSQL takes the
-ids as one array). `add_job_items` inserts from arrays on PostgreSQL (`unnest_rows`).
+ids as one array). `add_job_items`, on the scan's hot path, writes through the driver
+(`db.repository.driver`: COPY and one set-based insert on PostgreSQL, executemany on SQLite).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -38,14 +39,17 @@ from db.repository.base import (
     IMAGES,
     JOB_ITEMS,
     JOBS,
-    array_batches,
-    batches,
     check_text,
-    column_arrays,
-    dialect_insert,
     is_postgresql,
     membership,
-    unnest_rows,
+    parameter_limit,
+)
+from db.repository.driver import (
+    driver_value,
+    sqlite_insert_rows,
+    sqlite_select_in,
+    stage_rows,
+    staging_table,
 )
 
 
@@ -83,58 +87,91 @@ class FailedItem:
     updated_at: dt.datetime
 
 
-def add_job_items(*, session: Session, job_id: int, items: Sequence[JobItemRow]) -> set[int]:
+def add_job_items(
+    *,
+    session: Session,
+    job_id: int,
+    items: Sequence[JobItemRow],
+    new_images: Collection[int] = frozenset(),
+) -> set[int]:
     """Put images into a job's ledger, once each (the first row given for an image wins);
-    return the ids of the images whose row is new."""
-    rows = list({item.image_id: item for item in reversed(items)}.values())
+    return the ids of the images whose row is new. `new_images` are images this transaction
+    inserted (`record_images`), which no ledger row can name yet.
+
+    On SQLite call it in a transaction that has already written (the scan allocates its chunk
+    numbers first): the rows already there are read before the insert, and only a writer
+    holding SQLite's one write lock can be sure that nobody adds one in between.
+    """
+    rows = sorted({item.image_id: item for item in reversed(items)}.values(), key=_by_image)
+    if not rows:
+        return set()
     now = utc_now()
-    inserted: set[int] = set()
     if is_postgresql(session):
-        # `JobItemRow`'s fields, read straight into the arrays (a status is a str enum).
-        columns = [
-            JOB_ITEMS.c[name] for name in ("image_id", "chunk_index", "state", "reason", "message")
-        ]
-        given = unnest_rows(columns)
+        # COPY into a staging table, then one INSERT ... SELECT in image order (row locks in
+        # one order across processes), which returns the rows that went in.
+        stage_rows(
+            session,
+            _STAGED_ITEMS,
+            JOB_ITEMS,
+            (
+                (item.image_id, item.chunk_index, item.state.value, item.reason, item.message)
+                for item in rows
+            ),
+        )
         source = select(
             bindparam("b_job_id", type_=JOB_ITEMS.c.job_id.type),
-            *given.c,
+            *_STAGED_ITEMS.c,
             literal(0, JOB_ITEMS.c.attempts.type),
             bindparam("b_now", type_=JOB_ITEMS.c.updated_at.type),
-        ).order_by(given.c.image_id)
-        arrays = (
+        ).order_by(_STAGED_ITEMS.c.image_id)
+        statement = (
             postgresql.insert(JOB_ITEMS)
-            .from_select(["job_id", *(c.name for c in columns), "attempts", "updated_at"], source)
+            .from_select(["job_id", *_ITEM_COLUMNS, "attempts", "updated_at"], source)
             .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
             .returning(JOB_ITEMS.c.image_id)
         )
-        for batch in array_batches(rows):
-            inserted.update(
-                session.scalars(
-                    arrays, {**column_arrays(columns, batch), "b_job_id": job_id, "b_now": now}
-                )
-            )
-        return inserted
-    statement = (
-        dialect_insert(session, JOB_ITEMS)
-        .on_conflict_do_nothing(index_elements=["job_id", "image_id"])
-        .returning(JOB_ITEMS.c.image_id)
+        return set(session.scalars(statement, {"b_job_id": job_id, "b_now": now}))
+    wanted = [item.image_id for item in rows]
+    present = sqlite_select_in(
+        session,
+        "SELECT image_id FROM job_items WHERE job_id = ? AND image_id IN ({marks})",
+        [image_id for image_id in wanted if image_id not in new_images],
+        before=(job_id,),
+        limit=parameter_limit(session),
     )
-    for batch in batches(session, rows, parameters_per_item=8):
-        parameters = [
-            {
-                "job_id": job_id,
-                "image_id": item.image_id,
-                "chunk_index": item.chunk_index,
-                "state": item.state,
-                "reason": item.reason,
-                "message": item.message,
-                "attempts": 0,
-                "updated_at": now,
-            }
-            for item in batch
-        ]
-        inserted.update(session.scalars(statement, parameters))
-    return inserted
+    stamp = driver_value(session, JOB_ITEMS.c.updated_at.type, now)
+    sqlite_insert_rows(
+        session,
+        _SQLITE_ADD,
+        _SQLITE_KEYS,
+        [
+            (
+                job_id,
+                item.image_id,
+                item.chunk_index,
+                item.state.value,
+                item.reason,
+                item.message,
+                0,
+                stamp,
+            )
+            for item in rows
+        ],
+        limit=parameter_limit(session),
+    )
+    return set(wanted) - {image_id for (image_id,) in present}
+
+
+def _by_image(item: JobItemRow) -> int:
+    return item.image_id
+
+
+_ITEM_COLUMNS = ("image_id", "chunk_index", "state", "reason", "message")
+_STAGED_ITEMS = staging_table(
+    "emolabel_staged_job_items", [JOB_ITEMS.c[name] for name in _ITEM_COLUMNS]
+)
+_SQLITE_ADD = sqlite.insert(JOB_ITEMS).on_conflict_do_nothing(index_elements=["job_id", "image_id"])
+_SQLITE_KEYS = ("job_id", *_ITEM_COLUMNS, "attempts", "updated_at")
 
 
 def failed_items(

@@ -151,6 +151,7 @@ def _scan(
             where=selections,
             progress=show,
             skip_settled=settings.scan.skip_settled,
+            overlap_writes=settings.scan.overlap_writes,
         )
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped_by_reason.items()))
     console.print(
