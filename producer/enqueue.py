@@ -68,7 +68,7 @@ from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import ChunkRow, ImageRow, JobItemRow
 from db.session import refresh_planner_statistics
 from producer.chunking import chunked, cut_chunks
-from producer.pipeline import Writer
+from producer.pipeline import Writer, young_objects_only
 
 logger = logging.getLogger(__name__)
 
@@ -449,11 +449,14 @@ class _Scan:
         # model that gave them (recalibrated thresholds or a review may have changed the picture).
         relabel = any(selection.kind is SelectionKind.UNCERTAIN for selection in self.where)
         if self.model_version is not None and not self.force and not relabel and known:
-            labeled = repository.labeled_fingerprints(
+            by_id = repository.labeled_fingerprints_by_id(
                 session=session,
-                uris=[entry.uri for entry in known],
+                image_ids=[ids[entry.uri] for entry in known],
                 model_version=self.model_version,
             )
+            labeled = {
+                entry.uri: by_id[ids[entry.uri]] for entry in known if ids[entry.uri] in by_id
+            }
         candidates = [entry for entry in usable if labeled.get(entry.uri) != entry.fingerprint]
         failed: dict[int, str] = {}
         looked_up = [
@@ -653,10 +656,27 @@ def run_scan(
         skip_settled=skip_settled,
     )
     files = max(batch_files, chunk_size)
-    iter_runs = getattr(source, "iter_runs", None)
-    # This thread walks and reads; the writer records each batch (and publishes its chunks)
-    # while the next one is read (`producer.pipeline`).
+    # This thread walks and reads; the writer records each batch (and publishes its chunks),
+    # beside the walk or after each batch (`producer.pipeline`).
     writer: Writer[_Batch] = Writer(scan.add_batch, threaded=_overlaps(overlap_writes, sessions))
+    with young_objects_only():
+        _scan_source(scan, source, writer, files=files, progress=progress)
+    if progress is not None:
+        progress(scan.progress())
+    return _finish(scan, started)
+
+
+def _scan_source(
+    scan: _Scan,
+    source: Source,
+    writer: Writer[_Batch],
+    *,
+    files: int,
+    progress: Callable[[ScanProgress], None] | None,
+) -> None:
+    """Read the source's runs in batches and hand each to `writer`, then record the remainder.
+    On an error, stop early (the module docstring) and raise."""
+    iter_runs = getattr(source, "iter_runs", None)
     try:
         runs: Iterator[Run] = (
             iter_runs() if callable(iter_runs) else _entry_runs(source.iter_entries(), files)
@@ -678,9 +698,6 @@ def run_scan(
         writer.stop()
         _stop_early(scan, repr(error))
         raise
-    if progress is not None:
-        progress(scan.progress())
-    return _finish(scan, started)
 
 
 def _overlaps(overlap_writes: str, sessions: sessionmaker[Session]) -> bool:

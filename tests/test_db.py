@@ -632,6 +632,14 @@ def test_labeled_fingerprints_name_the_version_each_model_labeled(session: Sessi
     }
     count = session.scalar(select(func.count()).where(Result.image_id == ids[uris[0]]))
     assert count == 1
+    # The same by image id, as a scan asks once it has its images' ids.
+    for version, labeled in (("v1", {ids[uris[0]]: "0-2"}), ("v2", {ids[uris[1]]: "1-1"})):
+        assert (
+            repository.labeled_fingerprints_by_id(
+                session=session, image_ids=[*ids.values(), 10**12], model_version=version
+            )
+            == labeled
+        )
 
 
 # --- export -----------------------------------------------------------------------------------

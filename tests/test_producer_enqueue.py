@@ -21,7 +21,7 @@ import sys
 import threading
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -996,7 +996,7 @@ def test_on_sqlite_a_rescan_looks_up_its_batch_by_uri_not_every_result_of_the_mo
             chunk_index=0,
         )
 
-    def lookup_plan() -> str:
+    def lookup_plan(by_id: bool = False) -> str:
         statements: list[tuple[str, object]] = []
 
         def keep(_conn: object, _cursor: object, sql: str, params: object, *_: object) -> None:
@@ -1005,10 +1005,15 @@ def test_on_sqlite_a_rescan_looks_up_its_batch_by_uri_not_every_result_of_the_mo
         event.listen(engine, "before_cursor_execute", keep)
         try:
             with sessions() as session:
-                uris = [f"file:///elsewhere/{n}.jpg" for n in range(10)]
-                found = repository.labeled_fingerprints(
-                    session=session, uris=uris, model_version="v1"
-                )
+                if by_id:
+                    found: Mapping[object, str] = repository.labeled_fingerprints_by_id(
+                        session=session, image_ids=ids[:10], model_version="v1"
+                    )
+                else:
+                    uris = [f"file:///elsewhere/{n}.jpg" for n in range(10)]
+                    found = repository.labeled_fingerprints(
+                        session=session, uris=uris, model_version="v1"
+                    )
                 assert len(found) == 10
         finally:
             event.remove(engine, "before_cursor_execute", keep)
@@ -1035,4 +1040,11 @@ def test_on_sqlite_a_rescan_looks_up_its_batch_by_uri_not_every_result_of_the_mo
     first = plan.splitlines()[0]
     assert first.startswith("SEARCH images USING") and "uri" in first, plan
     assert "model_version" not in first, plan
+    # The scan's own lookup, by the ids it has: the results' primary key, never the version's
+    # index.
+    plan = lookup_plan(by_id=True)
+    assert plan.startswith("SEARCH results USING") and "image_id=? AND model_version=?" in plan, (
+        plan
+    )
+    assert "ix_results_model_version" not in plan, plan
     engine.dispose()

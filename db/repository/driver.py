@@ -51,17 +51,19 @@ def sqlite_insert_rows(
     rows: Sequence[tuple[Any, ...]],
     *,
     limit: int,
-) -> None:
-    """Insert `rows` (tuples in the order of `keys`) with the single-row INSERT `statement` (no
-    RETURNING) made multi-row: as many rows per statement as `limit` parameters allow.
+) -> list[tuple[Any, ...]]:
+    """Insert `rows` (tuples in the order of `keys`) with the single-row INSERT `statement` made
+    multi-row: as many rows per statement as `limit` parameters allow. Returns what its
+    RETURNING clause returned (nothing without one).
 
     One statement of many rows is one step of SQLite's engine, during which the sqlite3 module
     lets other threads run; `executemany` steps (and gives up and takes back the GIL) once per
     row, which, with a thread reading files beside it, made the writes wait on that thread
     three times longer than they took (sampled by hand with py-spy).
     """
+    returned: list[tuple[Any, ...]] = []
     if not rows:
-        return
+        return returned
     connection = session.connection()
     single = _positional(statement, connection.dialect, tuple(keys))
     marks = "(" + ", ".join("?" * len(keys)) + ")"
@@ -70,7 +72,10 @@ def sqlite_insert_rows(
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
         sql = head + ", ".join([marks] * len(part)) + tail
-        connection.exec_driver_sql(sql, tuple(value for row in part for value in row))
+        result = connection.exec_driver_sql(sql, tuple(value for row in part for value in row))
+        if result.returns_rows:
+            returned.extend(tuple(row) for row in result.fetchall())
+    return returned
 
 
 def sqlite_select_in(

@@ -20,6 +20,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -142,22 +143,29 @@ def _upsert_postgresql(
             [*_ROW_COLUMNS, "first_seen_at", "updated_at"], source
         )
     ).returning(IMAGES.c.uri, IMAGES.c.id, IMAGES.c.first_seen_at == stamp)
-    # No join back to the staging table: a temporary table has no statistics (autovacuum never
-    # analyzes one), and the planner hashed the whole `images` table for every batch.
     found = [(uri, image_id, new) for uri, image_id, new in session.execute(upsert, {"b_now": now})]
+    if len(found) == len(ordered):
+        return found  # a first scan: every row was new
+    # The unchanged rows, joined back from the staging table. Autovacuum never analyzes a
+    # temporary table: without statistics the planner hashed all of `images` for every batch
+    # (EXPLAIN ANALYZE, read by hand); analyzed, it merges with the URI index.
+    session.execute(text(f"ANALYZE {_STAGED_IMAGES.name}"))
     written = {uri for uri, _, _ in found}
-    unchanged = image_ids_for_uris(
-        session=session, uris=[row.uri for row in ordered if row.uri not in written]
+    known = select(_STAGED_IMAGES.c.uri, IMAGES.c.id).join_from(
+        _STAGED_IMAGES, IMAGES, IMAGES.c.uri == _STAGED_IMAGES.c.uri
     )
-    return found + [(uri, image_id, False) for uri, image_id in unchanged.items()]
+    return found + [
+        (uri, image_id, False) for uri, image_id in session.execute(known) if uri not in written
+    ]
 
 
 def _upsert_sqlite(
     session: Session, ordered: Sequence[ImageRow], now: dt.datetime
 ) -> Sequence[tuple[str, int, bool]]:
-    """executemany of the upsert with plain tuples, then every id, read in few statements."""
+    """The upsert as multi-row statements of plain tuples; the rows it wrote (new or changed)
+    come back from RETURNING, the unchanged ones are read by URI."""
     stamp = driver_value(session, IMAGES.c.updated_at.type, now)
-    sqlite_insert_rows(
+    written = sqlite_insert_rows(
         session,
         _SQLITE_UPSERT,
         _SQLITE_KEYS,
@@ -178,14 +186,18 @@ def _upsert_sqlite(
         ],
         limit=parameter_limit(session),
     )
-    found = sqlite_select_in(
+    # SQLite returns the stored text of `first_seen_at`: this call's stamp on a new row.
+    found = [(uri, image_id, first_seen == stamp) for uri, image_id, first_seen in written]
+    if len(found) == len(ordered):
+        return found
+    returned = {uri for uri, _, _ in found}
+    unchanged = sqlite_select_in(
         session,
-        "SELECT uri, id, first_seen_at = ? FROM images WHERE uri IN ({marks})",
-        [row.uri for row in ordered],
-        before=(stamp,),
+        "SELECT uri, id FROM images WHERE uri IN ({marks})",
+        [row.uri for row in ordered if row.uri not in returned],
         limit=parameter_limit(session),
     )
-    return [(uri, image_id, bool(new)) for uri, image_id, new in found]
+    return found + [(uri, image_id, False) for uri, image_id in unchanged]
 
 
 def _image_upsert(
@@ -224,7 +236,9 @@ def _image_upsert(
     )
 
 
-_SQLITE_UPSERT = _image_upsert(sqlite.insert(IMAGES))
+_SQLITE_UPSERT = _image_upsert(sqlite.insert(IMAGES)).returning(
+    IMAGES.c.uri, IMAGES.c.id, IMAGES.c.first_seen_at
+)
 _SQLITE_KEYS = (*_ROW_COLUMNS, "first_seen_at", "updated_at")
 
 

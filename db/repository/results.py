@@ -90,6 +90,21 @@ def labeled_fingerprints(
     return found
 
 
+def labeled_fingerprints_by_id(
+    *, session: Session, image_ids: Iterable[int], model_version: str
+) -> dict[int, str]:
+    """image id -> fingerprint of the image version that `model_version` labeled, for the
+    labeled ones: `labeled_fingerprints` for a scan that has its images' ids already, read
+    through the results' primary key alone (image id, model version)."""
+    found: dict[int, str] = {}
+    for condition in membership(session, RESULTS.c.image_id, sorted(set(image_ids))):
+        query = select(RESULTS.c.image_id, RESULTS.c.fingerprint).where(
+            condition, RESULTS.c.model_version == model_version
+        )
+        found.update({image_id: fingerprint for image_id, fingerprint in session.execute(query)})
+    return found
+
+
 def scores_json() -> ColumnElement[str]:
     """A result's scores as the JSON text the database holds, for exports that write it as it
     is: decoding each document and encoding it again was a third of an export's time. (The
