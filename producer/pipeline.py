@@ -1,4 +1,6 @@
-"""One background thread that does a scan's writes while the scan reads the next batch.
+"""How a scan keeps the interpreter busy with its own work: a writer that records a batch
+(in a background thread, or at once) while the next is read, and `young_objects_only`, which
+keeps the garbage collector's passes off the objects alive before the scan.
 
     writer = Writer(record)          # record(batch) runs in the writer thread, in order
     for batch in batches:
@@ -108,10 +110,9 @@ def young_objects_only() -> Iterator[None]:
 
     A scan allocates a few objects per file, so the collector runs thousands of times, and each
     pass of its oldest generation walked every object the process held: the imported modules,
-    SQLAlchemy's and Celery's, some 95,000, for about 15% of a SQLite scan's time (gc.callbacks,
-    read by hand). `gc.freeze` moves them to a generation the collector skips (CPython's own
-    advice for long-lived objects); `gc.unfreeze` gives them back after the block, so a process
-    that scans many times keeps nothing frozen.
+    SQLAlchemy's and Celery's (gc.callbacks, read by hand). `gc.freeze` moves them to a
+    generation the collector skips (CPython's own advice for long-lived objects); `gc.unfreeze`
+    gives them back after the block, so a process that scans many times keeps nothing frozen.
     """
     gc.collect()
     gc.freeze()

@@ -59,7 +59,7 @@ def sqlite_insert_rows(
     One statement of many rows is one step of SQLite's engine, during which the sqlite3 module
     lets other threads run; `executemany` steps (and gives up and takes back the GIL) once per
     row, which, with a thread reading files beside it, made the writes wait on that thread
-    three times longer than they took (sampled by hand with py-spy).
+    far longer than they took (sampled by hand with py-spy).
     """
     returned: list[tuple[Any, ...]] = []
     if not rows:
