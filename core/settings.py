@@ -225,12 +225,14 @@ class ScanSettings(BaseModel):
         "files of a folder whose listing (names, sizes, times) is unchanged since a scan found "
         "them all labeled by the same model (or no image); off: every file is read and itemized.",
     )
-    overlap_writes: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description="Write a batch to the ledger in a second thread while the next is read: "
-        "auto does on PostgreSQL (the server works while the walk goes on) and not on SQLite "
-        "(its writes are the producer's own CPU, and the two threads trading the GIL cost more "
-        "than they overlap; bench/RESULTS.md).",
+    overlap_writes: Literal["never", "auto", "always"] = Field(
+        "never",
+        description="Write a batch to the ledger in a second thread while the next is read "
+        "(auto: on PostgreSQL only, where the server works while the walk goes on; on SQLite "
+        "the two threads trading the GIL cost more than they overlap). Faster on PostgreSQL, "
+        "but a batch's commit then trails the listing by a batch: a producer stopped or killed "
+        "mid-scan may hold a write transaction or leave a listed batch unrecorded (a rescan "
+        "finds it). never: each batch is committed and published before the next file is read.",
     )
 
 

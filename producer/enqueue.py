@@ -616,8 +616,8 @@ def run_scan(
     With `skip_settled` (and neither `force` nor `where`), a run of files the ledger knows to be
     settled by `model_version` under the same listing (`db.repository.listings`) is counted, not
     read and not itemized: its files count as skipped for the reasons stored with it.
-    `overlap_writes` ("auto", "always", "never") says whether a batch is written in a second
-    thread while the next one is read (`producer.pipeline`; auto: on PostgreSQL).
+    `overlap_writes` ("never", "auto", "always") says whether a batch is written in a second
+    thread while the next one is read (`producer.pipeline`; auto: on PostgreSQL only).
     Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
     """
     if chunk_size < 1:

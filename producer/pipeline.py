@@ -21,8 +21,10 @@ That holds where the database is another process. On SQLite the writes are this 
 CPU work, and the two threads hand the GIL back and forth at every system call of the walk,
 which costs more than the overlap gains (`python -m bench.producer` with
 EMOLABEL_SCAN__OVERLAP_WRITES=always and never; bench/RESULTS.md). So `Writer(threaded=False)`
-writes each batch as it is put, and `run_scan` asks for the thread on PostgreSQL only
-(`ScanSettings.overlap_writes`).
+writes each batch as it is put, and `run_scan` asks for the thread on PostgreSQL only, and
+only when `ScanSettings.overlap_writes` says so (it is off by default: with it, a batch's commit
+trails the listing, so a producer stopped mid-scan can hold a write transaction open and the
+batch it listed last is not yet in the ledger).
 
 The writer runs the batches in the order put, one at a time, so the ledger sees them as a single
 thread would have written them. After its first error it runs nothing more (what was put after
