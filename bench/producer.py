@@ -19,6 +19,9 @@ process (so that one phase's memory cannot hide in the next one's numbers):
   settled   the nightly steady state: as rescan, with one more untimed rescan before the
             timed one, so the timed scan lists the folders and reads none of them (it must
             enqueue 0 too); `ledger rows` says how many rows each scan itemized
+  walk again  the walk once more after the scans: `x walk` divides each scan's files/s by the
+            mean of the two walks and says whether the machine's speed drifted between them
+            (by more than 20%: the ratio is not a fair one)
   chunk=1   the same on the first 10,000 files with one URI per message, against
   chunk=N   the settings' chunk size, to show what chunking saves in Redis and in time
   tracemal  the 10,000-file scan again under tracemalloc (Python-heap peak; slower, not timed)
@@ -30,7 +33,9 @@ the 100% figure is the 10% one. Redis: `MEMORY USAGE <queue> SAMPLES 0` and the 
 other clients of the same Redis add noise to it; MEMORY USAGE is exact).
 
 The machine's load average is recorded before and after every phase: on a shared machine the
-files/s are only as good as the CPU that was free, so CPU seconds are reported too.
+files/s are only as good as the CPU that was free, so CPU seconds are reported too (with a scan's
+reading process's, `EMOLABEL_SCAN__READER=process`, the default), and `busy`, the share of all
+the machine's CPUs busy during the phase (every process: PostgreSQL's server included).
 """
 
 from __future__ import annotations
@@ -307,8 +312,28 @@ def _timed_publisher(publish: Callable[[int, int, list[str]], str]) -> tuple[Any
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU seconds and those of its children that ended (a scan's reading
+    process, `EMOLABEL_SCAN__READER=process`, ends with its scan)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of every CPU of the machine since boot (/proc/stat's first line:
+    user nice system idle iowait irq softirq steal; guests are counted in user already)."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _busy_since(ticks: tuple[int, int]) -> float:
+    """The share of all the machine's CPUs that was busy since `ticks` (every process: this
+    one, a scan's reading process, PostgreSQL's server, Redis, anything else running)."""
+    busy, total = _machine_ticks()
+    return round((busy - ticks[0]) / max(1, total - ticks[1]), 3)
 
 
 def _load() -> list[float]:
@@ -349,6 +374,7 @@ def walk_phase(root: str, expected: int) -> dict[str, Any]:
     load_before = _load()
     _reset_peak_rss()
     cpu = _cpu_seconds()
+    ticks = _machine_ticks()
     started = time.perf_counter()
     progress = Progress(expected, started, traced=False)
     seen = usable = 0
@@ -366,6 +392,7 @@ def walk_phase(root: str, expected: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "files_per_s": round(seen / seconds),
         "cpu_seconds": round(_cpu_seconds() - cpu, 2),
+        "machine_busy": _busy_since(ticks),
         "rss": _rss_report(sampler, progress),
         "load_before": load_before,
         "load_after": _load(),
@@ -418,13 +445,24 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
         tracemalloc.start()
     _reset_peak_rss()
     cpu = _cpu_seconds()
+    ticks = _machine_ticks()
     started = time.perf_counter()
     progress = Progress(spec.expected, started, traced=spec.traced)
+    # A reading process walks on its own: this process sees its batches, not its time.
+    in_process = settings.scan.reader == "process"
     try:
         with RssSampler() as sampler:
-            summary = _scan(source, sessions, publish, chunk_size, settings, progress)
+            summary = _scan(
+                source.inner if in_process else source,
+                sessions,
+                publish,
+                chunk_size,
+                settings,
+                progress,
+            )
         seconds = time.perf_counter() - started
         cpu_seconds = _cpu_seconds() - cpu
+        machine_busy = _busy_since(ticks)
         heap_peak = tracemalloc.get_traced_memory()[1] / MIB if spec.traced else None
         tracemalloc.stop()
         redis_report = _redis_report(client, queue, used_before, summary.enqueued_images)
@@ -455,11 +493,19 @@ def scan_phase(spec: ScanSpec) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "files_per_s": round(summary.seen / seconds),
         "cpu_seconds": round(cpu_seconds, 2),
+        "machine_busy": machine_busy,
+        "reader": settings.scan.reader,
         "split_seconds": {
-            "walk": round(walk_seconds, 2),
+            "walk": None if in_process else round(walk_seconds, 2),
             "publish": round(publish_seconds[0], 2),
-            "database_and_rest": round(seconds - walk_seconds - publish_seconds[0], 2),
+            "database_and_rest": round(
+                seconds - (0.0 if in_process else walk_seconds) - publish_seconds[0], 2
+            ),
         },
+        # The largest RSS of any child that ended (the reading process), MiB.
+        "children_peak_rss_mib": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+        ),
         "rss": _rss_report(sampler, progress),
         "python_heap_peak_mib": None if heap_peak is None else round(heap_peak, 2),
         "redis": redis_report,
@@ -492,6 +538,7 @@ def _scan(
         progress=progress,
         skip_settled=settings.scan.skip_settled,
         overlap_writes=settings.scan.overlap_writes,
+        reader=settings.scan.reader,
     )
 
 
@@ -679,10 +726,15 @@ def environment(redis_url: str, database_url: str | None) -> dict[str, Any]:
     }
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
 def print_table(result: dict[str, Any]) -> None:
     """The phases side by side, then the memory checkpoints of the full scan."""
     header = (
         f"{'phase':<12}{'db':<11}{'chunk':>6}{'files':>9}{'s':>8}{'files/s':>9}{'cpu s':>7}"
+        f"{'busy':>6}"
         f"{'peak MiB':>9}{'+10→100%':>9}{'B/img key':>10}{'B/img used':>11}{'B/msg':>8}"
         f"  load before→after"
     )
@@ -696,7 +748,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{phase['phase']:<12}{phase.get('database', '-'):<11}"
             f"{phase.get('chunk_size', '-')!s:>6}{phase['files']:>9}{phase['seconds']:>8.1f}"
             f"{phase['files_per_s'] if not phase.get('traced') else '(traced)'!s:>9}"
-            f"{phase['cpu_seconds']:>7.1f}{phase['rss']['vm_hwm_mib']:>9.1f}"
+            f"{phase['cpu_seconds']:>7.1f}"
+            f"{_percent(phase.get('machine_busy')):>6}"
+            f"{phase['rss']['vm_hwm_mib']:>9.1f}"
             f"{'-' if growth is None else f'{growth:+.1f}':>9}"
             f"{redis_part.get('memory_usage_bytes_per_image', '-')!s:>10}"
             f"{redis_part.get('used_memory_delta_bytes_per_image', '-')!s:>11}"
@@ -716,13 +770,32 @@ def print_table(result: dict[str, Any]) -> None:
                 for point in phase["rss"]["checkpoints"]
             )
             heap = phase.get("python_heap_peak_mib")
+            walk = (
+                f"walk {split['walk']} s"
+                if split["walk"] is not None
+                else "walk in the reading process (peak RSS"
+                f" {phase['children_peak_rss_mib']} MiB), waiting for it counted below"
+            )
             print(
-                f"{phase['phase']}: walk {split['walk']} s, publish {split['publish']} s,"
+                f"{phase['phase']}: {walk}, publish {split['publish']} s,"
                 f" database+rest {split['database_and_rest']} s;"
                 f" ledger rows {phase['ledger_rows']}; RSS {marks}"
                 + (f"; tracemalloc peak {heap} MiB" if heap is not None else "")
                 + f"; database {phase['database_bytes_per_file']} B/file"
             )
+    ratios = result.get("ratios_to_walk")
+    if ratios is not None:
+        shown = ", ".join(f"{name} {value:.2f}x" for name, value in ratios["ratios"].items())
+        walks = " and ".join(f"{rate:,}" for rate in ratios["walk_files_per_s"])
+        verdict = (
+            "steady"
+            if ratios["steady"]
+            else f"the machine's speed changed by more than {WALK_DRIFT:.0%}: not a fair ratio"
+        )
+        print(
+            f"x walk (the mean of the walks, {walks} files/s; drift {ratios['drift']:.0%},"
+            f" {verdict}): {shown}"
+        )
     env = result["environment"]
     print(
         f"{describe(env)}, load {env['load_average_at_start']} at start,"
@@ -835,6 +908,10 @@ def run(arguments: argparse.Namespace, database_url: str | None) -> dict[str, An
                     ),
                 )
             )
+    if not arguments.no_walk:
+        # The walk again: a ratio is only as good as the machine's speed staying put between
+        # the phases, and this says whether it did (`ratios_to_walk`).
+        phases.append({**_in_child(walk_phase, str(root), arguments.files), "phase": "walk again"})
     if not arguments.no_compare:
         subtree, subtree_files = root / "g000", min(arguments.files, FILES_PER_GROUP)
         phases.append(_in_child(scan_phase, spec("chunk=1", subtree, subtree_files, chunk_size=1)))
@@ -860,7 +937,34 @@ def run(arguments: argparse.Namespace, database_url: str | None) -> dict[str, An
         "tree": {"root": str(root), "reused": reused, "write_seconds": round(write_seconds, 2)},
         "environment": env,
         "phases": phases,
+        "ratios_to_walk": ratios_to_walk(phases),
         "load_average_at_end": _load(),
+    }
+
+
+# Walks before and after that differ by more than this: the machine's speed changed meanwhile.
+WALK_DRIFT = 0.2
+
+
+def ratios_to_walk(phases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each full-tree scan's files/s over the walk's, the walk being the mean of the walk before
+    the scans and the walk after them; `drift` is how far those two walks differ (relative to
+    their mean), and `steady` says whether it stayed under WALK_DRIFT."""
+    walks = [phase for phase in phases if phase["phase"] in ("walk", "walk again")]
+    if not walks:
+        return None
+    rates = [walk["files_per_s"] for walk in walks]
+    mean = sum(rates) / len(rates)
+    drift = (max(rates) - min(rates)) / mean
+    return {
+        "walk_files_per_s": rates,
+        "drift": round(drift, 3),
+        "steady": drift <= WALK_DRIFT,
+        "ratios": {
+            phase["phase"]: round(phase["files_per_s"] / mean, 3)
+            for phase in phases
+            if phase["phase"] in ("scan", "rescan", "settled")
+        },
     }
 
 

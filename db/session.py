@@ -108,6 +108,16 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def database_url(sessions: sessionmaker[Session]) -> str:
+    """The URL (password included) of the engine `sessions` are bound to: for another process
+    that opens its own connections to the same database."""
+    engine = sessions.kw.get("bind")
+    if not isinstance(engine, Engine):
+        raise ValueError("these sessions are not bound to an engine")
+    url: str = engine.url.render_as_string(hide_password=False)
+    return url
+
+
 def alembic_config(url: str | None = None, *, connection: Connection | None = None) -> Config:
     """An Alembic configuration built in code, pointing at this package's migrations."""
     from alembic.config import Config
@@ -288,6 +298,7 @@ __all__ = [
     "alembic_config",
     "check_schema",
     "current_revision",
+    "database_url",
     "downgrade",
     "ensure_schema",
     "head_revision",

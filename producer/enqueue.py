@@ -22,6 +22,10 @@
         the unread count, COMMIT, then publish each chunk and mark them all published, COMMIT
       the last partial chunk; the job becomes queued (done at once when nothing was enqueued)
 
+The listing and reading of a local folder runs in a second process by default
+(`producer.read_ahead`, `ScanSettings.reader`), a batch or two ahead of this one, which records
+and publishes the batches in the order walked; S3 prefixes and other sources are read here.
+
 A chunk is committed before its message is sent, so a message the broker lost or never took can
 be sent again from the ledger (`db.outbox.republish_unpublished`, the reconciler). Recording then
 publishing goes through `db.outbox.record_and_publish`, the one outbox loop. Pending images wait
@@ -48,7 +52,8 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -61,14 +66,17 @@ from core.publishing import Publisher, PublishError
 from core.reasons import FINAL_FAILURES, Reason
 from core.settings import ScanSettings
 from core.storage.entries import Entry, Run, Source
+from core.storage.folder_source import FolderSource
 from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ItemState
 from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import ChunkRow, ImageRow, JobItemRow
-from db.session import refresh_planner_statistics
-from producer.chunking import chunked, cut_chunks
+from db.session import database_url, refresh_planner_statistics
+from producer.batches import Batch, ReadRun, entry_runs, read_batch, run_batches
+from producer.chunking import cut_chunks
 from producer.pipeline import Writer, young_objects_only
+from producer.read_ahead import ReadAhead, ReadAheadSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +87,6 @@ SETTLED_REASONS = frozenset(
 """A file is settled for a model when that model labeled it as it is, or when what it is (no
 image, empty, over the size limit) cannot change while its size and time stay the same. No other
 skip settles a file: a failure may be retried, a link's target may change."""
-
-RUNS_PER_BATCH = 256
-"""Runs held at once by a batch: each keeps its folder's descriptor open until it is read."""
 
 
 class ScanInterrupted(EmolabelError):
@@ -258,25 +263,6 @@ class _Staged:
     unread: Counter[str]  # the scan's whole count of files from settled runs, this batch's in
 
 
-@dataclass(frozen=True, slots=True)
-class _ReadRun:
-    """A run whose files this batch read: where its entries sit in the batch."""
-
-    run: Run
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """What the reading thread hands the writer: the entries read, the runs they came from,
-    and the files of the runs counted without reading, by reason."""
-
-    entries: list[Entry]
-    read: list[_ReadRun]
-    unread: Counter[str]
-
-
 class _Scan:
     """The state of one scan: counters and the pending images that do not fill a chunk yet."""
 
@@ -313,45 +299,23 @@ class _Scan:
         self.skipped: Counter[str] = Counter()
         self.unread: Counter[str] = Counter()  # files counted from settled runs, by reason
         self.listed_all = False
-        # Runs are trusted (and learned) only by a plain scan for a model: `--force` and
-        # `--where` decide otherwise than "labeled by this model", and without a model nothing
-        # is ever settled.
-        self.trust_runs = skip_settled and model_version is not None and not force and not where
+        self.trust_runs = (
+            _trusts_runs(skip_settled, model_version, force=force, where=where) is not None
+        )
 
-    def read_runs(self, runs: list[Run]) -> _Batch:
+    def read_runs(self, runs: list[Run]) -> Batch:
         """Count the runs the ledger knows settled (same key, digest and model) without reading
         them and read the others: what `add_batch` puts in the ledger."""
-        try:
-            known: dict[str, repository.ListingRow] = {}
-            keys = [run.key for run in runs if run.key and run.plain]
-            if self.trust_runs and keys:
-                assert self.model_version is not None
-                with self.sessions() as session:
-                    known = repository.settled_listings(
-                        session=session, keys=keys, model_version=self.model_version
-                    )
-            entries: list[Entry] = []
-            read: list[_ReadRun] = []
-            unread: Counter[str] = Counter()
-            to_read: list[Run] = []
-            for run in runs:
-                row = known.get(run.key)
-                if row is not None and row.digest == run.digest and row.files == run.files:
-                    run.release()
-                    unread.update(row.counts)
-                    continue
-                run.prefetch()  # an S3 run's GETs start now, all of the batch's at once
-                to_read.append(run)
-            for run in to_read:
-                start = len(entries)
-                entries.extend(run.read())
-                read.append(_ReadRun(run, start, len(entries)))
-        finally:
-            for run in runs:
-                run.release()
-        return _Batch(entries, read, unread)
+        return read_batch(runs, settled=self._settled if self.trust_runs else None)
 
-    def add_batch(self, batch: _Batch) -> None:
+    def _settled(self, keys: Sequence[str]) -> Mapping[str, repository.ListingRow]:
+        assert self.model_version is not None
+        with self.sessions() as session:
+            return repository.settled_listings(
+                session=session, keys=keys, model_version=self.model_version
+            )
+
+    def add_batch(self, batch: Batch) -> None:
         """Put a batch of entries in the ledger and record every chunk it fills (one commit),
         then publish those chunks in order, marking each published once the broker has it.
 
@@ -500,18 +464,17 @@ class _Scan:
         return items, pending, reasons
 
     def _learn_runs(
-        self, session: Session, read: Sequence[_ReadRun], reasons: list[str | None]
+        self, session: Session, read: Sequence[ReadRun], reasons: list[str | None]
     ) -> None:
         """Store the runs just read whose every file is settled for the scan's model; forget
         the stored reading of the others (see `db.repository.listings`)."""
         assert self.model_version is not None
         settled: list[repository.ListingRow] = []
         unsettled: list[str] = []
-        for part in read:
-            run = part.run
+        for run in read:
             if not run.key or not run.plain:
                 continue
-            outcome = reasons[part.start : part.stop]
+            outcome = reasons[run.start : run.stop]
             if len(outcome) == run.files and all(r in SETTLED_REASONS for r in outcome):
                 counts = Counter(str(r) for r in outcome)
                 settled.append(
@@ -603,6 +566,7 @@ def run_scan(
     progress: Callable[[ScanProgress], None] | None = None,
     skip_settled: bool = ScanSettings.model_fields["skip_settled"].default,
     overlap_writes: str = ScanSettings.model_fields["overlap_writes"].default,
+    reader: str = ScanSettings.model_fields["reader"].default,
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
 
@@ -618,6 +582,9 @@ def run_scan(
     read and not itemized: its files count as skipped for the reasons stored with it.
     `overlap_writes` ("never", "auto", "always") says whether a batch is written in a second
     thread while the next one is read (`producer.pipeline`; auto: on PostgreSQL only).
+    `reader` ("inline", "process") says where a local folder is walked and read: in this
+    process, or in a second one while this one writes (`producer.read_ahead`); other sources
+    are always read here.
     Raises `ScanInterrupted` when the broker refuses a message (see the module docstring).
     """
     if chunk_size < 1:
@@ -636,53 +603,104 @@ def run_scan(
         "force": force,
         "where": [str(selection) for selection in where],
     }
-    with sessions() as session, session.begin():
-        # Each scan compares a batch with what the ledger holds: on SQLite that needs statistics
-        # as fresh as the last scan's and the workers' writes (see the function).
-        refresh_planner_statistics(session)
-        job_id = repository.create_job(
-            session=session, source=source.uri, options=job_options, model_version=model_version
-        )
-    logger.info("job %d: scanning %s", job_id, display_name(source.uri))
-    scan = _Scan(
-        job_id,
-        sessions=sessions,
-        publish=publish,
-        chunk_size=chunk_size,
-        chunk_bytes=chunk_bytes if chunk_bytes is not None else sys.maxsize,
-        model_version=model_version,
-        force=force,
-        where=where,
-        skip_settled=skip_settled,
-    )
     files = max(batch_files, chunk_size)
-    # This thread walks and reads; the writer records each batch (and publishes its chunks),
-    # beside the walk or after each batch (`producer.pipeline`).
-    writer: Writer[_Batch] = Writer(scan.add_batch, threaded=_overlaps(overlap_writes, sessions))
-    with young_objects_only():
-        _scan_source(scan, source, writer, files=files, progress=progress)
+    trusted = _trusts_runs(skip_settled, model_version, force=force, where=where)
+    # A reading process starts first: it imports and opens the folder while the job is made.
+    with _read_ahead(
+        source, reader, files=files, sessions=sessions, model_version=trusted
+    ) as ahead:
+        with sessions() as session, session.begin():
+            # Each scan compares a batch with what the ledger holds: on SQLite that needs
+            # statistics as fresh as the last scan's and the workers' writes (see the function).
+            refresh_planner_statistics(session)
+            job_id = repository.create_job(
+                session=session, source=source.uri, options=job_options, model_version=model_version
+            )
+        logger.info("job %d: scanning %s", job_id, display_name(source.uri))
+        scan = _Scan(
+            job_id,
+            sessions=sessions,
+            publish=publish,
+            chunk_size=chunk_size,
+            chunk_bytes=chunk_bytes if chunk_bytes is not None else sys.maxsize,
+            model_version=model_version,
+            force=force,
+            where=where,
+            skip_settled=skip_settled,
+        )
+        batches = ahead if ahead is not None else _read_here(scan, source, files=files)
+        # The writer records each batch (and publishes its chunks), beside the reading or after
+        # each batch (`producer.pipeline`).
+        threaded = _overlaps(overlap_writes, sessions)
+        writer: Writer[Batch] = Writer(scan.add_batch, threaded=threaded)
+        with young_objects_only():
+            _scan_source(scan, source, batches, writer, progress=progress)
     if progress is not None:
         progress(scan.progress())
     return _finish(scan, started)
 
 
+def _trusts_runs(
+    skip_settled: bool, model_version: str | None, *, force: bool, where: Sequence[Selection]
+) -> str | None:
+    """The model whose settled runs a scan may count unread, or None. Runs are trusted (and
+    learned) only by a plain scan for a model: `--force` and `--where` decide otherwise than
+    "labeled by this model", and without a model nothing is ever settled."""
+    if skip_settled and model_version is not None and not force and not where:
+        return model_version
+    return None
+
+
+@contextmanager
+def _read_ahead(
+    source: Source,
+    reader: str,
+    *,
+    files: int,
+    sessions: sessionmaker[Session],
+    model_version: str | None,
+) -> Iterator[Iterator[Batch] | None]:
+    """A reading process's batches (`producer.read_ahead`; stopped when the block ends), or None
+    where the source is read in this process. `model_version`: whose settled runs it skips."""
+    if reader not in ("inline", "process"):
+        raise ConfigError(f"reader must be inline or process, not {reader!r}")
+    if reader == "inline" or not isinstance(source, FolderSource):
+        yield None
+        return
+    spec = ReadAheadSpec(
+        source.spec,
+        files=files,
+        database_url=None if model_version is None else database_url(sessions),
+        model_version=model_version,
+    )
+    with ReadAhead(spec) as batches:
+        yield batches
+
+
+def _read_here(scan: _Scan, source: Source, *, files: int) -> Iterator[Batch]:
+    """The source's batches, read in this process as they are asked for (the listing starts at
+    the first, so that its error is the scan's like any other)."""
+    iter_runs = getattr(source, "iter_runs", None)
+    runs: Iterator[Run] = (
+        iter_runs() if callable(iter_runs) else entry_runs(source.iter_entries(), files)
+    )
+    for group in run_batches(runs, files=files):
+        yield scan.read_runs(group)
+
+
 def _scan_source(
     scan: _Scan,
     source: Source,
-    writer: Writer[_Batch],
+    batches: Iterator[Batch],
+    writer: Writer[Batch],
     *,
-    files: int,
     progress: Callable[[ScanProgress], None] | None,
 ) -> None:
-    """Read the source's runs in batches and hand each to `writer`, then record the remainder.
-    On an error, stop early (the module docstring) and raise."""
-    iter_runs = getattr(source, "iter_runs", None)
+    """Hand each batch to `writer`, then record the remainder. On an error, stop early (the
+    module docstring) and raise."""
     try:
-        runs: Iterator[Run] = (
-            iter_runs() if callable(iter_runs) else _entry_runs(source.iter_entries(), files)
-        )
-        for group in _run_batches(runs, files=files):
-            writer.put(scan.read_runs(group))
+        for batch in batches:
+            writer.put(batch)
             if progress is not None:
                 progress(scan.progress())
         writer.close()
@@ -771,50 +789,6 @@ def _stop_early(scan: _Scan, cause: str) -> None:
             repository.finish_job_if_complete(session=session, job_id=scan.job_id)
     except SQLAlchemyError:
         logger.exception("job %d: could not record where the scan stopped", scan.job_id)
-
-
-def _run_batches(runs: Iterator[Run], *, files: int) -> Iterator[list[Run]]:
-    """Runs in groups of at least `files` files (the last may hold fewer), at most
-    `RUNS_PER_BATCH` runs each: a run holds a folder descriptor until it is read or released.
-
-    When the listing fails, the runs listed before it come out as one last group and the error
-    is raised at the next step (as `chunked` does), so what was listed reaches the ledger.
-    """
-    group: list[Run] = []
-    count = 0
-    try:
-        while True:
-            try:
-                run = next(runs, None)
-            except Exception:
-                if group:
-                    batch, group = group, []
-                    yield batch
-                raise
-            if run is None:
-                break
-            group.append(run)
-            count += run.files
-            if count >= files or len(group) >= RUNS_PER_BATCH:
-                batch, group, count = group, [], 0
-                yield batch
-        if group:
-            batch, group = group, []
-            yield batch
-    finally:
-        for run in group:
-            run.release()
-
-
-def _entry_runs(entries: Iterable[Entry], size: int) -> Iterator[Run]:
-    """A source that only lists by reading (`iter_entries`): its entries, `size` at a time, as
-    runs with no key, which are always read."""
-    for batch in chunked(entries, size):
-        yield Run(key="", digest="", files=len(batch), plain=False, _read=_returning(batch))
-
-
-def _returning(entries: list[Entry]) -> Callable[[], list[Entry]]:
-    return lambda: entries
 
 
 def _image_row(entry: Entry) -> ImageRow:

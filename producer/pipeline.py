@@ -26,6 +26,10 @@ only when `ScanSettings.overlap_writes` says so (it is off by default: with it, 
 trails the listing, so a producer stopped mid-scan can hold a write transaction open and the
 batch it listed last is not yet in the ledger).
 
+The reading side has its own second process (`producer.read_ahead`, `ScanSettings.reader`,
+the default for local folders): there the walk uses the other core without sharing a GIL, and
+this module's thread is seldom worth it.
+
 The writer runs the batches in the order put, one at a time, so the ledger sees them as a single
 thread would have written them. After its first error it runs nothing more (what was put after
 is dropped: the scan stops there), and the error is raised in the reader's thread.

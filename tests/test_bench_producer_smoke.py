@@ -33,7 +33,13 @@ def test_the_producer_harness_scans_publishes_and_cleans_up(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((out / "producer-sqlite-300.json").read_text())
-    walk, scan, rescan, settled = report["phases"]
+    walk, scan, rescan, settled, walk_again = report["phases"]
+    assert (walk_again["phase"], walk_again["files"]) == ("walk again", 300)
+    ratios = report["ratios_to_walk"]
+    assert set(ratios["ratios"]) == {"scan", "rescan", "settled"}
+    mean_walk = (walk["files_per_s"] + walk_again["files_per_s"]) / 2
+    assert ratios["ratios"]["scan"] == round(scan["files_per_s"] / mean_walk, 3)
+    assert "x walk (the mean of the walks" in done.stdout
     assert (walk["phase"], walk["files"], walk["usable"]) == ("walk", 300, 300)
     assert (scan["phase"], scan["database"], scan["files"]) == ("scan", "sqlite", 300)
     # 300 pending images in chunks of 64: five messages, each the chunk's URIs and no more.

@@ -15,7 +15,9 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -285,7 +287,9 @@ def label(
 # --- scanning ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlap_writes", ["never", "always"])
+@pytest.mark.parametrize(
+    ("overlap_writes", "reader"), [("never", "inline"), ("always", "inline"), ("never", "process")]
+)
 def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
     sessions: sessionmaker[Session],
     publish: Publisher,
@@ -293,8 +297,10 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
     queue: str,
     tmp_path: Path,
     overlap_writes: str,
+    reader: str,
 ) -> None:
-    """The same ledger and messages whether the writes run beside the walk or after it."""
+    """The same ledger and messages whether the writes run beside the walk or after it, and
+    whether the walk runs in this process or in a reading process."""
     root = tmp_path.resolve() / "archive"
     images = make_archive(root)
     reports: list[ScanProgress] = []
@@ -309,6 +315,7 @@ def test_a_tree_goes_out_in_full_chunks_and_every_file_has_a_ledger_row(
         options={"follow_symlinks": True},
         progress=reports.append,
         overlap_writes=overlap_writes,
+        reader=reader,
     )
 
     sent = messages(broker, queue)
@@ -556,6 +563,104 @@ def test_a_rescan_of_settled_folders_reads_and_itemizes_nothing_until_a_file_cha
     # Another model reads everything: nothing is settled for it yet.
     other, source = rescan(model_version="v2")
     assert len(source.read) == 57 and other.enqueued_images == IMAGE_COUNT + 1
+
+
+def test_a_reading_process_skips_settled_folders_and_reads_changed_ones(
+    sessions: sessionmaker[Session], publish: Publisher, tmp_path: Path
+) -> None:
+    """With `reader="process"` the reading process asks the ledger which folders are settled
+    (its own connection): they are counted, not itemized, as in one process."""
+    root = tmp_path.resolve() / "archive"
+    images = make_archive(root)
+    root_files = {path_to_uri(p) for p in root.iterdir() if not p.is_dir()}
+
+    def rescan() -> ScanSummary:
+        return run_scan(
+            folder(root),
+            sessions=sessions,
+            publish=publish,
+            chunk_size=16,
+            model_version="v1",
+            reader="process",
+        )
+
+    first = rescan()
+    assert first.enqueued_images == IMAGE_COUNT
+    label(sessions, first.job_id, "v1")
+    learned = rescan()  # reads every file, finds every album settled
+    assert len(ledger(sessions, learned.job_id)) == 55 and learned.enqueued_images == 0
+
+    quiet = rescan()
+    assert set(ledger(sessions, quiet.job_id)) == root_files  # the albums: counted, no rows
+    assert quiet.seen == 55 and quiet.enqueued_images == 0
+    assert quiet.skipped_by_reason[Reason.ALREADY_LABELED] == IMAGE_COUNT
+    assert counts(sessions, quiet.job_id).balanced
+    assert multiprocessing.active_children() == []  # the reader is gone once the scan ends
+
+    touched = next(uri for uri in images if "/album1/" in uri and "/deep/" not in uri)
+    os.utime(uri_to_path(touched), ns=(1_900_000_000_000_000_000, 1_900_000_000_000_000_000))
+    changed = rescan()
+    assert pending(sessions, changed.job_id) == {touched}
+    assert counts(sessions, changed.job_id).balanced
+
+
+def test_a_scan_that_stops_stops_its_reading_process(
+    sessions: sessionmaker[Session], closed_broker: Publisher, tmp_path: Path
+) -> None:
+    """The broker refuses the first message: the scan stops as it does in one process, what
+    was read is in the ledger, and the reading process does not outlive it."""
+    root = tmp_path.resolve() / "archive"
+    make_archive(root)
+    with pytest.raises(ScanInterrupted) as raised:
+        run_scan(
+            folder(root),
+            sessions=sessions,
+            publish=closed_broker,
+            chunk_size=4,
+            batch_files=4,
+            model_version="v1",
+            reader="process",
+        )
+    assert multiprocessing.active_children() == []
+    stopped = job(sessions, raised.value.job_id)
+    assert stopped.error is not None and "scan stopped after" in stopped.error
+    assert counts(sessions, raised.value.job_id).balanced
+
+
+def test_a_folder_gone_before_the_reader_starts_is_a_clear_error(
+    sessions: sessionmaker[Session], publish: Publisher, tmp_path: Path
+) -> None:
+    """The reading process's error is raised in the scan as it was raised there."""
+    root = tmp_path.resolve() / "archive"
+    make_archive(root)
+    source = folder(root)
+    shutil.rmtree(root)
+    with pytest.raises(ConfigError, match="cannot read folder"):
+        run_scan(
+            source,
+            sessions=sessions,
+            publish=publish,
+            chunk_size=4,
+            model_version="v1",
+            reader="process",
+        )
+    assert multiprocessing.active_children() == []
+
+
+def test_an_unknown_reader_is_a_config_error(
+    sessions: sessionmaker[Session], publish: Publisher, tmp_path: Path
+) -> None:
+    root = tmp_path.resolve() / "archive"
+    make_archive(root)
+    with pytest.raises(ConfigError, match="reader must be inline or process"):
+        run_scan(
+            folder(root),
+            sessions=sessions,
+            publish=publish,
+            chunk_size=4,
+            model_version="v1",
+            reader="thread",
+        )
 
 
 def test_a_rescan_of_a_settled_s3_prefix_sends_no_get_until_an_object_changes(

@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigError
@@ -30,6 +31,31 @@ from core.uris import display_name, path_to_uri
 # O_NONBLOCK: should a FIFO or device replace a file between lstat and open, neither the open
 # nor the read waits for a writer. O_NOCTTY: a terminal that slips in is not adopted.
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSpec:
+    """What makes a `FolderSource`, as plain data: another process opens the same source from it
+    (`producer.read_ahead`), its own walk confined to the same resolved root."""
+
+    root: bytes
+    max_file_bytes: int
+    follow_symlinks: bool
+
+    def open(self) -> FolderSource:
+        """The source again; ConfigError when the root no longer resolves to itself (a link
+        put in its place since), so the walk never leaves the root the scan was given."""
+        source = FolderSource(
+            Path(os.fsdecode(self.root)),
+            max_file_bytes=self.max_file_bytes,
+            follow_symlinks=self.follow_symlinks,
+        )
+        if source.spec.root != self.root:
+            raise ConfigError(
+                f"folder {display_name(path_to_uri(self.root))} now resolves elsewhere"
+                f" ({display_name(source.uri)}): not scanned"
+            )
+        return source
 
 
 class FolderSource:
@@ -59,6 +85,11 @@ class FolderSource:
     def uri(self) -> str:
         """The `file://` URI of the resolved root folder."""
         return path_to_uri(self._root)
+
+    @property
+    def spec(self) -> FolderSpec:
+        """This source as plain data (its resolved root), for another process to open."""
+        return FolderSpec(self._root, self._max_file_bytes, self._follow_symlinks)
 
     def iter_entries(self) -> Generator[Entry, None, None]:
         """Yield an entry for every file, link and special file below the root, folders walked."""

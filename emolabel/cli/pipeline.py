@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -152,6 +153,7 @@ def _scan(
             progress=show,
             skip_settled=settings.scan.skip_settled,
             overlap_writes=settings.scan.overlap_writes,
+            reader=settings.scan.reader,
         )
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped_by_reason.items()))
     console.print(
@@ -337,7 +339,10 @@ def _follow(
     with sessions() as session:
         first = job_counts(session=session, job_id=job_id)
     done_at_start = first.done
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
+    with (
+        _ctrl_c_between_polls() as interrupted,
+        Live(console=console, refresh_per_second=4, transient=False) as live,
+    ):
         while True:
             with sessions() as session:
                 counts = job_counts(session=session, job_id=job_id)
@@ -349,7 +354,27 @@ def _follow(
                 return counts
             if on_poll is not None:
                 on_poll(counts, elapsed, lambda line: live.console.print(line, highlight=False))
-            time.sleep(poll)
+            if interrupted.wait(poll):
+                raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_between_polls() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) while following a job sets the event instead of raising wherever the
+    main thread happens to be: raised inside a broker broadcast, a database query or the live
+    display's redraw, it can leave a socket or a lock half-used, and the command then hung on its
+    way out instead of leaving. The poll loop raises KeyboardInterrupt at its next wait."""
+    import signal
+
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # only the main thread gets signals (and may set their handlers)
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _WorkerWatch:

@@ -324,7 +324,9 @@ def test_two_producers_scanning_the_same_folder_at_once(
     write_bytes(gate, encode(noise(), "PNG"))
     images = [*archive.generated, path_to_uri(gate)]
     # A chunk per batch: each chunk committed and published as soon as its files are listed.
-    settings = make_settings(scan=ScanSettings(chunk_size=4, batch_files=4))
+    # Read in the scan's own process: the process that stops at the gate is then the one that
+    # writes, so the ledger is known complete up to the gate the moment both are stopped.
+    settings = make_settings(scan=ScanSettings(chunk_size=4, batch_files=4, reader="inline"))
     workers.start(settings)
 
     # The producer opens a file by its name inside its folder (openat), so the name is matched.

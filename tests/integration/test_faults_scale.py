@@ -328,6 +328,14 @@ class StoppedChildKiller(threading.Thread):
                     self.killed.append(child)
 
 
+def held_at_gate(producer: int) -> int | None:
+    """The stopped process of a scan: the scan's own, or its reading process's."""
+    for pid in (producer, *child_pids(producer)):
+        if process_state(pid) == "T":
+            return pid
+    return None
+
+
 def start_scan(
     settings: Settings, source: Path, extra_env: dict[str, str], output: Path
 ) -> subprocess.Popen[bytes]:
@@ -391,12 +399,16 @@ def test_killed_children_and_failures_retry_during_a_6000_image_scan_lose_nothin
     producer = start_scan(settings, archive.root, gate, output)
     try:
         job_id = wait_for(lambda: only_job(sessions), timeout=600, what="the scan's job")
+        # The scan's own process, or its reading process (`EMOLABEL_SCAN__READER=process`, the
+        # default), is the one that opens the gate and stops.
         wait_for(
-            lambda: process_state(producer.pid) in {"T", None} or producer.poll() is not None,
+            lambda: held_at_gate(producer.pid) is not None or producer.poll() is not None,
             timeout=600,
             what="the producer to reach the gate",
         )
         assert producer.poll() is None, output.read_text(errors="replace")
+        held = held_at_gate(producer.pid)
+        assert held is not None
         assert job_status(sessions, job_id) is JobStatus.SCANNING
 
         # While the scan is held mid-way: a pool process killed holding each trap's chunk, and
@@ -416,11 +428,14 @@ def test_killed_children_and_failures_retry_during_a_6000_image_scan_lose_nothin
         assert job_status(sessions, job_id) is JobStatus.SCANNING  # still the scan's job
         numbered_while_held = next_chunk_index(sessions, job_id)
 
-        os.kill(producer.pid, signal.SIGCONT)
+        os.kill(held, signal.SIGCONT)
         # Bounds on waits are there to end a hung test, not to time the scan: a loaded CI machine
         # took over 300 s for the rest of a 20,000-image scan.
         assert producer.wait(timeout=1800) == 0, output.read_text(errors="replace")
     finally:
+        for pid in child_pids(producer.pid):  # a reader held at the gate would outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if producer.poll() is None:
             producer.kill()  # SIGKILL ends a stopped process too
             producer.wait(timeout=30)
