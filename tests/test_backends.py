@@ -72,3 +72,31 @@ def test_compiled_runner_matches_plain_predict(tiny_model: TrainOutcome) -> None
         runner.predict(images), predict_scores(runner.artifact, images, 4), atol=1e-5
     )
     assert runner.predict(images[:0]).shape == (0, 2)
+
+
+def test_short_batches_are_padded_to_a_few_shapes_with_the_same_scores(
+    tiny_model: TrainOutcome,
+) -> None:
+    """A face model predicts a different count of faces in every photo: each count is padded to
+    one of a few batch sizes (a trace of the model's predict function each, on JAX a
+    compilation, where every new count was a new one), with the scores of the batch alone."""
+    from training.artifacts import load_artifact
+    from training.inference import padded_sizes, predict_scores
+
+    directory = tiny_model.artifact_dir
+    artifact = load_artifact(directory, directory.parent.parent, directory.parent.name)
+    shapes: list[int] = []
+    original = artifact.model.predict_on_batch
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        shapes.append(len(batch))
+        return np.asarray(original(batch))
+
+    images = np.random.default_rng(2).integers(0, 255, (40, *artifact.spec.shape), dtype=np.uint8)
+    singly = np.concatenate([predict_scores(artifact, images[i : i + 1], 32) for i in range(40)])
+    artifact.model.predict_on_batch = recording
+    for count in range(1, 41):
+        np.testing.assert_allclose(
+            predict_scores(artifact, images[:count], 32), singly[:count], atol=1e-5
+        )
+    assert set(shapes) == set(padded_sizes(32)) == {8, 16, 32}

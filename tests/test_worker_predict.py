@@ -62,7 +62,7 @@ def test_a_short_batch_is_padded_to_a_small_compiled_shape_with_the_same_scores(
 ) -> None:
     import numpy as np
 
-    from worker.model_runner import padded_sizes
+    from training.inference import padded_sizes
 
     assert padded_sizes(64) == (8, 16, 32, 64)
     assert padded_sizes(8) == (8,) and padded_sizes(5) == (5,) and padded_sizes(12) == (8, 12)

@@ -50,6 +50,17 @@ def class_scores(
     return scores
 
 
+def padded_sizes(batch_size: int, smallest: int = 8) -> tuple[int, ...]:
+    """The batch shapes a model is run at: powers of two from `smallest` below `batch_size`,
+    and it. A short batch is padded to the smallest that holds it (at most twice its work)."""
+    sizes = []
+    size = smallest
+    while size < batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, batch_size)
+
+
 def predict_scores(
     artifact: Artifact,
     images: NDArray[np.uint8],
@@ -60,10 +71,19 @@ def predict_scores(
     """(N, H, W, C) uint8 -> (N, classes) float32 scores, in batches of `batch_size`
     (calibrated as the artifact says, unless `calibrated` is False)."""
     spec = artifact.spec
+    sizes = padded_sizes(batch_size)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], spec)
-        outputs.append(np.asarray(artifact.model.predict_on_batch(batch)))
+        count = len(batch)
+        # Padded to one of a few sizes: a new batch shape is a new trace of the model's predict
+        # function (on JAX a new compilation), and a face model sees a different count of faces
+        # in every photo, the last batch of `evaluate` any size.
+        size = next(size for size in sizes if size >= count)
+        if size > count:
+            padding = np.zeros((size - count, *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, padding])
+        outputs.append(np.asarray(artifact.model.predict_on_batch(batch))[:count])
     if not outputs:
         return np.zeros((0, len(artifact.metadata.class_names)), dtype=np.float32)
     return class_scores(np.concatenate(outputs), artifact.metadata, calibrated=calibrated)

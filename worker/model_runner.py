@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from core.settings import Precision
 from training.artifacts import Artifact, load_artifact
-from training.inference import class_scores, thresholds_of
+from training.inference import class_scores, padded_sizes, thresholds_of
 from training.preprocess import InputSpec
 from training.trust import ArtifactHashes, artifact_under
 from worker.precision import bfloat16_copy
@@ -86,16 +86,6 @@ def _compile(model: Any, spec: InputSpec, batch_size: int) -> BatchFunction:
         return np.asarray(model.predict_on_batch(values), dtype=np.float32)
 
     return eager
-
-
-def padded_sizes(batch_size: int, smallest: int = 8) -> tuple[int, ...]:
-    """Batch shapes a runner compiles: powers of two from `smallest` below `batch_size`, and it."""
-    sizes = []
-    size = smallest
-    while size < batch_size:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, batch_size)
 
 
 class KerasRunner:
