@@ -237,7 +237,7 @@ class ScanSettings(BaseModel):
     reader: Literal["inline", "process"] = Field(
         "process",
         description="Where a local folder is walked and its files' first bytes read: process, "
-        "in a second process (`python -m producer.read_ahead`, ~0.5 s to start) a batch or two "
+        "in a second process (`python -m producer.read_ahead`, started per scan) a batch or two "
         "ahead while the scan's own process writes the ledger and publishes, so the two use "
         "two cores; inline, in the scan's own process between the batches it writes (one "
         "process, one core). S3 buckets are always read inline (their reads wait on the network "

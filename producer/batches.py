@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from core.storage.entries import Entry, Run
-from db.repository import ListingRow
+from db.repository import ListingRow, settled_listings
 from producer.chunking import chunked
 
 RUNS_PER_BATCH = 256
@@ -46,6 +48,16 @@ class Batch:
     entries: list[Entry]
     read: list[ReadRun]
     unread: Counter[str]
+
+
+def settled_lookup(sessions: sessionmaker[Session], model_version: str) -> SettledLookup:
+    """The ledger's answer, through `sessions`, to which runs `model_version` had settled."""
+
+    def settled(keys: Sequence[str]) -> Mapping[str, ListingRow]:
+        with sessions() as session:
+            return settled_listings(session=session, keys=keys, model_version=model_version)
+
+    return settled
 
 
 def read_batch(runs: list[Run], *, settled: SettledLookup | None) -> Batch:
@@ -133,4 +145,5 @@ __all__ = [
     "entry_runs",
     "read_batch",
     "run_batches",
+    "settled_lookup",
 ]

@@ -73,7 +73,14 @@ from db.models import NAME_LENGTH, ItemState
 from db.outbox import OutgoingChunk, record_and_publish
 from db.repository import ChunkRow, ImageRow, JobItemRow
 from db.session import database_url, refresh_planner_statistics
-from producer.batches import Batch, ReadRun, entry_runs, read_batch, run_batches
+from producer.batches import (
+    Batch,
+    ReadRun,
+    entry_runs,
+    read_batch,
+    run_batches,
+    settled_lookup,
+)
 from producer.chunking import cut_chunks
 from producer.pipeline import Writer, young_objects_only
 from producer.read_ahead import ReadAhead, ReadAheadSpec
@@ -277,7 +284,7 @@ class _Scan:
         model_version: str | None,
         force: bool,
         where: Sequence[Selection],
-        skip_settled: bool = True,
+        trust_runs: bool,
     ) -> None:
         self.job_id = job_id
         self.sessions = sessions
@@ -299,21 +306,17 @@ class _Scan:
         self.skipped: Counter[str] = Counter()
         self.unread: Counter[str] = Counter()  # files counted from settled runs, by reason
         self.listed_all = False
-        self.trust_runs = (
-            _trusts_runs(skip_settled, model_version, force=force, where=where) is not None
-        )
+        # Whether settled runs are counted unread and learned (`_trusts_runs`).
+        self.trust_runs = trust_runs
 
     def read_runs(self, runs: list[Run]) -> Batch:
         """Count the runs the ledger knows settled (same key, digest and model) without reading
         them and read the others: what `add_batch` puts in the ledger."""
-        return read_batch(runs, settled=self._settled if self.trust_runs else None)
-
-    def _settled(self, keys: Sequence[str]) -> Mapping[str, repository.ListingRow]:
-        assert self.model_version is not None
-        with self.sessions() as session:
-            return repository.settled_listings(
-                session=session, keys=keys, model_version=self.model_version
-            )
+        settled = None
+        if self.trust_runs:
+            assert self.model_version is not None
+            settled = settled_lookup(self.sessions, self.model_version)
+        return read_batch(runs, settled=settled)
 
     def add_batch(self, batch: Batch) -> None:
         """Put a batch of entries in the ledger and record every chunk it fills (one commit),
@@ -626,7 +629,7 @@ def run_scan(
             model_version=model_version,
             force=force,
             where=where,
-            skip_settled=skip_settled,
+            trust_runs=trusted is not None,
         )
         batches = ahead if ahead is not None else _read_here(scan, source, files=files)
         # The writer records each batch (and publishes its chunks), beside the reading or after

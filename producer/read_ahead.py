@@ -28,10 +28,11 @@ What stays as it was:
   ignores SIGINT and is stopped by the scan.
 
 The reader is `python -m producer.read_ahead FD`, not a multiprocessing child: it imports only
-what reading needs (~0.4 s), never re-runs the scan's `__main__` (multiprocessing's spawn does,
+what reading needs, never re-runs the scan's `__main__` (multiprocessing's spawn does,
 and fails in a script without a `__main__` guard), and copies none of the scan's threads or
 connections (a fork would). It starts before the job is created, so its start overlaps that.
-Entries cross the pipe as tuples: pickling the frozen dataclasses costs ~3x more per file.
+Entries cross the pipe as tuples: pickling the frozen dataclasses cost several times more per
+file (timed by hand).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import TracebackType
@@ -50,10 +51,8 @@ from typing import Any
 
 from core.storage.entries import Entry
 from core.storage.folder_source import FolderSpec
-from db import repository
-from db.repository import ListingRow
 from db.session import make_engine, make_sessionmaker
-from producer.batches import Batch, SettledLookup, read_batch, run_batches
+from producer.batches import Batch, SettledLookup, read_batch, run_batches, settled_lookup
 
 _STOP_SECONDS = 10.0
 
@@ -168,7 +167,7 @@ def _read(spec: ReadAheadSpec, sender: Connection) -> None:
         with _settled_lookup(spec) as settled:
             for group in run_batches(source.iter_runs(), files=spec.files):
                 batch = read_batch(group, settled=settled)
-                rows = [astuple_entry(entry) for entry in batch.entries]
+                rows = [_row(entry) for entry in batch.entries]
                 sender.send(("batch", (rows, batch.read, batch.unread)))
         sender.send(("done", None))
     except (BrokenPipeError, ConnectionResetError):
@@ -182,7 +181,7 @@ def _read(spec: ReadAheadSpec, sender: Connection) -> None:
         sender.close()
 
 
-def astuple_entry(entry: Entry) -> tuple[Any, ...]:
+def _row(entry: Entry) -> tuple[Any, ...]:
     """An entry as the tuple `Entry(*row)` makes again (`dataclasses.astuple` deep-copies)."""
     return (
         entry.uri,
@@ -203,17 +202,8 @@ def _settled_lookup(spec: ReadAheadSpec) -> Iterator[SettledLookup | None]:
         yield None
         return
     engine = make_engine(spec.database_url)
-    sessions = make_sessionmaker(engine)
-    model_version = spec.model_version
-
-    def settled(keys: Sequence[str]) -> Mapping[str, ListingRow]:
-        with sessions() as session:
-            return repository.settled_listings(
-                session=session, keys=keys, model_version=model_version
-            )
-
     try:
-        yield settled
+        yield settled_lookup(make_sessionmaker(engine), spec.model_version)
     finally:
         engine.dispose()
 
@@ -227,7 +217,7 @@ def _sendable(error: BaseException) -> BaseException:
     return error
 
 
-__all__ = ["ReadAhead", "ReadAheadSpec", "ReaderDied", "astuple_entry"]
+__all__ = ["ReadAhead", "ReadAheadSpec", "ReaderDied"]
 
 
 if __name__ == "__main__":

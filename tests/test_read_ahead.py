@@ -57,7 +57,9 @@ def test_the_reading_process_sends_the_batches_one_process_reads(tmp_path: Path)
 
 
 def test_a_killed_reader_is_an_error_that_says_so(tmp_path: Path) -> None:
-    make_tree(tmp_path / "archive", folders=40, per_folder=50)
+    # ~2 MB of batches: more than any pipe buffers, so the reader cannot have finished when
+    # it is killed, however fast it reads.
+    make_tree(tmp_path / "archive", folders=100, per_folder=150)
     spec = FolderSource(tmp_path / "archive", max_file_bytes=1024).spec
     reader = ReadAhead(ReadAheadSpec(spec, files=50, database_url=None, model_version=None))
     with reader as batches:
