@@ -538,6 +538,7 @@ def _scan(
         progress=progress,
         skip_settled=settings.scan.skip_settled,
         overlap_writes=settings.scan.overlap_writes,
+        overlap_publish=settings.scan.overlap_publish,
         reader=settings.scan.reader,
     )
 

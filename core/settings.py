@@ -234,6 +234,15 @@ class ScanSettings(BaseModel):
         "mid-scan may hold a write transaction or leave a listed batch unrecorded (a rescan "
         "finds it). never: each batch is committed and published before the next file is read.",
     )
+    overlap_publish: Literal["never", "auto", "always"] = Field(
+        "auto",
+        description="Publish a batch's chunks and mark them published in a second thread "
+        "while the next batch is recorded (auto: on PostgreSQL only, where the broker's round "
+        "trips and the marks' commit then overlap the server's work on the next batch; on "
+        "SQLite both threads would wait for the one write lock and the GIL). Every chunk is "
+        "still committed before it is published; a producer killed mid-scan may leave a "
+        "recorded batch unpublished (the reconciler publishes it).",
+    )
     reader: Literal["inline", "process"] = Field(
         "process",
         description="Where a local folder is walked and its files' first bytes read: process, "

@@ -32,7 +32,10 @@
     'not_an_image', 'already_labeled', ...), a human `message`, and `attempts` (how many times a
     worker reported on it). Hence the counts of a job balance:
     enqueued = labeled + uncertain + no_face + failed + skipped + pending, where skipped
-    includes the files the job counted in `jobs.unread` without a row each.
+    includes the files the job counted in `jobs.unread` without a row each. The table has no
+    foreign keys (migration 0008 took them off the scan's hot insert): only the scan adds rows,
+    for images its transaction has just upserted and a job whose row it holds locked, and
+    images and jobs are never deleted (`retention` deletes old jobs' ledger rows explicitly).
 
 `listings`
     What a scan learned of a run of files in one folder (`core.storage.entries.Run`), keyed by
@@ -350,12 +353,11 @@ class JobItem(Base):
         Index("ix_job_items_image_id", "image_id"),
     )
 
-    job_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
-    image_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
+    # No foreign keys (migration 0008): two checks per row were most of the server's work in a
+    # scan. The scan alone inserts here, naming images its transaction just upserted and a job
+    # whose row it holds locked; images and jobs are never deleted.
+    job_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     chunk_index: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[ItemState] = mapped_column(
         status_type(ItemState, "item_state"), default=ItemState.PENDING

@@ -13,8 +13,10 @@ batch's chunks go in one commit after the last publish (two commits per batch, h
 chunks it holds): a process that dies in between leaves chunks that were sent unmarked, and
 they are sent again, which delivery tolerates (a second message for a chunk changes nothing).
 
-The scan, `failures --retry` (`db.requeue`), a worker splitting a chunk and the republishers
-all call `record_and_publish`; each brings its own `record`.
+`failures --retry` (`db.requeue`), a worker splitting a chunk and the republishers call
+`record_and_publish`, each with its own `record`. The scan records a batch and may hand its
+chunks to a thread of its own that runs the second half, `publish_recorded`, while it records
+the next batch (`ScanSettings.overlap_publish`): the order above holds for every chunk.
 """
 
 from __future__ import annotations
@@ -70,6 +72,24 @@ def record_and_publish(
         chunks = list(record(session))
     if committed is not None:
         committed(chunks)
+    publish_recorded(
+        sessions=sessions, publish=publish, job_id=job_id, chunks=chunks, published=published
+    )
+    return chunks
+
+
+def publish_recorded(
+    *,
+    sessions: sessionmaker[Session],
+    publish: Publisher,
+    job_id: int,
+    chunks: Sequence[OutgoingChunk],
+    published: Callable[[OutgoingChunk], None] | None = None,
+) -> None:
+    """The second half of `record_and_publish`, for chunks whose record has committed: publish
+    each in order, then mark them all published in one commit, then call `published` for each.
+    Raises `PublishError` as `record_and_publish` does (what the broker took is marked first).
+    A scan on PostgreSQL calls it in a thread of its own, a batch behind its records."""
     sent: list[tuple[OutgoingChunk, str | None]] = []
     try:
         for chunk in chunks:
@@ -86,7 +106,6 @@ def record_and_publish(
             if published is not None:
                 for chunk, _ in sent:
                     published(chunk)
-    return chunks
 
 
 def republish_unpublished(
@@ -148,6 +167,7 @@ def republish_chunk(
 
 __all__ = [
     "OutgoingChunk",
+    "publish_recorded",
     "record_and_publish",
     "republish_chunk",
     "republish_unpublished",

@@ -40,7 +40,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The newest migration in db/migrations/versions (tests/test_db.py holds it to Alembic's head):
 # a command reads the database's alembic_version row and compares, without importing Alembic.
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 # Any constant: serializes concurrent upgrades of one PostgreSQL database.
 _MIGRATION_LOCK_KEY = 0x656D6F6C6162
 

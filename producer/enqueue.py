@@ -28,7 +28,10 @@ and publishes the batches in the order walked; S3 prefixes and other sources are
 
 A chunk is committed before its message is sent, so a message the broker lost or never took can
 be sent again from the ledger (`db.outbox.republish_unpublished`, the reconciler). Recording then
-publishing goes through `db.outbox.record_and_publish`, the one outbox loop. Pending images wait
+publishing follows `db.outbox.record_and_publish`, the one outbox loop; on PostgreSQL the
+publishing half (`publish_recorded`) runs in a thread of the scan's, a batch behind the records
+(`ScanSettings.overlap_publish`), so that the broker's round trips and the marks' commit overlap
+the next batch's writes. Pending images wait
 for a full chunk before they enter the ledger, so every committed pending row belongs to a
 recorded chunk.
 
@@ -70,7 +73,7 @@ from core.storage.folder_source import FolderSource
 from core.uris import display_name
 from db import repository
 from db.models import NAME_LENGTH, ItemState
-from db.outbox import OutgoingChunk, record_and_publish
+from db.outbox import OutgoingChunk, publish_recorded
 from db.repository import ChunkRow, ImageRow, JobItemRow
 from db.session import database_url, refresh_planner_statistics
 from producer.batches import (
@@ -285,6 +288,7 @@ class _Scan:
         force: bool,
         where: Sequence[Selection],
         trust_runs: bool,
+        publish_behind: bool = False,
     ) -> None:
         self.job_id = job_id
         self.sessions = sessions
@@ -308,6 +312,11 @@ class _Scan:
         self.listed_all = False
         # Whether settled runs are counted unread and learned (`_trusts_runs`).
         self.trust_runs = trust_runs
+        # Publishes each recorded batch's chunks and marks them, in order: in a thread of its
+        # own, a batch behind the records (`ScanSettings.overlap_publish`), or at once.
+        self.publisher: Writer[list[OutgoingChunk]] = Writer(
+            self._publish, threaded=publish_behind, name="scan-publisher"
+        )
 
     def read_runs(self, runs: list[Run]) -> Batch:
         """Count the runs the ledger knows settled (same key, digest and model) without reading
@@ -325,6 +334,8 @@ class _Scan:
         The batch says which runs its entries came from (the ledger learns which of them are
         now settled) and counts the files of runs not read, by reason, in the same commit.
         """
+        # Once the broker has refused a chunk the scan stops: no batch is recorded after that.
+        self.publisher.check()
         entries, read, unread = batch.entries, batch.read, batch.unread
         unread_total = self.unread + unread
 
@@ -371,17 +382,27 @@ class _Scan:
         self._committed()
 
     def _record_and_publish(self, record: Callable[[Session], list[OutgoingChunk]]) -> None:
-        record_and_publish(
+        """The outbox's order (`db.outbox.record_and_publish`): record and commit here, then
+        publish and mark through `publisher` (a PublishError of its comes up at a later call
+        or at `publisher.close`)."""
+        with self.sessions.begin() as session:
+            chunks = record(session)
+        self._committed()
+        if chunks:
+            self.publisher.put(chunks)
+
+    def _publish(self, chunks: list[OutgoingChunk]) -> None:
+        publish_recorded(
             sessions=self.sessions,
             publish=self.publish,
             job_id=self.job_id,
-            record=record,
-            committed=lambda chunks: self._committed(),
+            chunks=chunks,
             published=self._published,
         )
 
     def _published(self, chunk: OutgoingChunk) -> None:
-        """Count a chunk the broker took (its mark committed)."""
+        """Count a chunk the broker took (its mark committed); in the publishing thread, if any
+        (list and counter updates are atomic under the GIL)."""
         self.unsent.pop(0)  # published in the order recorded
         self.chunks += 1
         self.enqueued += len(chunk.uris)
@@ -569,6 +590,7 @@ def run_scan(
     progress: Callable[[ScanProgress], None] | None = None,
     skip_settled: bool = ScanSettings.model_fields["skip_settled"].default,
     overlap_writes: str = ScanSettings.model_fields["overlap_writes"].default,
+    overlap_publish: str = ScanSettings.model_fields["overlap_publish"].default,
     reader: str = ScanSettings.model_fields["reader"].default,
 ) -> ScanSummary:
     """Scan `source` into a new job and publish its images in chunks of `chunk_size` URIs.
@@ -585,6 +607,8 @@ def run_scan(
     read and not itemized: its files count as skipped for the reasons stored with it.
     `overlap_writes` ("never", "auto", "always") says whether a batch is written in a second
     thread while the next one is read (`producer.pipeline`; auto: on PostgreSQL only).
+    `overlap_publish` (the same values) says whether a batch's chunks are published and marked
+    in a thread of their own while the next batch is recorded (auto: on PostgreSQL only).
     `reader` ("inline", "process") says where a local folder is walked and read: in this
     process, or in a second one while this one writes (`producer.read_ahead`); other sources
     are always read here.
@@ -608,6 +632,8 @@ def run_scan(
     }
     files = max(batch_files, chunk_size)
     trusted = _trusts_runs(skip_settled, model_version, force=force, where=where)
+    writes_behind = _overlaps(overlap_writes, sessions, what="overlap_writes")
+    publish_behind = _overlaps(overlap_publish, sessions, what="overlap_publish")
     # A reading process starts first: it imports and opens the folder while the job is made.
     with _read_ahead(
         source, reader, files=files, sessions=sessions, model_version=trusted
@@ -630,12 +656,12 @@ def run_scan(
             force=force,
             where=where,
             trust_runs=trusted is not None,
+            publish_behind=publish_behind,
         )
         batches = ahead if ahead is not None else _read_here(scan, source, files=files)
         # The writer records each batch (and publishes its chunks), beside the reading or after
         # each batch (`producer.pipeline`).
-        threaded = _overlaps(overlap_writes, sessions)
-        writer: Writer[Batch] = Writer(scan.add_batch, threaded=threaded)
+        writer: Writer[Batch] = Writer(scan.add_batch, threaded=writes_behind)
         with young_objects_only():
             _scan_source(scan, source, batches, writer, progress=progress)
     if progress is not None:
@@ -709,24 +735,29 @@ def _scan_source(
         writer.close()
         scan.listed_all = True
         scan.add_remainder()
+        scan.publisher.close()
     except PublishError as error:
         writer.stop()
+        scan.publisher.stop()
         _stop_early(scan, str(error))
         raise _interrupted(scan, source, error) from error
     except BaseException as error:
         # A source, database or user interrupt: what was read before it is recorded, what was
-        # committed stays usable, and the error is raised as it is.
+        # committed stays usable (and what was recorded is published), and the error is raised
+        # as it is.
         writer.stop()
+        scan.publisher.stop()
         _stop_early(scan, repr(error))
         raise
 
 
-def _overlaps(overlap_writes: str, sessions: sessionmaker[Session]) -> bool:
-    """Whether the ledger writes run in a thread beside the walk (`ScanSettings.overlap_writes`)."""
-    if overlap_writes not in ("auto", "always", "never"):
-        raise ConfigError(f"overlap_writes must be auto, always or never, not {overlap_writes!r}")
-    if overlap_writes != "auto":
-        return overlap_writes == "always"
+def _overlaps(value: str, sessions: sessionmaker[Session], *, what: str) -> bool:
+    """Whether a thread of the scan's overlaps its other work (`ScanSettings.overlap_writes`,
+    `overlap_publish`): always, never, or auto, on PostgreSQL only."""
+    if value not in ("auto", "always", "never"):
+        raise ConfigError(f"{what} must be auto, always or never, not {value!r}")
+    if value != "auto":
+        return value == "always"
     with sessions() as session:
         return session.get_bind().dialect.name == "postgresql"
 

@@ -91,6 +91,10 @@ class Writer(Generic[T]):
     def error(self) -> BaseException | None:
         return self._error
 
+    def check(self) -> None:
+        """Raise the writer's error now if it has one (before work that would be lost to it)."""
+        self._raise()
+
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error

@@ -553,6 +553,8 @@ def test_two_workers_finishing_the_last_chunks_together_finish_the_job(engine: E
         job = check.get(Job, job_id)
         assert job is not None
         assert job.status is JobStatus.DONE
+        # The ledger's rows first: `job_items` has no foreign keys to cascade (migration 0008).
+        check.execute(delete(JobItem).where(JobItem.job_id == job_id))
         check.delete(job)
         check.execute(delete(Image).where(Image.id.in_(ids)))
 
@@ -828,6 +830,37 @@ def test_migration_0007_indexes_a_ledger_with_data_by_image_and_downgrades(
             assert found == {image_id: "corrupt"}
         downgrade(engine, "0006")
         assert image_indexes() == []
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
+    finally:
+        engine.dispose()
+
+
+def test_migration_0008_drops_the_ledgers_foreign_keys_keeping_its_rows_and_downgrades(
+    backend: str, new_database: NewDatabase
+) -> None:
+    url = new_database(backend)
+    upgrade(url, "0007")
+    engine = make_engine(url)
+    try:
+        _one_ledger_row(engine, job_status="done", state="failed", reason="corrupt")
+
+        def referenced() -> list[str]:
+            keys = inspect(engine).get_foreign_keys("job_items")
+            return sorted(key["referred_table"] for key in keys)
+
+        assert referenced() == ["images", "jobs"]
+        upgrade(url)
+        check_schema(url)
+        assert referenced() == []
+        with Session(engine) as session:
+            image_id = session.scalars(select(Image.id)).one()
+            found = repository.failed_and_unchanged(
+                session=session, image_ids=[image_id], reasons=["corrupt"]
+            )
+            assert found == {image_id: "corrupt"}
+        downgrade(engine, "0007")
+        assert referenced() == ["images", "jobs"]
         with engine.connect() as connection:
             assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
     finally:

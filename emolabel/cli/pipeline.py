@@ -153,6 +153,7 @@ def _scan(
             progress=show,
             skip_settled=settings.scan.skip_settled,
             overlap_writes=settings.scan.overlap_writes,
+            overlap_publish=settings.scan.overlap_publish,
             reader=settings.scan.reader,
         )
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped_by_reason.items()))
