@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing changes an entry once made: a scan makes one per file, and a
+# frozen dataclass's __init__ (object.__setattr__ per field) costs several times a plain one's.
+@dataclass(slots=True)
 class Entry:
     """One listed file or object.
 

@@ -59,7 +59,8 @@ _ROW_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a scan makes one per file (see `Entry`).
+@dataclass(slots=True)
 class ImageRow:
     """A file as the producer saw it: `uri` is valid UTF-8 (raw name bytes go in `name_bytes`)."""
 

@@ -53,7 +53,8 @@ from db.repository.driver import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a scan makes one per file (see `Entry`).
+@dataclass(slots=True)
 class JobItemRow:
     """An image entering a job's ledger: pending in a chunk, or skipped/failed while scanning."""
 
@@ -64,6 +65,8 @@ class JobItemRow:
     message: str | None = None
 
     def __post_init__(self) -> None:
+        if self.state is ItemState.PENDING and self.reason is None:
+            return  # most rows of a scan: nothing to check
         if self.state in (ItemState.LABELED, ItemState.UNCERTAIN, ItemState.NO_FACE):
             raise ValueError(
                 f"an item enters the ledger pending, skipped or failed, not {self.state}"
