@@ -30,6 +30,10 @@ The reading side has its own second process (`producer.read_ahead`, `ScanSetting
 the default for local folders): there the walk uses the other core without sharing a GIL, and
 this module's thread is seldom worth it.
 
+The scan also publishes through a `Writer` (`ScanSettings.overlap_publish`): a batch's chunks,
+once committed, are sent and marked in a second thread while the next batch is recorded; on
+PostgreSQL the broker's round trips and the marks' commit then overlap the server's work.
+
 The writer runs the batches in the order put, one at a time, so the ledger sees them as a single
 thread would have written them. After its first error it runs nothing more (what was put after
 is dropped: the scan stops there), and the error is raised in the reader's thread.
