@@ -288,7 +288,7 @@ class _Scan:
         force: bool,
         where: Sequence[Selection],
         trust_runs: bool,
-        publish_behind: bool = False,
+        publish_behind: bool,
     ) -> None:
         self.job_id = job_id
         self.sessions = sessions
@@ -632,8 +632,10 @@ def run_scan(
     }
     files = max(batch_files, chunk_size)
     trusted = _trusts_runs(skip_settled, model_version, force=force, where=where)
-    writes_behind = _overlaps(overlap_writes, sessions, what="overlap_writes")
-    publish_behind = _overlaps(overlap_publish, sessions, what="overlap_publish")
+    with sessions() as session:
+        on_postgresql = session.get_bind().dialect.name == "postgresql"
+    writes_behind = _overlaps(overlap_writes, on_postgresql, what="overlap_writes")
+    publish_behind = _overlaps(overlap_publish, on_postgresql, what="overlap_publish")
     # A reading process starts first: it imports and opens the folder while the job is made.
     with _read_ahead(
         source, reader, files=files, sessions=sessions, model_version=trusted
@@ -751,15 +753,14 @@ def _scan_source(
         raise
 
 
-def _overlaps(value: str, sessions: sessionmaker[Session], *, what: str) -> bool:
+def _overlaps(value: str, on_postgresql: bool, *, what: str) -> bool:
     """Whether a thread of the scan's overlaps its other work (`ScanSettings.overlap_writes`,
     `overlap_publish`): always, never, or auto, on PostgreSQL only."""
     if value not in ("auto", "always", "never"):
         raise ConfigError(f"{what} must be auto, always or never, not {value!r}")
     if value != "auto":
         return value == "always"
-    with sessions() as session:
-        return session.get_bind().dialect.name == "postgresql"
+    return on_postgresql
 
 
 def _finish(scan: _Scan, started: float) -> ScanSummary:

@@ -74,13 +74,13 @@ class Writer(Generic[T]):
         if self._thread is None:
             self._work(batch)
             return
-        self._raise()
+        self.check()
         self._waiting.put(batch)
 
     def close(self) -> None:
         """Wait until every batch put has been written; raise the writer's error if it had one."""
         self.stop()
-        self._raise()
+        self.check()
 
     def stop(self) -> None:
         """Wait until the writer has finished (what was put before is written), raise nothing."""
@@ -97,9 +97,6 @@ class Writer(Generic[T]):
 
     def check(self) -> None:
         """Raise the writer's error now if it has one (before work that would be lost to it)."""
-        self._raise()
-
-    def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 

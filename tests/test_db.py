@@ -802,69 +802,69 @@ def test_migration_0006_upgrades_a_ledger_with_data_and_downgrades(
         engine.dispose()
 
 
-def test_migration_0007_indexes_a_ledger_with_data_by_image_and_downgrades(
-    backend: str, new_database: NewDatabase
+def _upgrade_and_downgrade_a_failed_ledger_row(
+    url: str,
+    *,
+    before: str,
+    shape: Callable[[Engine], list[str]],
+    old: list[str],
+    new: list[str],
 ) -> None:
-    url = new_database(backend)
-    upgrade(url, "0006")
+    """From revision `before` with one failed ledger row, up to the head and back: `shape` (what
+    the migration changes) reads `old` before and after, `new` at the head, where the row is
+    still found as failed; the row survives the downgrade."""
+    upgrade(url, before)
     engine = make_engine(url)
     try:
         _one_ledger_row(engine, job_status="done", state="failed", reason="corrupt")
-
-        def image_indexes() -> list[str]:
-            return [
-                index["name"] or ""
-                for index in inspect(engine).get_indexes("job_items")
-                if index["column_names"] == ["image_id"]
-            ]
-
-        assert image_indexes() == []
+        assert shape(engine) == old
         upgrade(url)
         check_schema(url)
-        assert image_indexes() == ["ix_job_items_image_id"]
+        assert shape(engine) == new
         with Session(engine) as session:
             image_id = session.scalars(select(Image.id)).one()
             found = repository.failed_and_unchanged(
                 session=session, image_ids=[image_id], reasons=["corrupt"]
             )
             assert found == {image_id: "corrupt"}
-        downgrade(engine, "0006")
-        assert image_indexes() == []
+        downgrade(engine, before)
+        assert shape(engine) == old
         with engine.connect() as connection:
             assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
     finally:
         engine.dispose()
+
+
+def test_migration_0007_indexes_a_ledger_with_data_by_image_and_downgrades(
+    backend: str, new_database: NewDatabase
+) -> None:
+    def image_indexes(engine: Engine) -> list[str]:
+        return [
+            index["name"] or ""
+            for index in inspect(engine).get_indexes("job_items")
+            if index["column_names"] == ["image_id"]
+        ]
+
+    _upgrade_and_downgrade_a_failed_ledger_row(
+        new_database(backend),
+        before="0006",
+        shape=image_indexes,
+        old=[],
+        new=["ix_job_items_image_id"],
+    )
 
 
 def test_migration_0008_drops_the_ledgers_foreign_keys_keeping_its_rows_and_downgrades(
     backend: str, new_database: NewDatabase
 ) -> None:
-    url = new_database(backend)
-    upgrade(url, "0007")
-    engine = make_engine(url)
-    try:
-        _one_ledger_row(engine, job_status="done", state="failed", reason="corrupt")
+    def referenced(engine: Engine) -> list[str]:
+        return sorted(
+            key["referred_table"] for key in inspect(engine).get_foreign_keys("job_items")
+        )
 
-        def referenced() -> list[str]:
-            keys = inspect(engine).get_foreign_keys("job_items")
-            return sorted(key["referred_table"] for key in keys)
-
-        assert referenced() == ["images", "jobs"]
-        upgrade(url)
-        check_schema(url)
-        assert referenced() == []
-        with Session(engine) as session:
-            image_id = session.scalars(select(Image.id)).one()
-            found = repository.failed_and_unchanged(
-                session=session, image_ids=[image_id], reasons=["corrupt"]
-            )
-            assert found == {image_id: "corrupt"}
-        downgrade(engine, "0007")
-        assert referenced() == ["images", "jobs"]
-        with engine.connect() as connection:
-            assert connection.scalar(text("SELECT count(*) FROM job_items")) == 1
-    finally:
-        engine.dispose()
+    _upgrade_and_downgrade_a_failed_ledger_row(
+        new_database(backend), before="0007", shape=referenced, old=["images", "jobs"], new=[]
+    )
 
 
 def test_listings_keep_the_latest_reading_of_each_run(session: Session) -> None:
